@@ -1,0 +1,299 @@
+"""`RewardEngine`: the public API. Latents (+ the policy's prompt embeddings) in, one reward per image out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import kernels
+from engine import ops
+from engine.attention import resolve_backend
+from engine.config import BackboneConfig, RewardConfig
+from engine.head import RewardHead
+from engine.loading import (
+    base_source,
+    load_backbone,
+    load_head,
+    read_reward_config,
+    save_reward_checkpoint,
+    TensorSource,
+)
+from engine.mmdit import Conditioning, MMDiTReward
+
+PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
+
+
+def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
+        return names[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    return dtype
+
+
+class RewardEngine(nn.Module):
+    """DiT-Reward: an SD3/SD3.5 MMDiT (blocks 0..max(layers)) + an MLP head.
+
+    Build with `from_pretrained` (a reward checkpoint + a local base model), `from_diffusers` (an in-memory diffusers
+    `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default)."""
+
+    def __init__(
+        self, backbone: MMDiTReward, head: RewardHead, reward: RewardConfig, *, kernels_backend: str | None = None,
+        attention: str | None = None, check_finite: bool = True,
+    ):
+        super().__init__()
+        reward.check_against(backbone.cfg)
+        if tuple(reward.layers) != backbone.layers:
+            raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
+        self.backbone, self.head, self.reward_config = backbone, head.float(), reward
+        self.check_finite = check_finite
+        self.pixel = None  # engine.pixel.PixelFrontEnd, attached by from_pretrained(base=diffusers dir) or by hand
+        self.set_backends(kernels_backend, attention)
+        self.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ construction
+
+    @property
+    def config(self) -> BackboneConfig:
+        return self.backbone.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.context_embedder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.context_embedder.weight.dtype
+
+    def set_backends(self, kernels_backend: str | None = None, attention: str | None = None) -> None:
+        """Kernel backend (`auto`|`triton`|`torch`, default $DITREWARD_KERNELS) and attention backend (see
+        `engine.attention`)."""
+        self.kernels_backend = kernels.resolve(kernels_backend, self.device)
+        self.attention_backend = resolve_backend(attention, self.device)
+        self.backbone.set_attention_backend(self.attention_backend)
+
+    @classmethod
+    def from_diffusers(
+        cls, transformer: nn.Module, layers: Sequence[int] | None = None, t: float = 0.1, head: RewardHead | None = None,
+        dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+        head_hidden: Sequence[int] = (1024, 256), **backends: Any,
+    ) -> RewardEngine:
+        """From an in-memory diffusers `SD3Transformer2DModel` (its weights are copied; blocks past max(layers) are
+        not). `head=None` gives a freshly initialised head."""
+        cfg = BackboneConfig.from_diffusers(transformer.config)
+        reward = RewardConfig.for_backbone(cfg, t=t, head_hidden=tuple(head_hidden),
+                                           **({"layers": tuple(layers)} if layers is not None else {}))
+        param = next(transformer.parameters())
+        backbone = load_backbone(cfg, reward.layers, [transformer.state_dict()], _dtype(dtype, param.dtype),
+                                 device if device is not None else param.device)
+        return cls(backbone, head if head is not None else cls._new_head(reward, cfg), reward, **backends)
+
+    @classmethod
+    def from_base(
+        cls, base: str | os.PathLike, layers: Sequence[int] | None = None, t: float = 0.1,
+        dtype: torch.dtype | str | None = torch.bfloat16, device: torch.device | str = "cpu",
+        head_hidden: Sequence[int] = (1024, 256), config: BackboneConfig | None = None, **backends: Any,
+    ) -> RewardEngine:
+        """A base SD3/SD3.5 model (diffusers dir or single file) with a fresh head: the trainer's starting point."""
+        cfg, source = base_source(base, config)
+        reward = RewardConfig.for_backbone(cfg, t=t, head_hidden=tuple(head_hidden),
+                                           **({"layers": tuple(layers)} if layers is not None else {}))
+        backbone = load_backbone(cfg, reward.layers, [source], _dtype(dtype, torch.bfloat16), device)
+        engine = cls(backbone, cls._new_head(reward, cfg), reward, **backends)
+        engine._attach_pixel(base)
+        return engine
+
+    @classmethod
+    def from_pretrained(
+        cls, checkpoint: str | os.PathLike, base: str | os.PathLike | None = None,
+        dtype: torch.dtype | str | None = torch.bfloat16, device: torch.device | str = "cpu", **backends: Any,
+    ) -> RewardEngine:
+        """A reward checkpoint directory (`reward_config.json`, `head.safetensors`, optional fine-tuned
+        `backbone.safetensors`) on top of a local base model (diffusers directory or original single file). `base`
+        may be omitted when the checkpoint carries every backbone weight it needs."""
+        meta, reward, cfg = read_reward_config(checkpoint)
+        sources = []
+        if base is not None:
+            base_cfg, source = base_source(base, cfg)
+            if base_cfg != cfg and base_cfg != BackboneConfig(**{**cfg.to_dict(), "sample_size": base_cfg.sample_size}):
+                raise ValueError(f"base model {base} has config {base_cfg}, but the reward checkpoint {checkpoint} was "
+                                 f"trained on {cfg}")
+            sources.append(source)
+        if meta.get("backbone_weights"):
+            sources.append(TensorSource([Path(checkpoint) / meta["backbone_weights"]]))
+        if not sources:
+            raise ValueError(f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
+                             f"directory or single .safetensors file>")
+        backbone = load_backbone(cfg, reward.layers, sources, _dtype(dtype, torch.bfloat16), device)
+        engine = cls(backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, **backends)
+        if base is not None:
+            engine._attach_pixel(base)
+        return engine
+
+    @classmethod
+    def from_preset(
+        cls, name: str = "tiny", layers: Sequence[int] | None = None, t: float = 0.1,
+        dtype: torch.dtype | str | None = torch.bfloat16, device: torch.device | str = "cpu", seed: int = 0,
+        **backends: Any,
+    ) -> RewardEngine:
+        """A preset backbone with RANDOM weights (latency/memory do not depend on the values)."""
+        from engine.loading import random_backbone
+
+        cfg = BackboneConfig.from_name(name)
+        reward = RewardConfig.for_backbone(cfg, t=t, **({"layers": tuple(layers)} if layers is not None else {}))
+        backbone = random_backbone(cfg, reward.layers, _dtype(dtype, torch.bfloat16), device, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = cls._new_head(reward, cfg)
+        return cls(backbone, head.to(device), reward, **backends)
+
+    @staticmethod
+    def _new_head(reward: RewardConfig, cfg: BackboneConfig) -> RewardHead:
+        return RewardHead(len(reward.layers), cfg.hidden_size, reward.head_hidden)
+
+    def _attach_pixel(self, base: str | os.PathLike) -> None:
+        if Path(base).is_dir() and (Path(base) / "model_index.json").is_file():
+            self.base_path = Path(base)
+
+    def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = False, **extra: Any) -> Path:
+        """Write a reward checkpoint atomically (head always; the used backbone blocks if `include_backbone`)."""
+        state = self.backbone.state_dict() if include_backbone else None
+        return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, extra or None)
+
+    # ---------------------------------------------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> Conditioning:
+        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]."""
+        self._check_prompts(prompt_embeds, pooled)
+        with ops.use(self.kernels_backend):
+            return self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
+
+    def features(
+        self, latents: torch.Tensor, prompt_emb: PromptEmb, noise: torch.Tensor | None = None, seed: int | None = None,
+        *, grad: bool = False, prompt_index: torch.Tensor | Sequence[int] | None = None, image_offset: int = 0,
+    ) -> torch.Tensor:
+        """Pooled features [B, n_layers, D] float32 (Eq. 1-4).
+
+        latents [B, C, H, W]: transformer-space latents (`(vae_latent - shift) * scale`, what the SD3 pipeline returns
+        with output_type="latent"). prompt_emb: `(prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim])` or a
+        `Conditioning`; P == B, or P == 1 (one prompt for all), or `prompt_index` [B] picks a prompt per latent.
+        noise: explicit eps [B, C, H, W]; seed: reproducible eps (image b uses stream b + image_offset); neither:
+        fresh noise. grad=True keeps the graph so rewards backpropagate to the latents."""
+        self._check_latents(latents, noise)
+        cond = prompt_emb if isinstance(prompt_emb, Conditioning) else self.condition(*self._as_pair(prompt_emb))
+        cond = self._select(cond, latents.shape[0], prompt_index)
+        context = torch.enable_grad() if grad else torch.inference_mode()
+        with context, ops.use(self.kernels_backend):
+            return self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
+
+    def score(
+        self, latents: torch.Tensor, prompt_emb: PromptEmb, noise: torch.Tensor | None = None, seed: int | None = None,
+        *, grad: bool = False, prompt_index: torch.Tensor | Sequence[int] | None = None, image_offset: int = 0,
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """Rewards [B] float32 (Eq. 5) — see `features` for the arguments. `normalize=True` returns
+        (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise unbounded)."""
+        feats = self.features(latents, prompt_emb, noise, seed, grad=grad, prompt_index=prompt_index,
+                              image_offset=image_offset)
+        with torch.enable_grad() if grad else torch.inference_mode():
+            reward = self.head(feats)
+            if normalize:
+                reward = (reward - self.reward_config.reward_mean) / self.reward_config.reward_std
+        return reward
+
+    # ------------------------------------------------------------------------------------------- validation
+
+    def _as_pair(self, prompt_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(prompt_emb, (tuple, list)) and len(prompt_emb) == 2
+                and all(isinstance(t, torch.Tensor) for t in prompt_emb)):
+            raise TypeError("prompt_emb must be the SD3 pair (prompt_embeds [B, L, "
+                            f"{self.config.joint_attention_dim}], pooled [B, {self.config.pooled_projection_dim}]) or a "
+                            f"Conditioning from engine.condition(), got {type(prompt_emb).__name__}")
+        return prompt_emb[0], prompt_emb[1]
+
+    def _check_prompts(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        cfg = self.config
+        for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+            self._check_device(name, x)
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
+            raise ValueError(f"prompt_embeds must be [B, L, {cfg.joint_attention_dim}] (CLIP-L ‖ CLIP-G padded, then "
+                             f"T5), got {list(prompt_embeds.shape)}")
+        if pooled.ndim != 2 or pooled.shape[-1] != cfg.pooled_projection_dim:
+            raise ValueError(f"pooled must be [B, {cfg.pooled_projection_dim}] (CLIP-L ‖ CLIP-G pooled), got "
+                             f"{list(pooled.shape)}")
+        if prompt_embeds.shape[0] != pooled.shape[0]:
+            raise ValueError(f"prompt_embeds and pooled batch sizes differ: {prompt_embeds.shape[0]} vs "
+                             f"{pooled.shape[0]}")
+        if prompt_embeds.shape[0] == 0 or prompt_embeds.shape[1] == 0:
+            raise ValueError(f"empty prompt batch: prompt_embeds has shape {list(prompt_embeds.shape)}")
+        self._check_finite("prompt_embeds", prompt_embeds)
+        self._check_finite("pooled", pooled)
+
+    def _check_latents(self, latents: Any, noise: torch.Tensor | None) -> None:
+        cfg = self.config
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor [B, {cfg.in_channels}, H, W], got {type(latents).__name__}")
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
+        if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be [B, {cfg.in_channels}, H, W] transformer-space latents, got "
+                             f"{list(latents.shape)}")
+        if latents.shape[0] == 0:
+            raise ValueError("empty batch: latents has batch size 0")
+        p, limit = cfg.patch_size, cfg.patch_size * cfg.pos_embed_max_size
+        h, w = latents.shape[-2:]
+        if h % p or w % p:
+            raise ValueError(f"latent height and width must be multiples of the patch size {p}, got {h}x{w}")
+        if h > limit or w > limit:
+            raise ValueError(f"latent size {h}x{w} exceeds this model's positional table: at most {limit}x{limit} "
+                             f"latent pixels ({limit * 8}x{limit * 8} image pixels)")
+        self._check_device("latents", latents)
+        self._check_finite("latents", latents)
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor):
+                raise TypeError(f"noise must be a torch.Tensor like latents, got {type(noise).__name__}")
+            if noise.shape != latents.shape:
+                raise ValueError(f"noise must have the latents' shape {list(latents.shape)}, got {list(noise.shape)}")
+            self._check_device("noise", noise)
+            self._check_finite("noise", noise)
+
+    def _check_device(self, name: str, x: torch.Tensor) -> None:
+        if x.device != self.device and not (x.device.type == self.device.type == "cuda" and x.device.index is None):
+            raise ValueError(f"{name} is on {x.device} but the engine is on {self.device}: move it with .to(engine.device)")
+
+    def _check_finite(self, name: str, x: torch.Tensor) -> None:
+        # One device sync per input; disable with check_finite=False inside captured/compiled loops.
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+
+    def _select(self, cond: Conditioning, batch: int, prompt_index: Any) -> Conditioning:
+        if prompt_index is not None:
+            index = torch.as_tensor(prompt_index, device=cond.context.device)
+            if index.dtype not in (torch.int32, torch.int64) or index.shape != (batch,):
+                raise ValueError(f"prompt_index must be {batch} integers (one prompt per latent), got "
+                                 f"{index.dtype} {list(index.shape)}")
+            if self.check_finite and (index.min() < 0 or index.max() >= cond.num_prompts):
+                raise ValueError(f"prompt_index values must lie in [0, {cond.num_prompts - 1}]")
+            return cond.select(index.long())
+        if cond.num_prompts == batch:
+            return cond
+        if cond.num_prompts == 1:
+            return cond.select(torch.zeros(batch, dtype=torch.long, device=cond.context.device))
+        raise ValueError(f"batch sizes disagree: {batch} latents but {cond.num_prompts} prompts; pass one prompt per "
+                         f"latent, a single prompt, or prompt_index=[...] mapping latents to prompts")

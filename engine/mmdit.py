@@ -1,0 +1,319 @@
+"""The slimmed SD3/SD3.5 MMDiT that DiT-Reward reads features from (DESIGN.md Eq. 1-4).
+
+    z_t  = (1 - t) z0 + t eps                      Eq. 1   near-clean latent
+    h_l  = image-token output of MMDiT block l     Eq. 2   joint attention over [image ‖ text]
+    p_l  = mean over image tokens of h_l (fp32)    Eq. 3
+    f    = concat_l p_l  -> [B, n_layers, D]       Eq. 4   (the head, Eq. 5, lives in head.py)
+
+Parameter names equal diffusers' `SD3Transformer2DModel`, so its state dict loads as is. What a generator needs and
+the reward does not is never built: blocks after the deepest pooled one, `norm_out`/`proj_out`/unpatchify, and in the
+deepest block the text queries, the text output projection and the text FFN (only the image rows of its attention
+are computed).
+
+With t fixed, temb and every block's adaLN modulation depend on the prompt alone: `condition()` computes them once
+per prompt (a `Conditioning`), and `forward()` reuses them for every latent scored against that prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import ops
+from engine.attention import attention
+from engine.config import BackboneConfig
+
+# ---------------------------------------------------------------------------------------------------------- embeds
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, [cos | sin] order (diffusers `Timesteps(flip_sin_to_cos=True, shift=0)`). [B] -> [B, dim]"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    angles = timesteps[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers `TimestepEmbedding` / `PixArtAlphaTextProjection`)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """temb = MLP_t(sinusoid(1000 t)) + MLP_y(pooled)."""
+
+    def __init__(self, dim: int, pooled_dim: int):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, timesteps: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.timestep_embedder(timestep_embedding(timesteps).to(pooled.dtype)) + self.text_embedder(pooled)
+
+
+class PatchEmbed(nn.Module):
+    """Patchify conv + the centre crop of SD3's fixed 2-D sincos table (`pos_embed_max_size`² positions)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.register_buffer("pos_embed", torch.empty(1, cfg.pos_embed_max_size**2, cfg.hidden_size))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, H/p * W/p, D]
+        h, w = z.shape[-2] // self.patch_size, z.shape[-1] // self.patch_size
+        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
+        table = self.pos_embed.view(self.max_size, self.max_size, -1)[top : top + h, left : left + w]
+        x = self.proj(z).flatten(2).transpose(1, 2)
+        return (x + table.reshape(1, h * w, -1)).to(x.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------- modulation
+
+
+@dataclass
+class Modulation:
+    """One adaLN output: `x * (1 + scale) + shift`, and the gate of the residual it feeds. Each [B, D]."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor | None = None
+
+
+@dataclass
+class BlockModulation:
+    """All modulation vectors of one block; they depend on (t, prompt) only."""
+
+    attn: Modulation  # image stream, before joint attention
+    mlp: Modulation  # image stream, before the FFN
+    context_attn: Modulation  # text stream, before joint attention (no gate in the deepest block)
+    context_mlp: Modulation | None = None  # text stream FFN; None in the deepest block
+    attn2: Modulation | None = None  # SD3.5-Medium's second (image-only) attention
+
+    def map(self, fn) -> BlockModulation:
+        def on(m: Modulation | None) -> Modulation | None:
+            return None if m is None else Modulation(*(None if v is None else fn(v) for v in (m.shift, m.scale, m.gate)))
+
+        return BlockModulation(**{f.name: on(getattr(self, f.name)) for f in fields(self)})
+
+
+def _chunks(linear: nn.Linear, temb: torch.Tensor, n: int) -> list[Modulation]:
+    """adaLN-Zero: Linear(SiLU(temb)) split into n (shift, scale, gate) triples."""
+    parts = linear(F.silu(temb)).chunk(3 * n, dim=1)
+    return [Modulation(*parts[3 * i : 3 * i + 3]) for i in range(n)]
+
+
+@dataclass
+class Conditioning:
+    """Everything that depends on the prompt alone (t fixed): projected text tokens and every block's modulation.
+
+    Built by `MMDiTReward.condition`; leading dimension P = number of prompts. `select(index)` maps it to a batch of
+    latents (one prompt serving a GRPO group)."""
+
+    context: torch.Tensor  # [P, L, D] context_embedder(prompt_embeds)
+    blocks: list[BlockModulation]
+    t: float
+
+    @property
+    def num_prompts(self) -> int:
+        return self.context.shape[0]
+
+    def select(self, index: torch.Tensor) -> Conditioning:
+        def pick(v: torch.Tensor) -> torch.Tensor:
+            return v.index_select(0, index)
+
+        return replace(self, context=pick(self.context), blocks=[b.map(pick) for b in self.blocks])
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+
+
+class RMSNorm(nn.Module):
+    """qk-norm over head_dim; variance in fp32, then weight in the weight's dtype (diffusers `RMSNorm`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """Image self-attention, optionally joint with the text stream ([image ‖ text] keys; SD3's joint attention).
+
+    `text_queries=False` (the deepest block) computes only the image rows: no text queries, no text output."""
+
+    def __init__(self, cfg: BackboneConfig, joint: bool, text_queries: bool = True):
+        super().__init__()
+        dim, qk_norm = cfg.hidden_size, cfg.qk_norm == "rms_norm"
+        self.heads, self.backend = cfg.num_attention_heads, "sdpa"
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q = RMSNorm(cfg.attention_head_dim) if qk_norm else None
+        self.norm_k = RMSNorm(cfg.attention_head_dim) if qk_norm else None
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        if joint:
+            self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_added_k = RMSNorm(cfg.attention_head_dim) if qk_norm else None
+            if text_queries:
+                self.add_q_proj, self.to_add_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+                self.norm_added_q = RMSNorm(cfg.attention_head_dim) if qk_norm else None
+        self.text_queries = joint and text_queries
+
+    def _heads(self, x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:  # [B, N, D] -> [B, N, H, hd]
+        x = x.unflatten(-1, (self.heads, -1))
+        return x if norm is None else norm(x)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self._heads(self.to_q(x), self.norm_q), self._heads(self.to_k(x), self.norm_k), self._heads(
+            self.to_v(x), None
+        )
+        if c is not None:
+            k = torch.cat([k, self._heads(self.add_k_proj(c), self.norm_added_k)], dim=1)
+            v = torch.cat([v, self._heads(self.add_v_proj(c), None)], dim=1)
+            if self.text_queries:
+                q = torch.cat([q, self._heads(self.add_q_proj(c), self.norm_added_q)], dim=1)
+        out = attention(q, k, v, self.backend).flatten(2)  # [B, Nq, D]
+        n_img = x.shape[1]
+        x_out = self.to_out[0](out[:, :n_img])
+        c_out = self.to_add_out(out[:, n_img:]) if self.text_queries and c is not None else None
+        return x_out, c_out
+
+
+class FeedForward(nn.Module):
+    """Linear(D, 4D) -> tanh-GELU -> Linear(4D, D); keys `net.0.proj`, `net.2` as in diffusers."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(4 * dim, dim)])
+        self.net[0].proj = nn.Linear(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class AdaLN(nn.Module):
+    """Holds the modulation linear (`norm1.linear`, `norm1_context.linear`); the norm itself is in `engine.ops`."""
+
+    def __init__(self, dim: int, n_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_out * dim)
+
+
+# ---------------------------------------------------------------------------------------------------------- block
+
+
+class JointBlock(nn.Module):
+    """One MMDiT block (diffusers `JointTransformerBlock`).
+
+    `context_pre_only`: the model's final block, whose text stream has a 2-chunk continuous adaLN and no output.
+    `deepest`: the last block the reward runs; only its image stream is updated."""
+
+    def __init__(self, cfg: BackboneConfig, index: int, deepest: bool):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.dual = index in cfg.dual_attention_layers
+        self.context_pre_only = index == cfg.num_layers - 1
+        self.deepest = deepest
+        self.norm1 = AdaLN(dim, 9 if self.dual else 6)
+        self.norm1_context = AdaLN(dim, 2 if self.context_pre_only else 6)
+        self.attn = Attention(cfg, joint=True, text_queries=not deepest)
+        self.attn2 = Attention(cfg, joint=False) if self.dual else None
+        self.ff = FeedForward(dim)
+        if not deepest:
+            self.ff_context = FeedForward(dim)
+
+    def modulation(self, temb: torch.Tensor) -> BlockModulation:
+        x = _chunks(self.norm1.linear, temb, 3 if self.dual else 2)
+        if self.context_pre_only:  # continuous adaLN: (scale, shift) order, no gate
+            scale, shift = self.norm1_context.linear(F.silu(temb)).chunk(2, dim=1)
+            c = [Modulation(shift, scale)]
+        else:
+            c = _chunks(self.norm1_context.linear, temb, 2)
+            if self.deepest:  # only the pre-attention shift/scale of the text stream is used
+                c = [Modulation(c[0].shift, c[0].scale)]
+        return BlockModulation(
+            attn=x[0], mlp=x[1], attn2=x[2] if self.dual else None, context_attn=c[0],
+            context_mlp=None if self.deepest else c[1],
+        )
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, mod: BlockModulation
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # x [B, N_img, D], c [B, N_txt, D]
+        x_attn_in = ops.layernorm_modulate(x, mod.attn.shift, mod.attn.scale)
+        c_attn_in = ops.layernorm_modulate(c, mod.context_attn.shift, mod.context_attn.scale)
+        a, c_a = self.attn(x_attn_in, c_attn_in)
+        if self.dual:  # SD3.5-M: a second image-only attention on the block input, modulated separately
+            a2, _ = self.attn2(ops.layernorm_modulate(x, mod.attn2.shift, mod.attn2.scale))
+            x = ops.gated_residual(x, a, mod.attn.gate)
+            a, gate = a2, mod.attn2.gate
+        else:
+            gate = mod.attn.gate
+        x, x_mlp_in = ops.gated_residual_layernorm_modulate(x, a, gate, mod.mlp.shift, mod.mlp.scale)
+        x = ops.gated_residual(x, self.ff(x_mlp_in), mod.mlp.gate)
+        if self.deepest:
+            return x, None
+        c, c_mlp_in = ops.gated_residual_layernorm_modulate(
+            c, c_a, mod.context_attn.gate, mod.context_mlp.shift, mod.context_mlp.scale
+        )
+        return x, ops.gated_residual(c, self.ff_context(c_mlp_in), mod.context_mlp.gate)
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+class MMDiTReward(nn.Module):
+    """Blocks 0..max(layers) of an SD3/SD3.5 MMDiT, returning mean-pooled image features of `layers`."""
+
+    def __init__(self, cfg: BackboneConfig, layers: tuple[int, ...]):
+        super().__init__()
+        self.cfg, self.layers = cfg, tuple(layers)
+        depth = self.layers[-1] + 1
+        self.pos_embed = PatchEmbed(cfg)
+        self.time_text_embed = TimeTextEmbed(cfg.hidden_size, cfg.pooled_projection_dim)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.hidden_size)
+        self.transformer_blocks = nn.ModuleList(JointBlock(cfg, i, deepest=i == depth - 1) for i in range(depth))
+
+    def set_attention_backend(self, backend: str) -> None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+
+    def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, t: float) -> Conditioning:
+        """Prompt-only work: temb(1000 t, pooled), every block's modulation, projected text tokens."""
+        timesteps = torch.full((pooled.shape[0],), 1000.0 * t, dtype=torch.float32, device=pooled.device)
+        temb = self.time_text_embed(timesteps, pooled)  # [P, D]
+        blocks = [block.modulation(temb) for block in self.transformer_blocks]
+        return Conditioning(context=self.context_embedder(prompt_embeds), blocks=blocks, t=t)
+
+    def forward(
+        self, z0: torch.Tensor, cond: Conditioning, noise: torch.Tensor | None = None, seed: int | None = None,
+        image_offset: int = 0,
+    ) -> torch.Tensor:
+        """z0 [B, C, H, W] transformer-space latents, `cond` for the same B -> features [B, n_layers, D] float32."""
+        z_t = ops.near_clean(z0, cond.t, noise=noise, seed=seed, image_offset=image_offset)  # Eq. 1
+        x, c = self.pos_embed(z_t.to(self.pos_embed.proj.weight.dtype)), cond.context
+        features = x.new_empty(x.shape[0], len(self.layers), x.shape[-1], dtype=torch.float32)
+        pooled = []
+        for index, (block, mod) in enumerate(zip(self.transformer_blocks, cond.blocks)):
+            x, c = block(x, c, mod)  # Eq. 2
+            if index in self.layers:
+                if torch.is_grad_enabled():  # autograd path: small [B, D] vectors, stacked below
+                    pooled.append(ops.mean_pool(x))
+                else:  # Eq. 3-4 written straight into the feature buffer
+                    ops.mean_pool_into(x, features, self.layers.index(index))
+        return torch.stack(pooled, dim=1) if pooled else features

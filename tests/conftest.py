@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random diffusers SD3 transformers (the numerical reference) and reference features."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the CPU interpreter in tests
+
+import pytest
+import torch
+
+# Tiny configs of the three backbone variants (diffusers SD3Transformer2DModel kwargs).
+TINY_VARIANTS = {
+    "sd35-large-like": dict(num_layers=4, qk_norm="rms_norm", dual_attention_layers=()),
+    "sd35-medium-like": dict(num_layers=4, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
+    "sd3-medium-like": dict(num_layers=4, qk_norm=None, dual_attention_layers=()),
+}
+
+
+def tiny_diffusers_config(**overrides) -> dict:
+    cfg = dict(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80,
+        pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def make_diffusers_transformer(seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny diffusers SD3Transformer2DModel with random weights, adaLN and norm weights perturbed so that no
+    weight is a trivial zero/one (diffusers initialises some to zero, which would hide bugs)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**tiny_diffusers_config(**overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "linear" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def reference_features(model, z0, prompt_embeds, pooled, noise, t, layers, dtype=torch.float32) -> torch.Tensor:
+    """Independent reference (what the paper's authors would write): the full diffusers forward on
+    z_t = (1-t) z0 + t eps at timestep 1000 t, forward hooks on the selected blocks, mean over image tokens in fp32."""
+    captured = {}
+    hooks = [
+        model.transformer_blocks[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[1]))
+        for i in layers
+    ]
+    try:
+        z_t = ((1 - t) * z0.double() + t * noise.double()).to(dtype)
+        timestep = torch.full((z0.shape[0],), 1000.0 * t, dtype=torch.float32)
+        with torch.no_grad():
+            model(hidden_states=z_t, encoder_hidden_states=prompt_embeds.to(dtype), pooled_projections=pooled.to(dtype),
+                  timestep=timestep)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([captured[i].float().mean(dim=1) for i in layers], dim=1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def random_inputs(batch=3, h=12, w=8, text_len=11, seed=0, cfg=None):
+    cfg = cfg or tiny_diffusers_config()
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(batch, cfg["in_channels"], h, w, generator=g)
+    prompt_embeds = torch.randn(batch, text_len, cfg["joint_attention_dim"], generator=g)
+    pooled = torch.randn(batch, cfg["pooled_projection_dim"], generator=g)
+    noise = torch.randn(batch, cfg["in_channels"], h, w, generator=g)
+    return z0, prompt_embeds, pooled, noise
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer():
+    return make_diffusers_transformer()
