@@ -232,10 +232,11 @@ def single_file_source(
     source = TensorSource([path])
     if config is None:
         config = _infer_original_config(source, keys, path)
-    keymap = {
-        d_key: (keys[o_key], _original_transform(chunk, swap))
-        for d_key, (o_key, chunk, swap) in original_to_diffusers_plan(keys, config.num_layers).items()
-    }
+    try:
+        plan = original_to_diffusers_plan(keys, config.num_layers)
+    except ValueError as e:
+        raise ValueError(f"{e} {path}") from e
+    keymap = {d_key: (keys[o_key], _original_transform(chunk, swap)) for d_key, (o_key, chunk, swap) in plan.items()}
     return config, TensorSource([path], keymap)
 
 
