@@ -17,7 +17,7 @@ per prompt (a `Conditioning`), and `forward()` reuses them for every latent scor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -92,37 +92,14 @@ class Modulation:
 
 
 @dataclass
-class BlockModulation:
-    """All modulation vectors of one block; they depend on (t, prompt) only."""
-
-    attn: Modulation  # image stream, before joint attention
-    mlp: Modulation  # image stream, before the FFN
-    context_attn: Modulation  # text stream, before joint attention (no gate in the deepest block)
-    context_mlp: Modulation | None = None  # text stream FFN; None in the deepest block
-    attn2: Modulation | None = None  # SD3.5-Medium's second (image-only) attention
-
-    def map(self, fn) -> BlockModulation:
-        def on(m: Modulation | None) -> Modulation | None:
-            return None if m is None else Modulation(*(None if v is None else fn(v) for v in (m.shift, m.scale, m.gate)))
-
-        return BlockModulation(**{f.name: on(getattr(self, f.name)) for f in fields(self)})
-
-
-def _chunks(linear: nn.Linear, temb: torch.Tensor, n: int) -> list[Modulation]:
-    """adaLN-Zero: Linear(SiLU(temb)) split into n (shift, scale, gate) triples."""
-    parts = linear(F.silu(temb)).chunk(3 * n, dim=1)
-    return [Modulation(*parts[3 * i : 3 * i + 3]) for i in range(n)]
-
-
-@dataclass
 class Conditioning:
-    """Everything that depends on the prompt alone (t fixed): projected text tokens and every block's modulation.
+    """Everything that depends on the prompt alone (t fixed): projected text tokens and every block's adaLN vectors.
 
-    Built by `MMDiTReward.condition`; leading dimension P = number of prompts. `select(index)` maps it to a batch of
-    latents (one prompt serving a GRPO group)."""
+    Built by `MMDiTReward.condition`; leading dimension P = number of prompts. `select(index)` maps it onto a batch of
+    latents (one prompt serving a GRPO group): two gathers, whatever the depth, because the vectors are packed."""
 
     context: torch.Tensor  # [P, L, D] context_embedder(prompt_embeds)
-    blocks: list[BlockModulation]
+    modulation: torch.Tensor  # [P, M, D] all blocks' (shift, scale, gate) vectors, block after block
     t: float
 
     @property
@@ -130,10 +107,8 @@ class Conditioning:
         return self.context.shape[0]
 
     def select(self, index: torch.Tensor) -> Conditioning:
-        def pick(v: torch.Tensor) -> torch.Tensor:
-            return v.index_select(0, index)
-
-        return replace(self, context=pick(self.context), blocks=[b.map(pick) for b in self.blocks])
+        return replace(self, context=self.context.index_select(0, index),
+                       modulation=self.modulation.index_select(0, index))
 
 
 # ------------------------------------------------------------------------------------------------------ attention
@@ -236,41 +211,50 @@ class JointBlock(nn.Module):
         if not deepest:
             self.ff_context = FeedForward(dim)
 
-    def modulation(self, temb: torch.Tensor) -> BlockModulation:
-        x = _chunks(self.norm1.linear, temb, 3 if self.dual else 2)
-        if self.context_pre_only:  # continuous adaLN: (scale, shift) order, no gate
-            scale, shift = self.norm1_context.linear(F.silu(temb)).chunk(2, dim=1)
-            c = [Modulation(shift, scale)]
-        else:
-            c = _chunks(self.norm1_context.linear, temb, 2)
-            if self.deepest:  # only the pre-attention shift/scale of the text stream is used
-                c = [Modulation(c[0].shift, c[0].scale)]
-        return BlockModulation(
-            attn=x[0], mlp=x[1], attn2=x[2] if self.dual else None, context_attn=c[0],
-            context_mlp=None if self.deepest else c[1],
-        )
+    @property
+    def num_modulation_vectors(self) -> int:
+        return (9 if self.dual else 6) + (2 if self.deepest else 6)
+
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """adaLN-Zero vectors Linear(SiLU(temb)) of both streams, [P, n, D]: image (shift, scale, gate) for attn, mlp
+        [, attn2], then text (shift, scale[, gate]) for attn [and (shift, scale, gate) for mlp]."""
+        x = self.norm1.linear(F.silu(temb)).unflatten(1, (-1, temb.shape[-1]))
+        c = self.norm1_context.linear(F.silu(temb)).unflatten(1, (-1, temb.shape[-1]))
+        if self.context_pre_only:  # continuous adaLN stores (scale, shift)
+            c = c.flip(1)
+        elif self.deepest:  # the deepest block only needs the text stream's pre-attention shift and scale
+            c = c[:, :2]
+        return torch.cat([x, c], dim=1)
+
+    def _unpack(self, m: torch.Tensor) -> tuple[Modulation, Modulation, Modulation | None, Modulation, Modulation | None]:
+        def mod(i: int, gate: bool = True) -> Modulation:
+            return Modulation(m[:, i], m[:, i + 1], m[:, i + 2] if gate else None)
+
+        c = 9 if self.dual else 6
+        attn2 = mod(6) if self.dual else None
+        if self.deepest:
+            return mod(0), mod(3), attn2, mod(c, gate=False), None
+        return mod(0), mod(3), attn2, mod(c), mod(c + 3)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, mod: BlockModulation
+        self, x: torch.Tensor, c: torch.Tensor, modulation: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # x [B, N_img, D], c [B, N_txt, D]
-        x_attn_in = ops.layernorm_modulate(x, mod.attn.shift, mod.attn.scale)
-        c_attn_in = ops.layernorm_modulate(c, mod.context_attn.shift, mod.context_attn.scale)
-        a, c_a = self.attn(x_attn_in, c_attn_in)
+        # x [B, N_img, D], c [B, N_txt, D], modulation [B, n, D] from `modulation()`
+        attn, mlp, attn2, c_attn, c_mlp = self._unpack(modulation)
+        a, c_a = self.attn(ops.layernorm_modulate(x, attn.shift, attn.scale),
+                           ops.layernorm_modulate(c, c_attn.shift, c_attn.scale))
         if self.dual:  # SD3.5-M: a second image-only attention on the block input, modulated separately
-            a2, _ = self.attn2(ops.layernorm_modulate(x, mod.attn2.shift, mod.attn2.scale))
-            x = ops.gated_residual(x, a, mod.attn.gate)
-            a, gate = a2, mod.attn2.gate
+            a2, _ = self.attn2(ops.layernorm_modulate(x, attn2.shift, attn2.scale))
+            x = ops.gated_residual(x, a, attn.gate)
+            a, gate = a2, attn2.gate
         else:
-            gate = mod.attn.gate
-        x, x_mlp_in = ops.gated_residual_layernorm_modulate(x, a, gate, mod.mlp.shift, mod.mlp.scale)
-        x = ops.gated_residual(x, self.ff(x_mlp_in), mod.mlp.gate)
+            gate = attn.gate
+        x, x_mlp_in = ops.gated_residual_layernorm_modulate(x, a, gate, mlp.shift, mlp.scale)
+        x = ops.gated_residual(x, self.ff(x_mlp_in), mlp.gate)
         if self.deepest:
             return x, None
-        c, c_mlp_in = ops.gated_residual_layernorm_modulate(
-            c, c_a, mod.context_attn.gate, mod.context_mlp.shift, mod.context_mlp.scale
-        )
-        return x, ops.gated_residual(c, self.ff_context(c_mlp_in), mod.context_mlp.gate)
+        c, c_mlp_in = ops.gated_residual_layernorm_modulate(c, c_a, c_attn.gate, c_mlp.shift, c_mlp.scale)
+        return x, ops.gated_residual(c, self.ff_context(c_mlp_in), c_mlp.gate)
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -297,8 +281,8 @@ class MMDiTReward(nn.Module):
         """Prompt-only work: temb(1000 t, pooled), every block's modulation, projected text tokens."""
         timesteps = torch.full((pooled.shape[0],), 1000.0 * t, dtype=torch.float32, device=pooled.device)
         temb = self.time_text_embed(timesteps, pooled)  # [P, D]
-        blocks = [block.modulation(temb) for block in self.transformer_blocks]
-        return Conditioning(context=self.context_embedder(prompt_embeds), blocks=blocks, t=t)
+        modulation = torch.cat([block.modulation(temb) for block in self.transformer_blocks], dim=1)
+        return Conditioning(context=self.context_embedder(prompt_embeds), modulation=modulation, t=t)
 
     def forward(
         self, z0: torch.Tensor, cond: Conditioning, noise: torch.Tensor | None = None, seed: int | None = None,
@@ -309,7 +293,8 @@ class MMDiTReward(nn.Module):
         x, c = self.pos_embed(z_t.to(self.pos_embed.proj.weight.dtype)), cond.context
         features = x.new_empty(x.shape[0], len(self.layers), x.shape[-1], dtype=torch.float32)
         pooled = []
-        for index, (block, mod) in enumerate(zip(self.transformer_blocks, cond.blocks)):
+        sizes = [block.num_modulation_vectors for block in self.transformer_blocks]
+        for index, (block, mod) in enumerate(zip(self.transformer_blocks, cond.modulation.split(sizes, 1), strict=True)):
             x, c = block(x, c, mod)  # Eq. 2
             if index in self.layers:
                 if torch.is_grad_enabled():  # autograd path: small [B, D] vectors, stacked below

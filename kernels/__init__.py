@@ -1,0 +1,19 @@
+"""Fused ops of the DiT-Reward engine: one file per op (Triton kernel, launcher, autograd, public function, *_ref).
+
+Importing this package does not import triton; the backend is chosen per call by ``kernels.backend.resolve``.
+"""
+
+from kernels.adaln import gated_residual, gated_residual_layernorm_modulate, layernorm_modulate
+from kernels.backend import resolve
+from kernels.noise import near_clean
+from kernels.pooling import mean_pool, mean_pool_into
+
+__all__ = [
+    "gated_residual",
+    "gated_residual_layernorm_modulate",
+    "layernorm_modulate",
+    "mean_pool",
+    "mean_pool_into",
+    "near_clean",
+    "resolve",
+]

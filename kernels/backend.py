@@ -1,0 +1,114 @@
+"""The one kernel-backend switch: ``auto`` | ``triton`` | ``torch`` (argument, else ``DITREWARD_KERNELS``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+ENV_VAR = "DITREWARD_KERNELS"
+BACKENDS = ("auto", "triton", "torch")
+
+_warned_fallback = False  # `auto` falling back to torch warns once per process
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids."""
+    return -(-a // b)
+
+
+def describe(x: object) -> str:
+    """Short description of an argument for error messages."""
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve(backend: str | None = None, device: torch.device | str | None = None) -> str:
+    """Return the backend that will run: ``"triton"`` or ``"torch"``.
+
+    ``backend`` defaults to the ``DITREWARD_KERNELS`` environment variable, then ``"auto"``. ``device`` is where the
+    tensors live (``None``: CUDA when available).
+
+    - ``auto``: Triton on a CUDA device when triton imports; otherwise the torch references, with one warning per
+      process.
+    - ``triton``: Triton or an error (``RuntimeError``) saying why it cannot run and how to fix it.
+    - ``torch``: the pure-torch references.
+    """
+    requested = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
+    requested = requested.strip().lower()
+    if requested not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {requested!r}")
+    if requested == "torch":
+        return "torch"
+
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    has_triton = triton_available()
+
+    if requested == "auto":
+        if on_cuda and has_triton:
+            return "triton"
+        _warn_fallback("no CUDA device" if not on_cuda else "triton is not installed")
+        return "torch"
+
+    if not has_triton:
+        raise RuntimeError(
+            f"kernel backend 'triton' requested but triton is not installed: pip install triton, or set {ENV_VAR}=torch"
+        )
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            f"kernel backend 'triton' on device {device or 'cpu'!s} needs a CUDA device, or "
+            f"TRITON_INTERPRET=1 for the CPU interpreter, or {ENV_VAR}=torch"
+        )
+    return "triton"
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"DiT-Reward kernels: {reason}, using the torch reference ops (set {ENV_VAR}=torch to silence)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class LazyKernel:
+    """``triton.jit`` deferred to the first launch.
+
+    Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``; deferring
+    the decoration lets ``import kernels`` happen before that variable is set, and without triton installed at all.
+    Launch as usual: ``kernel[grid](*args, BLOCK=...)``.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._jitted: dict[bool, Any] = {}
+
+    def __getitem__(self, grid: Any) -> Any:
+        mode = interpreting()
+        if mode not in self._jitted:
+            import triton
+
+            self._jitted[mode] = triton.jit(self.fn)
+        return self._jitted[mode][grid]
+
+
+def triton_kernel(fn: Callable[..., Any]) -> LazyKernel:
+    """Decorator for this package's Triton kernels (see ``LazyKernel``)."""
+    return LazyKernel(fn)

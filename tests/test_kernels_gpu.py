@@ -1,0 +1,100 @@
+"""Compiled Triton kernels on CUDA at the real model's sizes (SD3.5-Large D = 2432). Skipped without a GPU.
+
+Run as ``TRITON_INTERPRET=0 pytest tests/test_kernels_gpu.py``: tests/conftest.py and the CPU kernel tests default
+TRITON_INTERPRET to 1 (the CPU interpreter), and under the interpreter these are skipped.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels import backend as kernel_backend
+from kernels.adaln import (
+    gated_residual,
+    gated_residual_layernorm_modulate,
+    gated_residual_layernorm_modulate_ref,
+    gated_residual_ref,
+    layernorm_modulate,
+    layernorm_modulate_ref,
+)
+from kernels.noise import near_clean, noise_ref
+from kernels.pooling import mean_pool, mean_pool_into, mean_pool_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(kernel_backend.interpreting(), reason="TRITON_INTERPRET=1: run with TRITON_INTERPRET=0"),
+]
+
+D = 2432
+
+
+def rel_err(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((actual.double() - truth.double()).norm() / truth.double().norm()).item()
+
+
+def run(fn, inputs, cotangents):
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents, strict=True))
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, inputs))
+
+
+def check(op, ref, inputs, n_outputs, dtype):
+    cotangents = [torch.randn(inputs[0].shape, dtype=torch.float64, device="cuda") for _ in range(n_outputs)]
+    k_out, k_grad = run(lambda *a: op(*a, backend="triton"), inputs, cotangents)
+    low_out, low_grad = run(ref, inputs, cotangents)
+    truth_out, truth_grad = run(ref, [t.detach().double() for t in inputs], cotangents)
+    for k, low, truth in zip(k_out + k_grad, low_out + low_grad, truth_out + truth_grad, strict=True):
+        bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(low, truth) + 1e-5
+        assert rel_err(k, truth) <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate", "gated_residual"])
+def test_adaln_cuda(op, dtype):
+    torch.manual_seed(0)
+    b, n = 2, 1031
+
+    def make(*shape):
+        return torch.randn(*shape, device="cuda").to(dtype)
+
+    if op == "layernorm_modulate":
+        check(layernorm_modulate, layernorm_modulate_ref, [make(b, n, D), make(b, D), make(b, D)], 1, dtype)
+    elif op == "gated_residual":
+        check(gated_residual, gated_residual_ref, [make(b, n, D), make(b, n, D), make(b, D)], 1, dtype)
+    else:
+        inputs = [make(b, n, D), make(b, n, D), make(b, D), make(b, D), make(b, D)]
+        check(gated_residual_layernorm_modulate, gated_residual_layernorm_modulate_ref, inputs, 2, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 4096, D), (1, 16384, D), (8, 1024, 1536), (3, 37, 48)])
+def test_mean_pool_cuda(shape):
+    torch.manual_seed(0)
+    joint = torch.randn(shape[0], shape[1] + 333, shape[2], device="cuda", dtype=torch.bfloat16)
+    h = joint[:, : shape[1]]
+    truth = mean_pool_ref(h.double())
+    assert rel_err(mean_pool(h, backend="triton"), truth) <= 1e-5
+    out = torch.full((shape[0], 4, shape[2]), float("nan"), device="cuda")
+    mean_pool_into(h, out, 2, backend="triton")
+    assert out[:, :2].isnan().all() and out[:, 3].isnan().all()
+    assert rel_err(out[:, 2], truth) <= 1e-5
+
+
+def test_near_clean_cuda():
+    torch.manual_seed(0)
+    z0 = torch.randn(4, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
+    noise = torch.randn_like(z0)
+    truth = 0.9 * z0.double() + 0.1 * noise.double()
+    assert rel_err(near_clean(z0, 0.1, noise=noise, backend="triton"), truth) <= 2 * rel_err(
+        0.9 * z0 + 0.1 * noise, truth
+    )
+    z0 = z0.float()
+    eps = (near_clean(z0, 0.5, seed=99, backend="triton").double() - 0.5 * z0.double()) / 0.5
+    n = eps.numel()
+    assert abs(eps.mean().item()) < 5 / math.sqrt(n) and abs(eps.std().item() - 1) < 5 / math.sqrt(2 * n)
+    assert (eps - noise_ref(z0.shape, 99, device="cuda").double()).abs().max() < 1e-4
+    alone = near_clean(z0[3:], 0.5, seed=99, image_offset=3, backend="triton")
+    assert torch.equal(alone, near_clean(z0, 0.5, seed=99, backend="triton")[3:])
