@@ -32,6 +32,8 @@ def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype
     if dtype is None:
         return default
     if isinstance(dtype, str):
+        if dtype == "fp8":  # bf16 weights, quantised to e4m3 after loading (engine.quant)
+            return torch.bfloat16
         names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}
         if dtype not in names:
@@ -50,15 +52,21 @@ class RewardEngine(nn.Module):
 
     def __init__(
         self, backbone: MMDiTReward, head: RewardHead, reward: RewardConfig, *, kernels_backend: str | None = None,
-        attention: str | None = None, check_finite: bool = True,
+        attention: str | None = None, check_finite: bool = True, fp8: bool = False,
     ):
         super().__init__()
+        if fp8:
+            from engine.quant import quantize_fp8
+
+            quantize_fp8(backbone)
+        self.fp8 = fp8
         reward.check_against(backbone.cfg)
         if tuple(reward.layers) != backbone.layers:
             raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
         self.backbone, self.head, self.reward_config = backbone, head.float(), reward
         self.check_finite = check_finite
-        self.pixel = None  # engine.pixel.PixelFrontEnd, attached by from_pretrained(base=diffusers dir) or by hand
+        self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
+        self.base_path: Path | None = None
         self.set_backends(kernels_backend, attention)
         self.eval().requires_grad_(False)
 
@@ -74,6 +82,7 @@ class RewardEngine(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Activation dtype (bf16 for fp8 engines, whose block linears hold e4m3 weights)."""
         return self.backbone.context_embedder.weight.dtype
 
     def set_backends(self, kernels_backend: str | None = None, attention: str | None = None) -> None:
@@ -97,7 +106,8 @@ class RewardEngine(nn.Module):
         param = next(transformer.parameters())
         backbone = load_backbone(cfg, reward.layers, [transformer.state_dict()], _dtype(dtype, param.dtype),
                                  device if device is not None else param.device)
-        return cls(backbone, head if head is not None else cls._new_head(reward, cfg), reward, **backends)
+        return cls(backbone, head if head is not None else cls._new_head(reward, cfg), reward, fp8=dtype == "fp8",
+                   **backends)
 
     @classmethod
     def from_base(
@@ -110,7 +120,7 @@ class RewardEngine(nn.Module):
         reward = RewardConfig.for_backbone(cfg, t=t, head_hidden=tuple(head_hidden),
                                            **({"layers": tuple(layers)} if layers is not None else {}))
         backbone = load_backbone(cfg, reward.layers, [source], _dtype(dtype, torch.bfloat16), device)
-        engine = cls(backbone, cls._new_head(reward, cfg), reward, **backends)
+        engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
         return engine
 
@@ -136,7 +146,8 @@ class RewardEngine(nn.Module):
             raise ValueError(f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
                              f"directory or single .safetensors file>")
         backbone = load_backbone(cfg, reward.layers, sources, _dtype(dtype, torch.bfloat16), device)
-        engine = cls(backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, **backends)
+        engine = cls(backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, fp8=dtype == "fp8",
+                     **backends)
         if base is not None:
             engine._attach_pixel(base)
         return engine
@@ -156,15 +167,46 @@ class RewardEngine(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = cls._new_head(reward, cfg)
-        return cls(backbone, head.to(device), reward, **backends)
+        return cls(backbone, head.to(device), reward, fp8=dtype == "fp8", **backends)
 
     @staticmethod
     def _new_head(reward: RewardConfig, cfg: BackboneConfig) -> RewardHead:
         return RewardHead(len(reward.layers), cfg.hidden_size, reward.head_hidden)
 
     def _attach_pixel(self, base: str | os.PathLike) -> None:
-        if Path(base).is_dir() and (Path(base) / "model_index.json").is_file():
-            self.base_path = Path(base)
+        """Remember a full SD3.5 diffusers directory: `score_images` loads its VAE and text encoders on first use."""
+        self.base_path = Path(base) if Path(base).is_dir() and (Path(base) / "model_index.json").is_file() else None
+
+    def pixel_front_end(self, **kwargs: Any):
+        """The VAE + text encoders of the base directory (`engine.pixel.PixelFrontEnd`), loaded once, on demand."""
+        if self.pixel is None:
+            from engine.pixel import PixelFrontEnd
+
+            if getattr(self, "base_path", None) is None:
+                raise ValueError("score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
+                                 "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)")
+            kwargs.setdefault("dtype", self.dtype)
+            self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
+        return self.pixel
+
+    def score_images(
+        self, images: Any, prompts: Sequence[str], *, seed: int | None = None, max_side: int | None = None,
+        normalize: bool = False, progress: bool | None = None,
+    ) -> torch.Tensor:
+        """The pixel interface: images (PIL, paths, uint8 HWC arrays or float NCHW in [0, 1]) and one prompt each ->
+        rewards [B] float32 in input order. Images are resized to multiples of 16 (see `engine.pixel.load_images`),
+        VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
+        and scored on the latent path; images of different sizes are scored in separate groups."""
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress)
+        rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
+        for g in groups:
+            rewards[g.index.to(self.device)] = self.score(
+                g.latents.to(self.device, self.dtype), (g.prompt_embeds, g.pooled), seed=seed,
+                prompt_index=g.prompt_index.to(self.device), image_offset=0, normalize=normalize,
+            )
+        return rewards
 
     def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = False, **extra: Any) -> Path:
         """Write a reward checkpoint atomically (head always; the used backbone blocks if `include_backbone`)."""

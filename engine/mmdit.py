@@ -115,7 +115,11 @@ class Conditioning:
 
 
 class RMSNorm(nn.Module):
-    """qk-norm over head_dim; variance in fp32, then weight in the weight's dtype (diffusers `RMSNorm`)."""
+    """qk-norm over head_dim, statistics in fp32 (diffusers `RMSNorm`).
+
+    `F.rms_norm` is one fused kernel on CUDA; diffusers' five-op version (upcast, square, mean, rsqrt, scale) moved
+    ~1 GB per block at SD3.5-L 512² batch 8 and cost ~4.8 ms/image on an H200 (bench/results run 1). It applies the
+    weight before rounding to bf16 rather than after: a little more accurate, inside the parity tolerance."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -123,8 +127,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):

@@ -56,9 +56,10 @@ def _default_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device)
 
 
-def _progress(total: int, desc: str, progress: bool | None) -> tqdm:
+def _progress(total: int, desc: str, unit: str, progress: bool | None) -> tqdm:
+    """A tqdm bar; ``progress=None`` shows it only from `_PROGRESS_MIN_ITEMS` items on."""
     enabled = total >= _PROGRESS_MIN_ITEMS if progress is None else progress
-    return tqdm(total=total, desc=desc, unit="img" if desc == "vae" else "prompt", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -202,7 +203,7 @@ class PromptEncoder:
         length = self.max_sequence_length if max_sequence_length is None else self._check_length(max_sequence_length)
 
         found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        missing: list[str] = []
+        missing: dict[str, None] = {}  # an ordered set: encode order = first-request order
         for prompt in prompts:
             key = (prompt, length)
             if prompt in found or key in self._cache:
@@ -212,19 +213,20 @@ class PromptEncoder:
                     found[prompt] = self._cache[key]
             elif prompt not in missing:
                 self.misses += 1
-                missing.append(prompt)
+                missing[prompt] = None
             else:
                 self.hits += 1  # a repeat of a prompt this call is about to encode
         if missing:
+            missing_list = list(missing)
             if self.encoders_released:
-                shown = ", ".join(repr(p[:60]) for p in missing[:3])
+                shown = ", ".join(repr(p[:60]) for p in missing_list[:3])
                 raise RuntimeError(
                     f"{len(missing)} prompt(s) not in the embedding cache ({shown}, ...) and the text encoders were "
                     "released: encode every prompt before release_encoders(), or reload the encoder"
                 )
-            with _progress(len(missing), "text", progress) as bar:
-                for start in range(0, len(missing), self.batch_size):
-                    chunk = missing[start : start + self.batch_size]
+            with _progress(len(missing_list), "text encoders", "prompt", progress) as bar:
+                for start in range(0, len(missing_list), self.batch_size):
+                    chunk = missing_list[start : start + self.batch_size]
                     embeds, pooled = self._encode(chunk, length)
                     for i, prompt in enumerate(chunk):
                         # clone: a row view would keep the whole batch alive and break the byte accounting.
@@ -311,7 +313,9 @@ def _from_uint8_array(array: np.ndarray, what: str) -> torch.Tensor:
         array = array[:, :, None]
     if array.ndim != 3 or min(array.shape[:2]) < 1:
         raise ValueError(f"{what} has shape {array.shape}; expected a uint8 image array HW or HWC")
-    chw = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    if not array.flags.writeable:
+        array = array.copy()  # np.asarray(PIL image) is read-only, which torch.from_numpy warns about
+    chw = torch.from_numpy(array).permute(2, 0, 1)
     return _rgb_from_channels(chw, what).float().div_(255.0)
 
 
@@ -457,7 +461,10 @@ class ImageEncoder:
         self.dtype = dtype
         upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         self.vae_dtype = torch.float32 if upcast else dtype
-        self.vae = vae.to(self.device, self.vae_dtype).eval().requires_grad_(False)
+        # Cast only when needed: diffusers warns on any dtype `.to()` of a model it loaded.
+        if vae.dtype != self.vae_dtype:
+            vae = vae.to(dtype=self.vae_dtype)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
         # SD3's VAE has both; a missing shift (SD1/SDXL VAEs) means none.
         self.shift = float(vae.config.shift_factor or 0.0)
         self.scale = float(vae.config.scaling_factor)
@@ -524,7 +531,7 @@ class ImageEncoder:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(pixels):
             groups.setdefault(tuple(x.shape[-2:]), []).append(i)
-        with _progress(len(pixels), "vae", progress) as bar:
+        with _progress(len(pixels), "VAE encode", "img", progress) as bar:
             for members in groups.values():
                 chunks = []
                 for start in range(0, len(members), self.batch_size):
@@ -538,12 +545,18 @@ class ImageEncoder:
 
 
 class PreparedGroup(NamedTuple):
-    """Images of one resized size with their prompts' embeddings, ready for ``engine.score``."""
+    """Images of one resized size with the distinct prompts they use, ready for the engine.
+
+    Prompts are kept distinct (GRPO scores many images per prompt, and the engine's conditioning is per-prompt
+    work): image ``j`` of the group uses prompt ``prompt_index[j]``, i.e. ``engine.features(latents, (prompt_embeds,
+    pooled), prompt_index=prompt_index)``.
+    """
 
     index: torch.Tensor  # [b] long: positions in the caller's images/prompts lists
     latents: torch.Tensor  # [b, C, h, w] transformer-space latents
-    prompt_embeds: torch.Tensor  # [b, 77 + T5_len, joint_dim]
-    pooled: torch.Tensor  # [b, pooled_dim]
+    prompt_embeds: torch.Tensor  # [p, 77 + T5_len, joint_dim], p <= b distinct prompts
+    pooled: torch.Tensor  # [p, pooled_dim]
+    prompt_index: torch.Tensor  # [b] long in [0, p)
 
 
 class PixelFrontEnd:
@@ -606,20 +619,23 @@ class PixelFrontEnd:
     ) -> list[PreparedGroup]:
         """Pair image ``i`` with ``prompts[i]``; one `PreparedGroup` per resized image size.
 
-        Prompts are validated and encoded before any VAE work, so a bad prompt fails fast. Scores computed per group
-        go back to input order with ``scores[group.index] = group_scores``.
+        Each distinct prompt is encoded once, before any VAE work (a bad prompt fails fast). Scores computed per
+        group go back to input order with ``scores[group.index] = group_scores``.
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, one per image (got a single str)")
         pixels = self.image_encoder.load(images, max_side=max_side)
         if len(prompts) != len(pixels):
             raise ValueError(f"got {len(pixels)} images but {len(prompts)} prompts: pass one prompt per image")
-        # Encodes each distinct prompt once (GRPO groups share a prompt), then one row per image.
-        embeds, pooled = self.prompt_encoder(prompts, progress=progress)
-        return [
-            PreparedGroup(index, latents, embeds[index.to(embeds.device)], pooled[index.to(pooled.device)])
-            for index, latents in self.image_encoder.encode_loaded(pixels, progress)
-        ]
+        distinct = list(dict.fromkeys(prompts))
+        embeds, pooled = self.prompt_encoder(distinct, progress=progress)
+        slot = {prompt: i for i, prompt in enumerate(distinct)}
+        prompt_of_image = torch.tensor([slot[p] for p in prompts], device=embeds.device)  # [N] into distinct
+        groups = []
+        for index, latents in self.image_encoder.encode_loaded(pixels, progress):
+            used, prompt_index = torch.unique(prompt_of_image[index.to(embeds.device)], return_inverse=True)
+            groups.append(PreparedGroup(index, latents, embeds[used], pooled[used], prompt_index))
+        return groups
 
 
 __all__ = [

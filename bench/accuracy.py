@@ -1,0 +1,103 @@
+"""Pairwise preference accuracy of a reward checkpoint on HPSv3-format test files.
+
+    python -m bench.accuracy --test-json A.json [B.json ...] --checkpoint DIR --base SD35_DIR [--json OUT]
+
+A pair counts as correct when r(path1) > r(path2); a tie counts as wrong, as HPSv3 counts. Images go through the
+same encoding as `training.cache` and the reward's noise uses the checkpoint's validation seed with the trainer's
+stream layout (image 2i / 2i+1 of a file = pair i's path1 / path2), so on a file the trainer validated on this
+reports the trainer's logged accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.api import RewardEngine
+from engine.loading import read_reward_config
+from training.cache import encode_image_files
+from training.data import read_file
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def evaluate_file(
+    engine: RewardEngine, front: Any, path: str | Path, seed: int, batch_size: int = 32, max_side: int | None = None
+) -> dict[str, Any]:
+    """Accuracy and reward statistics of every pair in one file (no confidence filter: a benchmark counts all)."""
+    pairs = read_file(path, confidence_threshold=None, on_bad_image="error")
+    rewards = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        images = [image for p in chunk for image in (p.winner, p.loser)]  # interleaved: w0, l0, w1, l1, ...
+        latents = torch.stack(encode_image_files(front, images, max_side)).to(engine.device)
+        embeds, pooled = front.encode_prompts([p.prompt for p in chunk for _ in range(2)], progress=False)
+        r = engine.score(latents, (embeds.to(engine.device), pooled.to(engine.device)), seed=seed,
+                         image_offset=2 * start)  # fmt: skip
+        rewards.append(r.float().view(-1, 2).cpu())
+    r = torch.cat(rewards)
+    return {"file": str(Path(path).resolve()), "pairs": len(pairs),
+            "accuracy": float((r[:, 0] > r[:, 1]).float().mean()), "ties": int((r[:, 0] == r[:, 1]).sum()),
+            "mean_margin": float((r[:, 0] - r[:, 1]).mean())}  # fmt: skip
+
+
+def run(
+    test_json: Sequence[str | Path], checkpoint: str | Path, base: str | Path, device: str | None = None,
+    dtype: str = "fp32", batch_size: int = 32, seed: int | None = None,
+) -> dict[str, Any]:
+    """Score every file; returns {"checkpoint", "results": [per-file dicts], "seconds"}."""
+    from engine.pixel import PixelFrontEnd
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta, _, _ = read_reward_config(checkpoint)
+    training = meta.get("training", {})
+    engine = RewardEngine.from_pretrained(checkpoint, base, dtype=_DTYPES[dtype], device=device)
+    front = PixelFrontEnd.from_pretrained(
+        base, device=device, dtype=_DTYPES.get(training.get("cache_dtype", "fp32"), torch.float32),
+        max_sequence_length=int(training.get("max_sequence_length", 256)),
+    )  # fmt: skip
+    seed = int(training.get("eval_seed", 1234)) if seed is None else seed
+    start = time.perf_counter()
+    results = [evaluate_file(engine, front, f, seed, batch_size, training.get("max_side")) for f in test_json]
+    return {"checkpoint": str(checkpoint), "base": str(base), "seed": seed, "results": results,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [("benchmark", "pairs", "accuracy", "ties", "mean margin")]
+    rows += [(Path(r["file"]).name, str(r["pairs"]), f"{100 * r['accuracy']:.2f}%", str(r["ties"]),
+              f"{r['mean_margin']:.4f}") for r in report["results"]]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--test-json", nargs="+", required=True, help="HPSv3-format test files (path1 preferred)")
+    parser.add_argument("--checkpoint", required=True, help="reward checkpoint directory (training.train's reward/)")
+    parser.add_argument("--base", required=True, help="local SD3/SD3.5 diffusers directory")
+    parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="backbone dtype")
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per forward")
+    parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval seed)")
+    args = parser.parse_args(argv)
+    report = run(args.test_json, args.checkpoint, args.base, args.device, args.dtype, args.batch_size, args.seed)
+    print(format_table(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["evaluate_file", "format_table", "run"]

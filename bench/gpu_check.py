@@ -1,0 +1,239 @@
+"""One GPU session, one call: correctness of every fast path, then every timing, engine and baselines in one process.
+
+    python -m bench.gpu_check --out DIR [--deadline-s 420]
+
+Sections run in priority order and the JSON is rewritten after each, so a run cut short still reports what it did;
+optional sections are skipped (and marked so) once the deadline nears. Random SD3.5-Large weights (latency and memory
+do not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+class Report:
+    def __init__(self, out: Path, deadline_s: float):
+        self.out, self.deadline = out, deadline_s
+        self.data: dict = {"sections": {}, "skipped": [], "errors": {}}
+
+    def left(self) -> float:
+        return self.deadline - (time.perf_counter() - T0)
+
+    def section(self, name: str, fn, need_s: float = 0.0) -> None:
+        if self.left() < need_s:
+            log(f"SKIP {name}: {self.left():.0f}s left, needs ~{need_s:.0f}s")
+            self.data["skipped"].append(name)
+            return
+        log(f"--- {name}")
+        start = time.perf_counter()
+        try:
+            self.data["sections"][name] = fn()
+        except Exception as e:  # keep going: the other sections are still worth their device time
+            self.data["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+            log(f"ERROR in {name}: {type(e).__name__}: {e}")
+        log(f"    {name} took {time.perf_counter() - start:.1f}s")
+        self.save()
+
+    def save(self) -> None:
+        (self.out / "gpu_results.json").write_text(json.dumps(self.data, indent=1, default=str))
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+
+
+def kernel_tests() -> dict:
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_gpu.py"],
+                       capture_output=True, text=True, env=env, timeout=240)
+    tail = (r.stdout + r.stderr)[-1500:]
+    log(tail.strip().splitlines()[-1] if tail.strip() else "no output")
+    return {"returncode": r.returncode, "tail": tail}
+
+
+def kernel_bench(with_compile: bool) -> dict:
+    """Each memory-bound kernel vs its eager torch reference (and torch.compile of it) at SD3.5-L shapes."""
+    import triton.testing
+
+    import kernels
+    from kernels import adaln, noise, pooling
+
+    rows = []
+    for batch, tokens in ((1, 1357), (8, 1357), (1, 4429)):
+        d = 2432
+        x = torch.randn(batch, tokens, d, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn_like(x)
+        shift, scale, gate = (torch.randn(batch, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        z0 = torch.randn(batch, 16, 64 if tokens == 1357 else 128, 64 if tokens == 1357 else 128, device="cuda",
+                         dtype=torch.bfloat16)
+        eps = torch.randn_like(z0)
+        xb = x.numel() * 2
+        cases = {
+            # name: (triton fn, reference fn, bytes moved)
+            "layernorm_modulate": (lambda: kernels.layernorm_modulate(x, shift, scale, backend="triton"),
+                                   lambda: adaln.layernorm_modulate_ref(x, shift, scale), 2 * xb),
+            "gated_residual_layernorm_modulate": (
+                lambda: kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton"),
+                lambda: adaln.gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale), 4 * xb),
+            "mean_pool": (lambda: kernels.mean_pool(x, backend="triton"), lambda: pooling.mean_pool_ref(x), xb),
+            "near_clean(noise)": (lambda: kernels.near_clean(z0, 0.1, noise=eps, backend="triton"),
+                                  lambda: noise.near_clean_ref(z0, 0.1, eps), 3 * z0.numel() * 2),
+        }
+        for name, (fast, ref, nbytes) in cases.items():
+            row = {"op": name, "batch": batch, "tokens": tokens, "dim": d, "bytes": nbytes}
+            for label, fn in (("triton", fast), ("eager", ref)):
+                row[f"{label}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            if with_compile:
+                compiled = torch.compile(ref, dynamic=False)
+                compiled()
+                row["compile_us"] = 1e3 * triton.testing.do_bench(compiled, warmup=25, rep=100, return_mode="median")
+            row["triton_gb_s"] = nbytes / row["triton_us"] / 1e3
+            rows.append(row)
+            log(f"{name:<36} b{batch} n{tokens}: triton {row['triton_us']:.1f}us ({row['triton_gb_s']:.0f} GB/s) "
+                f"eager {row['eager_us']:.1f}us compile {row.get('compile_us', float('nan')):.1f}us")
+        del x, y
+    return {"rows": rows}
+
+
+def attention_bench() -> dict:
+    import triton.testing
+
+    from engine.attention import attention
+
+    rows = []
+    for tokens in (1357, 4429):
+        q, k, v = (torch.randn(1, tokens, 38, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * tokens * tokens * 64 * 38
+        for backend in ("sdpa", "cudnn", "flash", "efficient"):
+            try:
+                ms = triton.testing.do_bench(lambda b=backend: attention(q, k, v, b), warmup=25, rep=100,
+                                             return_mode="median")
+                rows.append({"backend": backend, "tokens": tokens, "ms": ms, "tflop_s": flops / ms / 1e9})
+                log(f"attention {backend:<9} n{tokens}: {ms * 1e3:.1f}us {flops / ms / 1e9:.0f} TFLOP/s")
+            except Exception as e:
+                rows.append({"backend": backend, "tokens": tokens, "error": str(e)[:200]})
+    return {"rows": rows}
+
+
+def engine_parity() -> dict:
+    """Full-size engine (Triton kernels, auto attention) vs diffusers' SD3Transformer2DModel on the same random
+    weights: features of layers (15, 23, 28, 37) in bf16, both against an fp32 diffusers reference."""
+    from bench.baselines import DiffusersHookReward, build_sd3_transformer
+    from engine import RewardEngine
+    from engine.config import BackboneConfig
+
+    cfg = BackboneConfig.from_name("sd35-large")
+    torch.manual_seed(0)
+    ref = build_sd3_transformer(cfg.to_dict(), torch.float32, "cuda")
+    z0 = torch.randn(2, 16, 64, 64, device="cuda")
+    emb = torch.randn(2, 333, 4096, device="cuda")
+    pooled = torch.randn(2, 2048, device="cuda")
+    eps = torch.randn_like(z0)
+    layers = (15, 23, 28, 37)
+    hooked = DiffusersHookReward(ref, layers, 0.1)
+    f32 = hooked.features(z0, emb, pooled, eps)
+    hooked.remove()
+    out = {}
+    for dtype in ("bf16", "fp8"):
+        engine = RewardEngine.from_diffusers(ref, layers=layers, dtype=dtype, device="cuda")
+        ours = engine.features(z0, (emb, pooled), noise=eps)
+        out[f"engine_{dtype}_rel_err"] = float((ours - f32).norm() / f32.norm())
+        del engine
+    ref16 = ref.to(torch.bfloat16)
+    hooked = DiffusersHookReward(ref16, layers, 0.1)
+    f16 = hooked.features(z0.bfloat16(), emb.bfloat16(), pooled.bfloat16(), eps.bfloat16())
+    hooked.remove()
+    out["diffusers_bf16_rel_err"] = float((f16 - f32).norm() / f32.norm())
+    log(f"parity vs fp32 diffusers: {out}")
+    del ref, ref16, hooked
+    gc.collect()  # hooks hold reference cycles: without this 16 GB stayed allocated into the next section (run 1)
+    torch.cuda.empty_cache()
+    return out
+
+
+def latency(argv: list[str]) -> dict:
+    from bench import latency as lat
+
+    rows = lat.main(argv)
+    torch.cuda.empty_cache()
+    return {"argv": argv, "rows": rows}
+
+
+def fp8_fidelity(n: int = 256) -> dict:
+    """Rewards of the same random full-size model in bf16 and fp8 on n random inputs: Spearman and pair order."""
+    from engine import RewardEngine
+
+    out = {}
+    scores = {}
+    for dtype in ("bf16", "fp8"):
+        engine = RewardEngine.from_preset("sd35-large", dtype=dtype, device="cuda", seed=0)
+        engine.check_finite = False
+        g = torch.Generator(device="cuda").manual_seed(123)
+        rs = []
+        for _ in range(n // 8):
+            z0 = torch.randn(8, 16, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+            emb = torch.randn(8, 205, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+            pooled = torch.randn(8, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+            eps = torch.randn(8, 16, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+            rs.append(engine.score(z0, (emb, pooled), noise=eps))
+        scores[dtype] = torch.cat(rs).double().cpu()
+        del engine
+        torch.cuda.empty_cache()
+    a, b = scores["bf16"], scores["fp8"]
+    rank = lambda v: v.argsort().argsort().double()  # noqa: E731
+    ra, rb = rank(a), rank(b)
+    out["spearman"] = float(((ra - ra.mean()) * (rb - rb.mean())).sum() / (ra.std() * rb.std() * (len(a) - 1)))
+    i, j = torch.triu_indices(len(a), len(a), 1)
+    out["pair_order_agreement"] = float(((a[i] > a[j]) == (b[i] > b[j])).double().mean())
+    out["reward_std_bf16"] = float(a.std())
+    out["max_abs_diff"] = float((a - b).abs().max())
+    log(f"fp8 fidelity: {out}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--deadline-s", type=float, default=420)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(out, args.deadline_s)
+    from bench.harness import ceilings, environment_info
+
+    rep.data["env"] = environment_info("cuda")
+    rep.section("ceilings", lambda: ceilings("cuda"))
+    rep.section("kernel_tests", kernel_tests, need_s=60)
+    rep.section("engine_parity", engine_parity, need_s=60)
+    common = ["--iters", "10", "--json", str(out / "latency_512.json")]
+    rep.section("latency_512", lambda: latency(["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8",
+                                                "--baselines", *common]), need_s=120)
+    rep.section("latency_1024", lambda: latency(["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8",
+                                                 "--iters", "10", "--json", str(out / "latency_1024.json")]),
+                need_s=60)
+    rep.section("hpsv3", lambda: latency(["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8",
+                                          "--iters", "10", "--json", str(out / "hpsv3.json")]), need_s=60)
+    rep.section("fp8_fidelity", fp8_fidelity, need_s=45)
+    rep.section("attention", attention_bench, need_s=15)
+    rep.section("kernel_bench", lambda: kernel_bench(with_compile=rep.left() > 120), need_s=20)
+    log(f"done; skipped: {rep.data['skipped']}; errors: {list(rep.data['errors'])}")
+    rep.save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Per-image latency and peak memory of the reward engine, side by side with the baselines, in one process.
+
+    python -m bench.latency --interface latent            # engine (+ CUDA graphs on GPU) vs diffusers baselines
+    python -m bench.latency --interface pixel             # VAE decode + VAE encode + text encoders + engine
+    python -m bench.latency --interface hpsv3             # VAE decode + resize 448 + HPSv3 (Qwen2-VL-7B arch.)
+
+Random weights throughout unless --checkpoint is given (latency and memory do not depend on the values). Without a
+GPU it runs the `tiny` preset on the CPU and says so: those numbers check that everything runs, nothing more.
+Latency: CUDA events, warm-up excluded, median of --iters, inputs rotated; per image = batch time / batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.costs import engine_costs
+from bench.harness import environment_info, measure_peak, time_fn
+from engine import RewardEngine
+from engine.config import BackboneConfig
+
+FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hpsv3 interfaces on GPU)
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=1024, shift_factor=0.0609,
+                scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
+    p.add_argument("--interface", choices=("latent", "pixel", "hpsv3"), default="latent")
+    p.add_argument("--preset", default=None, help="backbone preset (default: sd35-large on GPU, tiny on CPU)")
+    p.add_argument("--resolution", type=int, nargs="+", default=None, help="image side(s) in pixels (default 512)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--dtype", choices=("bf16", "fp8", "fp32"), nargs="+", default=None)
+    p.add_argument("--text-len", type=int, default=333, help="text tokens: 333 = SD3 default, 205 = Flow-GRPO")
+    p.add_argument("--baselines", action="store_true", help="also time diffusers eager+hooks and regional compile")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph engine path")
+    p.add_argument("--checkpoint", default=None, help="reward checkpoint dir (real weights; needs --base)")
+    p.add_argument("--base", default=None, help="SD3.5 diffusers dir or single file for --checkpoint")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    return p.parse_args(argv)
+
+
+class Bench:
+    """Collects rows; every row is timed and memory-measured the same way."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device, self.rows = args, device, []
+        self.env = environment_info(device)
+
+    def run(self, label: str, fn: Callable[[Any], Any], inputs: list, batch: int, **fields: Any) -> dict:
+        timing = time_fn(fn, inputs, warmup=3, iters=self.args.iters, device=self.device).per_image(batch)
+        peak = measure_peak(fn, inputs[0], device=self.device)
+        row = {"path": label, "batch": batch, "per_image_ms": round(timing.median_ms, 3),
+               "p10_ms": round(timing.p10_ms, 3), "p90_ms": round(timing.p90_ms, 3),
+               "peak_gib": None if peak.allocated_gib is None else round(peak.allocated_gib, 3),
+               "nvml_gib": None if peak.nvml_used_gib is None else round(peak.nvml_used_gib, 3), **fields,
+               "device": self.env["gpu"] or "cpu", "torch": self.env["torch"], "commit": self.env["git_commit"],
+               "date": self.env["date"]}
+        self.rows.append(row)
+        print(f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB",
+              file=sys.stderr, flush=True)
+        return row
+
+
+def latent_inputs(cfg: BackboneConfig, batch: int, side: int, text_len: int, device, dtype, n: int = 3) -> list:
+    """`n` distinct input sets (rotated by the timer so no call re-reads the previous one from L2)."""
+    out = []
+    for i in range(n):
+        g = torch.Generator(device=device).manual_seed(i)
+        out.append((
+            torch.randn(batch, cfg.in_channels, side // 8, side // 8, generator=g, device=device, dtype=dtype),
+            torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g, device=device, dtype=dtype),
+            torch.randn(batch, cfg.pooled_projection_dim, generator=g, device=device, dtype=dtype),
+        ))
+    return out
+
+
+def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
+    args, device = b.args, b.device
+    cfg = BackboneConfig.from_name(preset)
+    for dtype in dtypes:
+        if args.checkpoint:
+            engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, dtype=dtype, device=device)
+        else:
+            engine = RewardEngine.from_preset(preset, dtype=dtype, device=device)
+        engine.check_finite = False  # the RL-loop setting: no host syncs
+        graphed = None
+        if device.type == "cuda" and not args.no_graphs:
+            from engine.graphs import GraphedScorer
+
+            graphed = GraphedScorer(engine)
+        for side in resolutions:
+            flops = engine_costs(preset, side, args.text_len)["flops_per_image"]
+            for batch in args.batch:
+                inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
+                common = dict(interface="latent", preset=preset, resolution=side, dtype=dtype,
+                              flops_per_image=flops, random_weights=not args.checkpoint)
+                b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
+                if graphed is not None:
+                    row = b.run("engine cuda-graph", lambda x: graphed.score(x[0], (x[1], x[2])), inputs, batch,
+                                **common)
+                    row["first_call_s"] = round(max(graphed.capture_seconds.values()), 2)
+        del engine, graphed
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.baselines:
+        bench_diffusers(b, preset, resolutions)
+
+
+def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
+    from bench.baselines import DiffusersHookReward, build_sd3_transformer, compile_regional
+    from engine.config import RewardConfig
+
+    device, dtype = b.device, (torch.bfloat16 if b.device.type == "cuda" else torch.float32)
+    cfg = BackboneConfig.from_name(preset)
+    transformer = build_sd3_transformer(cfg.to_dict(), dtype, device)
+    reward = DiffusersHookReward(transformer, RewardConfig.for_backbone(cfg).layers, 0.1)
+    for label in ("diffusers eager+hooks", "diffusers regional-compile"):
+        if label.endswith("compile"):
+            compile_regional(transformer)
+        for side in resolutions:
+            for batch in b.args.batch:
+                inputs = latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)
+                b.run(label, lambda x: reward.score(x[0], x[1], x[2]), inputs, batch, interface="latent",
+                      preset=preset, resolution=side, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                      random_weights=True)
+    reward.remove()
+    del reward, transformer
+    gc.collect()
+
+
+def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
+    """Pixel path as a policy would use it: VAE decode its latents, then VAE encode + text encoders + engine."""
+    from engine.pixel import PixelFrontEnd
+    from engine.tiny_base import default_tiny_base
+
+    device = b.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = b.args.base or default_tiny_base()
+    front = PixelFrontEnd.from_pretrained(base, device=device, dtype=dtype, max_sequence_length=b.args.text_len - 77)
+    engine = RewardEngine.from_base(base, dtype=dtype, device=device) if preset == "tiny" else RewardEngine.from_preset(
+        preset, dtype=dtypes[0], device=device)
+    engine.check_finite = False
+    cfg = engine.config
+    for side in resolutions:
+        for batch in b.args.batch:
+            common = dict(interface="pixel", preset=preset, resolution=side, dtype=dtypes[0], random_weights=True)
+            latents = [x[0] for x in latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)]
+            images = [front.vae_decode(z) for z in latents]
+            prompts = [[f"a photo number {i} of a cat, variant {j}" for j in range(batch)] for i in range(3)]
+            b.run("vae decode", front.vae_decode, latents, batch, **common)
+            b.run("vae encode", lambda x: front.encode_images(x), images, batch, **common)
+            b.run("text encoders (uncached)", lambda p: (front.prompt_encoder.clear_cache(), front.encode_prompts(p)),
+                  prompts, batch, **common)
+            b.run("text encoders (cached)", front.encode_prompts, prompts, batch, **common)
+            embs = [front.encode_prompts(p) for p in prompts]
+            b.run("engine on encoded", lambda i: engine.score(latents[i], embs[i]), [0, 1, 2], batch, **common)
+
+
+def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
+    from bench.baselines import HPSv3Reward, resize_to_448
+    from engine.pixel import PixelFrontEnd
+    from engine.tiny_base import default_tiny_base
+
+    device = b.device
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    hps = HPSv3Reward("qwen2-vl-7b" if on_gpu else "tiny", dtype=dtype, device=device)
+    front = PixelFrontEnd.from_pretrained(b.args.base or default_tiny_base(), device=device, dtype=dtype)
+    vae = front.image_encoder.vae
+    if on_gpu and b.args.base is None:  # the real SD3 VAE's size, random weights
+        from diffusers import AutoencoderKL
+
+        with torch.device(device):
+            vae = AutoencoderKL(**FULL_SIZE["vae"]).to(dtype).eval()
+        front.image_encoder.vae = vae
+    for side in resolutions:
+        for batch in b.args.batch:
+            common = dict(interface="hpsv3", preset="qwen2-vl-7b" if on_gpu else "tiny", resolution=side,
+                          dtype="bf16" if on_gpu else "fp32", random_weights=True)
+            latents = [torch.randn(batch, 16, side // 8, side // 8, device=device, dtype=dtype) for _ in range(3)]
+            images = [resize_to_448(front.vae_decode(z)) for z in latents]
+            b.run("vae decode", front.vae_decode, latents, batch, **common)
+            b.run("hpsv3 (448², 480 tokens)", hps.score, images, batch, **common)
+            b.run("vae decode + hpsv3", lambda z: hps.score(resize_to_448(front.vae_decode(z))), latents, batch,
+                  **common)
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {}
+    for r in rows:
+        if r["path"].startswith("diffusers"):
+            base[(r["path"], r["resolution"], r["batch"])] = r["per_image_ms"]
+    print(f"\n{'interface':<9} {'path':<34} {'dtype':<5} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
+          f"{'TFLOP/s':>8} {'vs eager':>9} {'vs compile':>10}")
+    for r in rows:
+        tflops = r.get("flops_per_image", 0) / (r["per_image_ms"] * 1e-3) / 1e12 if r.get("flops_per_image") else None
+        r["tflop_s"] = None if tflops is None else round(tflops, 1)
+        ratios = []
+        for name in ("diffusers eager+hooks", "diffusers regional-compile"):
+            ref = base.get((name, r["resolution"], r["batch"]))
+            ratios.append(f"{ref / r['per_image_ms']:.2f}x" if ref and r["interface"] == "latent" else "-")
+        print(f"{r['interface']:<9} {r['path']:<34} {r['dtype']:<5} {r['resolution']:>5} {r['batch']:>3} "
+              f"{r['per_image_ms']:>9.2f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "
+              f"{r['tflop_s'] if r['tflop_s'] is not None else '-':>8} {ratios[0]:>9} {ratios[1]:>10}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    preset = args.preset or ("sd35-large" if on_gpu else "tiny")
+    resolutions = args.resolution or ([512] if on_gpu else [256])
+    dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])
+    if not on_gpu:
+        print(f"No GPU: running the '{preset}' preset on the CPU with random weights. These numbers only show that "
+              "every path runs; GPU numbers are in bench/results/.", file=sys.stderr)
+    print(f"DiT-Reward latency, interface={args.interface}, preset={preset}, device={device}, random weights="
+          f"{not args.checkpoint}", file=sys.stderr)
+    b = Bench(args, device)
+    if args.interface == "latent":
+        bench_latent(b, preset, resolutions, dtypes)
+    elif args.interface == "pixel":
+        bench_pixel(b, preset, resolutions, dtypes)
+    else:
+        bench_hpsv3(b, resolutions)
+    print_table(b.rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"env": b.env, "rows": b.rows}, indent=1))
+    return b.rows
+
+
+if __name__ == "__main__":
+    main()
