@@ -38,18 +38,28 @@ def evaluate_file(
         images = [image for p in chunk for image in (p.winner, p.loser)]  # interleaved: w0, l0, w1, l1, ...
         latents = torch.stack(encode_image_files(front, images, max_side)).to(engine.device)
         embeds, pooled = front.encode_prompts([p.prompt for p in chunk for _ in range(2)], progress=False)
-        r = engine.score(latents, (embeds.to(engine.device), pooled.to(engine.device)), seed=seed,
-                         image_offset=2 * start)  # fmt: skip
+        r = engine.score(
+            latents, (embeds.to(engine.device), pooled.to(engine.device)), seed=seed, image_offset=2 * start
+        )
         rewards.append(r.float().view(-1, 2).cpu())
     r = torch.cat(rewards)
-    return {"file": str(Path(path).resolve()), "pairs": len(pairs),
-            "accuracy": float((r[:, 0] > r[:, 1]).float().mean()), "ties": int((r[:, 0] == r[:, 1]).sum()),
-            "mean_margin": float((r[:, 0] - r[:, 1]).mean())}  # fmt: skip
+    return {
+        "file": str(Path(path).resolve()),
+        "pairs": len(pairs),
+        "accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
+        "ties": int((r[:, 0] == r[:, 1]).sum()),
+        "mean_margin": float((r[:, 0] - r[:, 1]).mean()),
+    }
 
 
 def run(
-    test_json: Sequence[str | Path], checkpoint: str | Path, base: str | Path, device: str | None = None,
-    dtype: str = "fp32", batch_size: int = 32, seed: int | None = None,
+    test_json: Sequence[str | Path],
+    checkpoint: str | Path,
+    base: str | Path,
+    device: str | None = None,
+    dtype: str = "fp32",
+    batch_size: int = 32,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Score every file; returns {"checkpoint", "results": [per-file dicts], "seconds"}."""
     from engine.pixel import PixelFrontEnd
@@ -61,22 +71,37 @@ def run(
     training = meta.get("training", {})
     engine = RewardEngine.from_pretrained(checkpoint, base, dtype=_DTYPES[dtype], device=device)
     front = PixelFrontEnd.from_pretrained(
-        base, device=device, dtype=_DTYPES.get(training.get("cache_dtype", "fp32"), torch.float32),
+        base,
+        device=device,
+        dtype=_DTYPES.get(training.get("cache_dtype", "fp32"), torch.float32),
         max_sequence_length=int(training.get("max_sequence_length", 256)),
-    )  # fmt: skip
+    )
     seed = int(training.get("eval_seed", 1234)) if seed is None else seed
     start = time.perf_counter()
     results = [evaluate_file(engine, front, f, seed, batch_size, training.get("max_side")) for f in test_json]
-    return {"checkpoint": str(checkpoint), "base": str(base), "seed": seed, "results": results,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "checkpoint": str(checkpoint),
+        "base": str(base),
+        "seed": seed,
+        "results": results,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
     rows = [("benchmark", "pairs", "accuracy", "ties", "mean margin")]
-    rows += [(Path(r["file"]).name, str(r["pairs"]), f"{100 * r['accuracy']:.2f}%", str(r["ties"]),
-              f"{r['mean_margin']:.4f}") for r in report["results"]]  # fmt: skip
+    rows += [
+        (
+            Path(r["file"]).name,
+            str(r["pairs"]),
+            f"{100 * r['accuracy']:.2f}%",
+            str(r["ties"]),
+            f"{r['mean_margin']:.4f}",
+        )
+        for r in report["results"]
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,314 @@
+"""Training stack on the tiny base: data filtering, the cache, BT training (full and frozen), resume, FSDP2 on two CPU
+processes, export -> from_pretrained, bench.accuracy and the layer probe.
+
+The synthetic task: smooth random colour patterns at 64x64; the preferred image of each pair is the clean pattern,
+the other is the same pattern with strong Gaussian pixel noise (sigma 100/255). Learnable, but the random tiny
+backbone does not solve it at init (~50%)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.api import RewardEngine
+from engine.tiny_base import default_tiny_base
+from training.cache import LatentCache, build_cache
+from training.data import load_pairs, read_file
+from training.train import TrainableReward, TrainConfig, get_lr, latest_checkpoint, load_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_split(root: Path, name: str, n_pairs: int, seed: int, sigma: float = 100.0, size: int = 64) -> Path:
+    """Write PNGs under root/name and an HPSv3-format root/name.json with relative paths."""
+    rng = np.random.default_rng(seed)
+    (root / name).mkdir(parents=True)
+    records = []
+    for i in range(n_pairs):
+        grid = Image.fromarray(rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8))
+        clean = np.asarray(grid.resize((size, size), Image.BICUBIC)).astype(np.float32)
+        noisy = np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 255)
+        Image.fromarray(clean.astype(np.uint8)).save(root / name / f"{i}_clean.png")
+        Image.fromarray(noisy.astype(np.uint8)).save(root / name / f"{i}_noisy.png")
+        records.append(
+            {
+                "prompt": f"a smooth pattern {i % 5}",
+                "path1": f"{name}/{i}_clean.png",
+                "path2": f"{name}/{i}_noisy.png",
+                "confidence": None if i % 2 else 1.0,
+                "choice_dist": None,
+                "model1": "clean",
+                "model2": "noisy",
+            }
+        )
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("prefs")
+    train_json, val_json = make_split(root, "train", 256, seed=0), make_split(root, "val", 40, seed=1)
+    base = default_tiny_base()
+    cache = build_cache(
+        [train_json, val_json], base, root / "cache", max_sequence_length=16, shard_size=64, progress=False
+    )
+    return {"root": root, "train": train_json, "val": val_json, "base": base, "cache": cache}
+
+
+def config(task: dict, out_dir: Path, **overrides) -> TrainConfig:
+    values = {
+        "cache": str(task["cache"]),
+        "train_json": [str(task["train"])],
+        "val_json": [str(task["val"])],
+        "base": str(task["base"]),
+        "head_hidden": [64],
+        "steps": 80,
+        "batch_size": 16,
+        "lr_backbone": 1e-3,
+        "lr_head": 3e-3,
+        "log_every": 10,
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "eval_batch_size": 40,
+        "out_dir": str(out_dir),
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+def test_data_filtering_weights_and_bad_images(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (16, 16)).save(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png")
+    rec = lambda conf, p2="img/b.png": {"prompt": "p", "path1": "img/a.png", "path2": p2, "confidence": conf}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([rec(0.99), rec(None), rec(0.5), rec(0.96)]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([rec(1.0), rec(1.0, "img/missing.png"), rec(1.0, "img/broken.png")]))
+
+    pairs, report = load_pairs([good, (bad, 2.0)], on_bad_image="skip")
+    assert [p.index for p in pairs if p.source == str(good)] == [0, 1, 3]  # 0.5 < 0.95 dropped, null passes
+    assert [p.index for p in pairs if p.source == str(bad)] == [0, 0]  # weight 2 doubles the kept record
+    assert pairs[0].winner == (tmp_path / "img" / "a.png").resolve()  # relative to the JSON file's folder
+    assert report.total_dropped("low_confidence") == 1
+    assert report.total_dropped("missing_image") == report.total_dropped("unreadable_image") == 1
+    assert "missing.png" in str(report)
+
+    half, _ = load_pairs([f"{good}:0.34"], on_bad_image="skip")
+    assert len(half) == 1
+    with pytest.raises(ValueError, match="record 1: missing image"):
+        read_file(bad, on_bad_image="error")
+    with pytest.raises(ValueError, match="on_bad_image"):
+        read_file(good, on_bad_image="ignore")
+    with pytest.raises(ValueError, match="mixing weight"):
+        load_pairs([(good, 0.0)])
+
+
+def test_cache_resumes_and_rejects_other_inputs(task: dict, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, progress=False)
+    shards = sorted(out.glob("images-*.safetensors"))
+    reference = {p.name: p.read_bytes() for p in shards}
+    shards[1].unlink()  # as if interrupted before this shard was renamed into place ...
+    (out / f".{shards[1].name}.tmp-99").write_bytes(b"partial")  # ... leaving its temp file
+    untouched = shards[0].stat().st_mtime_ns
+    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, progress=False)
+    assert shards[0].stat().st_mtime_ns == untouched  # complete shards are skipped
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("images-*.safetensors"))} == reference
+    assert not list(out.glob(".*.tmp-*"))
+    pair = read_file(task["val"], None)[0]
+    assert LatentCache(out).latent(pair.winner).shape == (16, 8, 8)
+    with pytest.raises(ValueError, match="other inputs or settings"):
+        build_cache([task["val"]], task["base"], out, max_sequence_length=32, shard_size=16, progress=False)
+
+
+def test_config_validation_and_schedule(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(None, ["cache=x", "stepz=3"])
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"cache": "c", "base": "b", "train_json": ["t"], "val_json": ["v"], "mode": "lora"}))
+    with pytest.raises(ValueError, match="mode must be"):
+        load_config(path)
+    cfg = TrainConfig(steps=100, warmup_ratio=0.05, min_lr_ratio=0.1)
+    assert get_lr(0, cfg) == pytest.approx(0.2) and get_lr(4, cfg) == pytest.approx(1.0)
+    assert get_lr(99, cfg) == pytest.approx(0.1)
+    assert all(get_lr(s, cfg) >= get_lr(s + 1, cfg) for s in range(5, 99))
+    assert get_lr(50, TrainConfig(steps=100, schedule="constant")) == 1.0
+
+
+# -------------------------------------------------------------------------------------------------------- training
+
+
+def test_full_backbone_learns_exports_and_bench_agrees(task: dict, tmp_path: Path) -> None:
+    from bench.accuracy import run as bench_run
+
+    out = tmp_path / "full"
+    metrics = train(config(task, out))
+    log = read_log(out)
+    before, after = log[0]["val_accuracy"], metrics["val_accuracy"]
+    print(f"full backbone: held-out accuracy {before:.3f} -> {after:.3f}")
+    assert 0.3 <= before <= 0.7 and after >= 0.9
+    assert {"loss", "accuracy", "lr_backbone", "lr_head", "pairs_per_s", "mfu"} <= set(log[-1])
+
+    # The exported checkpoint, loaded the public way, gives the trainer's rewards.
+    engine = RewardEngine.from_pretrained(out / "reward", task["base"], dtype=torch.float32)
+    assert engine.reward_config.reward_mean == pytest.approx(metrics["reward_mean"])
+    assert engine.reward_config.reward_std == pytest.approx(metrics["reward_std"])
+    trained = RewardEngine.from_base(task["base"], dtype=torch.float32, head_hidden=[64])
+    trained.backbone.load_state_dict(engine.backbone.state_dict())
+    trained.head.load_state_dict(engine.head.state_dict())
+    cache, pairs = LatentCache(task["cache"]), read_file(task["val"], None)[:6]
+    batch = cache.batch(pairs)
+    noise = torch.randn_like(batch["winners"])
+    ckpt = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
+    model = TrainableReward(trained)
+    model.load_state_dict(ckpt, strict=False)  # the trainer's final weights, in the trainer's module
+    with torch.no_grad():
+        expected = model(batch["winners"], batch["prompt_embeds"], batch["pooled"], noise=noise)
+    got = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    normalized = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise, normalize=True)
+    torch.testing.assert_close(normalized, (got - metrics["reward_mean"]) / metrics["reward_std"])
+
+    report = bench_run([task["val"]], out / "reward", task["base"])
+    assert report["results"][0]["accuracy"] == pytest.approx(after)
+
+
+def test_frozen_backbone_learns(task: dict, tmp_path: Path) -> None:
+    out = tmp_path / "frozen"
+    metrics = train(config(task, out, mode="frozen", steps=150))
+    before = read_log(out)[0]["val_accuracy"]
+    print(f"frozen backbone: held-out accuracy {before:.3f} -> {metrics['val_accuracy']:.3f}")
+    assert metrics["val_accuracy"] >= before + 0.1
+    assert not (out / "reward" / "backbone.safetensors").exists()  # head-only checkpoint
+
+
+def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
+    common = {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1}
+    train(config(task, tmp_path / "straight", **common))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_5(step: int, metrics: dict) -> None:
+        if step == 5:
+            raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train(config(task, out, **common), on_step=kill_after_5)
+    checkpoints = out / "checkpoints"
+    # A writer killed mid-write leaves its temp file; a damaged file at a final name is skipped as well.
+    (checkpoints / ".step_00000006.pt.tmp-4242").write_bytes(b"\x80half a pickle")
+    (checkpoints / "step_00000006.pt").write_bytes((checkpoints / "step_00000004.pt").read_bytes()[:1000])
+    path, payload = latest_checkpoint(out)
+    assert path.name == "step_00000004.pt" and payload["data_position"] == 4 * 8
+    train(config(task, out, **common))
+
+    final = lambda d: torch.load(d / "checkpoints" / "step_00000008.pt", weights_only=False)
+    a, b = final(tmp_path / "straight"), final(out)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    straight_losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight") if "loss" in r}
+    resumed_losses = {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}  # step 5: logged twice, equal
+    assert resumed_losses == straight_losses
+
+
+def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:
+    common = {"steps": 6, "batch_size": 8, "log_every": 1}
+    train(config(task, tmp_path / "one", **common))
+    cfg_path = tmp_path / "fsdp.json"
+    cfg_path.write_text(json.dumps(config(task, tmp_path / "two", **common).__dict__))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.train",
+            "--config",
+            str(cfg_path),
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    one = [r["loss"] for r in read_log(tmp_path / "one") if "loss" in r]
+    two = [r["loss"] for r in read_log(tmp_path / "two") if "loss" in r]
+    assert len(one) == len(two) == 6
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)  # same global batch; only reduction order differs
+    a = torch.load(tmp_path / "one" / "checkpoints" / "step_00000006.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoints" / "step_00000006.pt", weights_only=False)["model"]
+    last_bias = "head.mlp.2.bias"  # BT gradients cancel on it (r_w - r_l): Adam turns rounding noise into steps
+    for key in a:
+        if key != last_bias:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4, msg=key)
+    # The FSDP run's exported checkpoint loads like any other.
+    RewardEngine.from_pretrained(tmp_path / "two" / "reward", task["base"], dtype=torch.float32)
+
+
+def test_probe_prints_layers_and_plots(task: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from training.probe import main
+
+    main(
+        [
+            "--cache",
+            str(task["cache"]),
+            "--train-json",
+            str(task["train"]),
+            "--val-json",
+            str(task["val"]),
+            "--base",
+            str(task["base"]),
+            "--out",
+            str(tmp_path),
+            "--group-size",
+            "2",
+        ]
+    )
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert len(result["per_layer"]) == 4 and all(0.0 <= a <= 1.0 for a in result["per_layer"])
+    assert "block  val accuracy" in printed and "2-3" in printed
+    assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(task: dict) -> None:
+    torch.manual_seed(0)
+    engine = RewardEngine.from_base(task["base"], dtype=torch.float32, head_hidden=[16])
+    engine.requires_grad_(True)
+    batch = LatentCache(task["cache"]).batch(read_file(task["val"], None)[:4])
+    args = (batch["winners"], batch["prompt_embeds"], batch["pooled"])
+    noise = torch.randn_like(batch["winners"])
+    grads = []
+    for checkpointing in (False, True):
+        engine.zero_grad(set_to_none=True)
+        TrainableReward(engine, grad_checkpointing=checkpointing)(*args, noise=noise).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in engine.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

@@ -1,0 +1,274 @@
+"""Encode every image once (VAE posterior mean -> transformer-space latents) and every unique prompt once (SD3's three
+text encoders) into safetensors shards plus ``index.json``; training and probing then never touch the VAE or text
+encoders.
+
+    python -m training.cache --json train.json val.json --base SD35_DIR --out CACHE_DIR [--max-sequence-length 256]
+
+Resumable: the plan (which item goes to which shard) is a pure function of the inputs and is written first; each shard
+is written to a temp file and ``os.replace``d into place, so a shard file that exists is complete, and a rerun after
+an interruption skips those and encodes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs
+
+CACHE_FORMAT = "dit-reward-cache/1"
+INDEX = "index.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # readers (and a resumed run) see the whole shard or none of it
+
+
+def encode_image_files(front: Any, paths: Sequence[Path], max_side: int | None = None) -> list[torch.Tensor]:
+    """Image files -> one latent ``[C, H/8, W/8]`` per path (transformer space, the front end's dtype), in order.
+    The one image path of the project: the cache and `bench.accuracy` both call it, so their latents agree."""
+    encoder = front.image_encoder
+    out: list[torch.Tensor | None] = [None] * len(paths)
+    for index, latents in encoder.encode_loaded(encoder.load(list(paths), max_side), progress=False):
+        for i, latent in zip(index.tolist(), latents, strict=True):
+            out[i] = latent
+    return out  # type: ignore[return-value]
+
+
+def _plan(pairs: Sequence[PreferencePair], shard_size: int) -> dict[str, Any]:
+    images = sorted({str(p.winner) for p in pairs} | {str(p.loser) for p in pairs})
+    prompts = sorted({p.prompt for p in pairs})
+    shards, index = [], {"images": {}, "prompts": {}}
+    for kind, items in (("images", images), ("prompts", prompts)):
+        for n, start in enumerate(range(0, len(items), shard_size)):
+            name = f"{kind}-{n:05d}.safetensors"
+            chunk = items[start : start + shard_size]
+            shards.append({"file": name, "kind": kind, "items": chunk})
+            index[kind].update({item: [name, str(row)] for row, item in enumerate(chunk)})
+    return {"shards": shards, **index}
+
+
+def _shard_complete(path: Path, n_keys: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return len(list(f.keys())) == n_keys
+    except Exception:  # a foreign/corrupt file at a shard name: re-encode it
+        return False
+
+
+def build_cache(
+    json_files: Sequence[str | os.PathLike],
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    max_sequence_length: int = 256,
+    shard_size: int = 256,
+    confidence_threshold: float | None = HPSV3_CONFIDENCE,
+    on_bad_image: str = "error",
+    max_side: int | None = None,
+    dtype: str = "fp32",
+    device: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Path:
+    """Encode the images and prompts of `json_files` into `out` (see the module docstring). Returns `out`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
+    from engine.pixel import PixelFrontEnd
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs, report = load_pairs(json_files, confidence_threshold, on_bad_image)
+    if progress:
+        print(report)
+    settings = {
+        "base": str(Path(base).resolve()),
+        "max_sequence_length": max_sequence_length,
+        "max_side": max_side,
+        "dtype": dtype,
+    }
+    plan = _plan(pairs, shard_size)
+    fingerprint = hashlib.sha256(json.dumps([settings, plan["shards"]]).encode()).hexdigest()
+    index_path = out / INDEX
+    if index_path.is_file():
+        old = json.loads(index_path.read_text())
+        if old.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{out} holds a cache of other inputs or settings ({old.get('settings')}); pass a new "
+                "--out directory (or delete this one)"
+            )
+    _atomic_write_text(
+        index_path, json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint, "settings": settings, **plan})
+    )
+    for stale in out.glob(".*.tmp-*"):  # temp files of an interrupted run; never read
+        stale.unlink(missing_ok=True)
+
+    todo = [
+        s
+        for s in plan["shards"]
+        if not _shard_complete(out / s["file"], len(s["items"]) * (2 if s["kind"] == "prompts" else 1))
+    ]
+    if not todo:
+        return out
+    front = PixelFrontEnd.from_pretrained(
+        base, device=device, dtype=DTYPES[dtype], max_sequence_length=max_sequence_length, vae_batch_size=batch_size
+    )
+    bar = tqdm(total=sum(len(s["items"]) for s in todo), desc="cache", unit="item", disable=not progress)
+    for shard in todo:
+        items, tensors = shard["items"], {}
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            if shard["kind"] == "images":
+                for row, latent in enumerate(encode_image_files(front, [Path(p) for p in chunk], max_side), start):
+                    tensors[str(row)] = latent
+            else:
+                embeds, pooled = front.encode_prompts(chunk, progress=False)
+                for row in range(len(chunk)):
+                    tensors[f"{start + row}.embeds"], tensors[f"{start + row}.pooled"] = embeds[row], pooled[row]
+                front.prompt_encoder.clear_cache()  # each prompt is encoded once; keeping them only costs memory
+            bar.update(len(chunk))
+        _atomic_save(tensors, out / shard["file"])
+    bar.close()
+    return out
+
+
+class LatentCache:
+    """Read side of a cache directory: latents by image path, embeddings by prompt, read lazily from memory-mapped
+    shards (a 1M-image cache need not fit in RAM)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX
+        if not index_path.is_file():
+            raise FileNotFoundError(
+                f"{self.directory} is not a training cache ({INDEX} missing): run python -m training.cache first"
+            )
+        index = json.loads(index_path.read_text())
+        if index.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{index_path}: format {index.get('format')!r}, expected {CACHE_FORMAT!r}")
+        self.settings: dict[str, Any] = index["settings"]
+        self.images: dict[str, list[str]] = index["images"]
+        self.prompts: dict[str, list[str]] = index["prompts"]
+        incomplete = [s["file"] for s in index["shards"] if not (self.directory / s["file"]).is_file()]
+        if incomplete:
+            raise ValueError(
+                f"cache {self.directory} is incomplete ({len(incomplete)} shards missing, e.g. "
+                f"{incomplete[0]}): rerun python -m training.cache to finish it"
+            )
+        self._handles: dict[str, Any] = {}
+
+    def _get(self, name: str, key: str) -> torch.Tensor:
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.directory / name), framework="pt")
+        return self._handles[name].get_tensor(key)
+
+    def check(self, pairs: Sequence[PreferencePair]) -> None:
+        """ValueError naming the first image or prompt of `pairs` that the cache lacks."""
+        for p in pairs:
+            for image in (p.winner, p.loser):
+                if str(image) not in self.images:
+                    raise ValueError(
+                        f"image {image} ({p.source} record {p.index}) is not in cache {self.directory}: "
+                        "cache the same JSON files with the same filters"
+                    )
+            if p.prompt not in self.prompts:
+                raise ValueError(
+                    f"prompt {p.prompt[:60]!r} ({p.source} record {p.index}) is not in cache {self.directory}"
+                )
+
+    def latent(self, path: str | os.PathLike) -> torch.Tensor:
+        """``[C, h, w]`` transformer-space latent of one image."""
+        return self._get(*self.images[str(path)])
+
+    def prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds [L, joint_dim], pooled [pooled_dim])`` of one prompt."""
+        name, row = self.prompts[prompt]
+        return self._get(name, f"{row}.embeds"), self._get(name, f"{row}.pooled")
+
+    def batch(self, pairs: Sequence[PreferencePair]) -> dict[str, torch.Tensor]:
+        """Stacked tensors of `pairs`: winners/losers ``[B, C, h, w]``, prompt_embeds ``[B, L, D]``, pooled ``[B, P]``.
+        Every image of a batch must have one latent size (cache with --max-side / equal-size images)."""
+        winners = [self.latent(p.winner) for p in pairs]
+        losers = [self.latent(p.loser) for p in pairs]
+        sizes = {tuple(x.shape) for x in winners + losers}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"a batch mixes latent sizes {sorted(sizes)}: this trainer stacks pairs, so images must "
+                "share one size (resize the images, or cache them with --max-side)"
+            )
+        embeds, pooled = zip(*(self.prompt(p.prompt) for p in pairs), strict=True)
+        return {
+            "winners": torch.stack(winners),
+            "losers": torch.stack(losers),
+            "prompt_embeds": torch.stack(embeds),
+            "pooled": torch.stack(pooled),
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.cache", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", nargs="+", required=True, help="HPSv3-format JSON files (train and validation)")
+    parser.add_argument("--base", required=True, help="local SD3/SD3.5 diffusers directory (VAE + text encoders)")
+    parser.add_argument("--out", required=True, help="cache directory (created; rerun with the same args resumes)")
+    parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (SD3: 256, Flow-GRPO: 128)")
+    parser.add_argument("--shard-size", type=int, default=256, help="items per safetensors shard")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=HPSV3_CONFIDENCE,
+        help="drop pairs below this confidence (HPSv3: 0.95; null passes); -1 keeps all",
+    )
+    parser.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error")
+    parser.add_argument("--max-side", type=int, default=None, help="downscale images so the longer side is <= this")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--batch-size", type=int, default=16, help="images/prompts per encoder call")
+    args = parser.parse_args(argv)
+    threshold = None if args.confidence_threshold < 0 else args.confidence_threshold
+    out = build_cache(
+        args.json,
+        args.base,
+        args.out,
+        args.max_sequence_length,
+        args.shard_size,
+        threshold,
+        args.on_bad_image,
+        args.max_side,
+        args.dtype,
+        args.device,
+        args.batch_size,
+    )
+    print(f"cache ready: {out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["LatentCache", "build_cache", "encode_image_files"]

@@ -1,0 +1,169 @@
+"""Which blocks carry preference signal? Linear Bradley-Terry probes on the frozen backbone's pooled features.
+
+    python -m training.probe --cache DIR --train-json T.json --val-json V.json --base SD35_DIR --out probe/
+
+One forward per image gives the pooled features of EVERY block (the engine built with layers = all blocks). A probe
+is a linear reward r(x) = w . f(x) on standardised features, fitted with the BT loss of Eq. 6 (plus a small L2) by
+full-batch L-BFGS: per block, and per pair of contiguous block groups (a group alone on the diagonal). Prints the
+accuracy-by-block table and writes probe.json and probe.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.api import RewardEngine
+from engine.loading import base_source
+from training.cache import LatentCache
+from training.data import HPSV3_CONFIDENCE, load_pairs
+from training.train import accuracy, pair_rewards
+
+
+def all_block_features(
+    engine: RewardEngine, cache: LatentCache, pairs: list, seed: int, batch_size: int = 64
+) -> torch.Tensor:
+    """Pooled features of every pooled block: [n_pairs, 2 (winner, loser), n_layers, D] float32 on the CPU."""
+
+    def features(z0: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, **noise: Any) -> torch.Tensor:
+        return engine.features(z0, (embeds.to(engine.dtype), pooled.to(engine.dtype)), **noise).flatten(1)
+
+    f = pair_rewards(features, pairs, cache, batch_size, seed, engine.device)  # [n, 2 * L * D]
+    return f.view(len(pairs), 2, len(engine.reward_config.layers), -1)
+
+
+def fit_probe(train: torch.Tensor, val: torch.Tensor, l2: float = 1e-3, iterations: int = 100) -> float:
+    """train/val features [n, 2, F] -> held-out accuracy of a linear BT probe (ties count as wrong)."""
+    mean, std = train.flatten(0, 1).mean(0), train.flatten(0, 1).std(0).clamp_min(1e-6)
+    diff = lambda f: ((f[:, 0] - mean) / std) - ((f[:, 1] - mean) / std)  # r_w - r_l = w . diff
+    x, x_val = diff(train).double(), diff(val).double()
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = -F.logsigmoid(x @ w).mean() + l2 * w.square().sum()  # Eq. 6 + L2
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        scores = x_val @ w
+    return accuracy(torch.stack([scores, torch.zeros_like(scores)], dim=1))
+
+
+def contiguous_groups(n_layers: int, group_size: int) -> list[tuple[int, ...]]:
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    return [tuple(range(i, min(i + group_size, n_layers))) for i in range(0, n_layers, group_size)]
+
+
+def run_probe(
+    cache_dir: str | Path,
+    train_json: Sequence[str],
+    val_json: Sequence[str],
+    base: str | Path,
+    t: float = 0.1,
+    group_size: int = 4,
+    seed: int = 0,
+    eval_seed: int = 1234,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    confidence_threshold: float | None = HPSV3_CONFIDENCE,
+) -> dict[str, Any]:
+    """Per-block and per-group-pair probe accuracies on the validation pairs."""
+    cfg, _ = base_source(base)
+    engine = RewardEngine.from_base(base, layers=tuple(range(cfg.num_layers)), t=t, dtype=dtype, device=device)
+    cache = LatentCache(cache_dir)
+    train_pairs, _ = load_pairs(train_json, confidence_threshold)
+    val_pairs, _ = load_pairs(val_json, None)
+    cache.check(train_pairs + val_pairs)
+    train_f = all_block_features(engine, cache, train_pairs, seed)
+    val_f = all_block_features(engine, cache, val_pairs, eval_seed)
+    per_layer = [fit_probe(train_f[:, :, i], val_f[:, :, i]) for i in range(cfg.num_layers)]
+    groups = contiguous_groups(cfg.num_layers, group_size)
+    pick = lambda f, a, b: f[:, :, sorted(set(a) | set(b))].flatten(2)
+    grid = [
+        [fit_probe(pick(train_f, a, b), pick(val_f, a, b)) if j >= i else None for j, b in enumerate(groups)]
+        for i, a in enumerate(groups)
+    ]
+    return {
+        "per_layer": per_layer,
+        "groups": [list(g) for g in groups],
+        "group_pairs": grid,
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "t": t,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = ["block  val accuracy"] + [f"{i:>5}  {100 * a:6.2f}%" for i, a in enumerate(result["per_layer"])]
+    names = [f"{g[0]}-{g[-1]}" for g in result["groups"]]
+    lines += ["", "group pairs (row ∪ column):", "       " + " ".join(f"{n:>7}" for n in names)]
+    for name, row in zip(names, result["group_pairs"], strict=True):
+        lines.append(f"{name:>7}" + " ".join("       " if a is None else f"{100 * a:6.1f}%" for a in row))
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on training machines
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(range(len(result["per_layer"])), [100 * a for a in result["per_layer"]], marker="o")
+    left.axhline(50, color="grey", linestyle=":")
+    left.set(xlabel="MMDiT block", ylabel="held-out pairwise accuracy (%)", title="linear BT probe per block")
+    names = [f"{g[0]}-{g[-1]}" for g in result["groups"]]
+    grid = [[float("nan") if a is None else 100 * a for a in row] for row in result["group_pairs"]]
+    image = right.imshow(grid, cmap="viridis")
+    right.set(
+        xticks=range(len(names)),
+        yticks=range(len(names)),
+        xticklabels=names,
+        yticklabels=names,
+        title="probe on two block groups (%)",
+    )
+    fig.colorbar(image, ax=right)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", required=True, help="training.cache directory holding both splits")
+    parser.add_argument("--train-json", nargs="+", required=True)
+    parser.add_argument("--val-json", nargs="+", required=True)
+    parser.add_argument("--base", required=True, help="SD3/SD3.5 diffusers directory or single file")
+    parser.add_argument("--out", default="probe", help="folder for probe.json and probe.png")
+    parser.add_argument("--t", type=float, default=0.1, help="noise level of Eq. 1")
+    parser.add_argument("--group-size", type=int, default=4, help="blocks per contiguous group")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    args = parser.parse_args(argv)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    result = run_probe(
+        args.cache, args.train_json, args.val_json, args.base, args.t, args.group_size, device=args.device, dtype=dtype
+    )
+    print(format_table(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(result, indent=2))
+    print(f"plot: {plot(result, out / 'probe.png')}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["all_block_features", "contiguous_groups", "fit_probe", "format_table", "plot", "run_probe"]
