@@ -215,11 +215,12 @@ class RewardEngine(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- scoring
 
-    @torch.no_grad()
-    def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> Conditioning:
-        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]."""
+    def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, grad: bool = False) -> Conditioning:
+        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. `grad=True`
+        keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs, unlike
+        inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
         self._check_prompts(prompt_embeds, pooled)
-        with ops.use(self.kernels_backend):
+        with torch.enable_grad() if grad else torch.no_grad(), ops.use(self.kernels_backend):
             return self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
 
     def features(
@@ -234,8 +235,9 @@ class RewardEngine(nn.Module):
         noise: explicit eps [B, C, H, W]; seed: reproducible eps (image b uses stream b + image_offset); neither:
         fresh noise. grad=True keeps the graph so rewards backpropagate to the latents."""
         self._check_latents(latents, noise)
-        cond = prompt_emb if isinstance(prompt_emb, Conditioning) else self.condition(*self._as_pair(prompt_emb))
-        cond = self._select(cond, latents.shape[0], prompt_index)
+        if not isinstance(prompt_emb, Conditioning):
+            prompt_emb = self.condition(*self._as_pair(prompt_emb), grad=grad)
+        cond = self._select(prompt_emb, latents.shape[0], prompt_index)
         context = torch.enable_grad() if grad else torch.inference_mode()
         with context, ops.use(self.kernels_backend):
             return self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
