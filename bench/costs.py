@@ -20,15 +20,21 @@ from engine.mmdit import MMDiTReward
 
 def _inputs(cfg: BackboneConfig, resolution: int, text_len: int, batch: int, dtype: torch.dtype):
     side = resolution // 8
+
     def empty(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    return (empty(batch, cfg.in_channels, side, side), empty(batch, text_len, cfg.joint_attention_dim),
-            empty(batch, cfg.pooled_projection_dim), empty(batch, cfg.in_channels, side, side))
+    return (
+        empty(batch, cfg.in_channels, side, side),
+        empty(batch, text_len, cfg.joint_attention_dim),
+        empty(batch, cfg.pooled_projection_dim),
+        empty(batch, cfg.in_channels, side, side),
+    )
 
 
-def engine_costs(preset: str, resolution: int = 512, text_len: int = 333, batch: int = 1,
-                 layers: tuple[int, ...] | None = None) -> dict[str, float]:
+def engine_costs(
+    preset: str, resolution: int = 512, text_len: int = 333, batch: int = 1, layers: tuple[int, ...] | None = None
+) -> dict[str, float]:
     """FLOPs per image of the engine's reward forward (conditioning included), parameter bytes (bf16) and the
     number of dispatched aten ops, counted on fake tensors."""
     cfg = BackboneConfig.from_name(preset)
@@ -40,8 +46,11 @@ def engine_costs(preset: str, resolution: int = 512, text_len: int = 333, batch:
     with FlopCounterMode(display=False) as counter, _OpCounter(ops_seen), torch.no_grad(), ops.use("torch"):
         model(z0, model.condition(prompt_embeds, pooled, reward.t), noise=noise)
     params = sum(p.numel() for p in model.parameters())
-    return {"flops_per_image": counter.get_total_flops() / batch, "param_bytes_bf16": 2 * params,
-            "dispatched_ops": sum(ops_seen.values())}
+    return {
+        "flops_per_image": counter.get_total_flops() / batch,
+        "param_bytes_bf16": 2 * params,
+        "dispatched_ops": sum(ops_seen.values()),
+    }
 
 
 def diffusers_flops(preset: str, resolution: int = 512, text_len: int = 333, batch: int = 1) -> float:
@@ -53,8 +62,12 @@ def diffusers_flops(preset: str, resolution: int = 512, text_len: int = 333, bat
         model = SD3Transformer2DModel(out_channels=cfg.in_channels, **cfg.to_dict()).to(torch.bfloat16)
     z, prompt_embeds, pooled, _ = _inputs(cfg, resolution, text_len, batch, torch.bfloat16)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(hidden_states=z, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-              timestep=torch.full((batch,), 100.0, device="meta"))
+        model(
+            hidden_states=z,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            timestep=torch.full((batch,), 100.0, device="meta"),
+        )
     return counter.get_total_flops() / batch
 
 

@@ -59,8 +59,13 @@ class Report:
 
 def kernel_tests() -> dict:
     env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_gpu.py"],
-                       capture_output=True, text=True, env=env, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_gpu.py"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     tail = (r.stdout + r.stderr)[-1500:]
     log(tail.strip().splitlines()[-1] if tail.strip() else "no output")
     return {"returncode": r.returncode, "tail": tail}
@@ -79,20 +84,29 @@ def kernel_bench(with_compile: bool) -> dict:
         x = torch.randn(batch, tokens, d, device="cuda", dtype=torch.bfloat16)
         y = torch.randn_like(x)
         shift, scale, gate = (torch.randn(batch, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        z0 = torch.randn(batch, 16, 64 if tokens == 1357 else 128, 64 if tokens == 1357 else 128, device="cuda",
-                         dtype=torch.bfloat16)
+        z0 = torch.randn(
+            batch, 16, 64 if tokens == 1357 else 128, 64 if tokens == 1357 else 128, device="cuda", dtype=torch.bfloat16
+        )
         eps = torch.randn_like(z0)
         xb = x.numel() * 2
         cases = {
             # name: (triton fn, reference fn, bytes moved)
-            "layernorm_modulate": (lambda: kernels.layernorm_modulate(x, shift, scale, backend="triton"),
-                                   lambda: adaln.layernorm_modulate_ref(x, shift, scale), 2 * xb),
+            "layernorm_modulate": (
+                lambda: kernels.layernorm_modulate(x, shift, scale, backend="triton"),
+                lambda: adaln.layernorm_modulate_ref(x, shift, scale),
+                2 * xb,
+            ),
             "gated_residual_layernorm_modulate": (
                 lambda: kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton"),
-                lambda: adaln.gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale), 4 * xb),
+                lambda: adaln.gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale),
+                4 * xb,
+            ),
             "mean_pool": (lambda: kernels.mean_pool(x, backend="triton"), lambda: pooling.mean_pool_ref(x), xb),
-            "near_clean(noise)": (lambda: kernels.near_clean(z0, 0.1, noise=eps, backend="triton"),
-                                  lambda: noise.near_clean_ref(z0, 0.1, eps), 3 * z0.numel() * 2),
+            "near_clean(noise)": (
+                lambda: kernels.near_clean(z0, 0.1, noise=eps, backend="triton"),
+                lambda: noise.near_clean_ref(z0, 0.1, eps),
+                3 * z0.numel() * 2,
+            ),
         }
         for name, (fast, ref, nbytes) in cases.items():
             row = {"op": name, "batch": batch, "tokens": tokens, "dim": d, "bytes": nbytes}
@@ -104,9 +118,10 @@ def kernel_bench(with_compile: bool) -> dict:
                 row["compile_us"] = 1e3 * triton.testing.do_bench(compiled, warmup=25, rep=100, return_mode="median")
             row["triton_gb_s"] = nbytes / row["triton_us"] / 1e3
             rows.append(row)
-            log(f"{name:<36} b{batch} n{tokens}: triton {row['triton_us']:.1f}us ({row['triton_gb_s']:.0f} GB/s) "
-                f"eager {row['eager_us']:.1f}us compile {row.get('compile_us', float('nan')):.1f}us")
-        del x, y
+            log(
+                f"{name:<36} b{batch} n{tokens}: triton {row['triton_us']:.1f}us ({row['triton_gb_s']:.0f} GB/s) "
+                f"eager {row['eager_us']:.1f}us compile {row.get('compile_us', float('nan')):.1f}us"
+            )
     return {"rows": rows}
 
 
@@ -121,8 +136,9 @@ def attention_bench() -> dict:
         flops = 4 * tokens * tokens * 64 * 38
         for backend in ("sdpa", "cudnn", "flash", "efficient"):
             try:
-                ms = triton.testing.do_bench(lambda b=backend: attention(q, k, v, b), warmup=25, rep=100,
-                                             return_mode="median")
+                ms = triton.testing.do_bench(
+                    lambda b=backend: attention(q, k, v, b), warmup=25, rep=100, return_mode="median"
+                )
                 rows.append({"backend": backend, "tokens": tokens, "ms": ms, "tflop_s": flops / ms / 1e9})
                 log(f"attention {backend:<9} n{tokens}: {ms * 1e3:.1f}us {flops / ms / 1e9:.0f} TFLOP/s")
             except Exception as e:
@@ -221,13 +237,49 @@ def main() -> None:
     rep.section("kernel_tests", kernel_tests, need_s=60)
     rep.section("engine_parity", engine_parity, need_s=60)
     common = ["--iters", "10", "--json", str(out / "latency_512.json")]
-    rep.section("latency_512", lambda: latency(["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8",
-                                                "--baselines", *common]), need_s=120)
-    rep.section("latency_1024", lambda: latency(["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8",
-                                                 "--iters", "10", "--json", str(out / "latency_1024.json")]),
-                need_s=60)
-    rep.section("hpsv3", lambda: latency(["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8",
-                                          "--iters", "10", "--json", str(out / "hpsv3.json")]), need_s=60)
+    rep.section(
+        "latency_512",
+        lambda: latency(["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8", "--baselines", *common]),
+        need_s=120,
+    )
+    rep.section(
+        "latency_1024",
+        lambda: latency(
+            [
+                "--resolution",
+                "1024",
+                "--batch",
+                "1",
+                "--dtype",
+                "bf16",
+                "fp8",
+                "--iters",
+                "10",
+                "--json",
+                str(out / "latency_1024.json"),
+            ]
+        ),
+        need_s=60,
+    )
+    rep.section(
+        "hpsv3",
+        lambda: latency(
+            [
+                "--interface",
+                "hpsv3",
+                "--resolution",
+                "512",
+                "--batch",
+                "1",
+                "8",
+                "--iters",
+                "10",
+                "--json",
+                str(out / "hpsv3.json"),
+            ]
+        ),
+        need_s=60,
+    )
     rep.section("fp8_fidelity", fp8_fidelity, need_s=45)
     rep.section("attention", attention_bench, need_s=15)
     rep.section("kernel_bench", lambda: kernel_bench(with_compile=rep.left() > 120), need_s=20)

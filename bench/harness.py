@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
+import os
 import platform
 import resource
 import statistics
-import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence

@@ -27,10 +27,21 @@ from engine import RewardEngine
 from engine.config import BackboneConfig
 
 FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hpsv3 interfaces on GPU)
-    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, norm_num_groups=32, sample_size=1024, shift_factor=0.0609,
-                scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False),
+    "vae": dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=1024,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
 }
 
 
@@ -61,15 +72,26 @@ class Bench:
     def run(self, label: str, fn: Callable[[Any], Any], inputs: list, batch: int, **fields: Any) -> dict:
         timing = time_fn(fn, inputs, warmup=3, iters=self.args.iters, device=self.device).per_image(batch)
         peak = measure_peak(fn, inputs[0], device=self.device)
-        row = {"path": label, "batch": batch, "per_image_ms": round(timing.median_ms, 3),
-               "p10_ms": round(timing.p10_ms, 3), "p90_ms": round(timing.p90_ms, 3),
-               "peak_gib": None if peak.allocated_gib is None else round(peak.allocated_gib, 3),
-               "nvml_gib": None if peak.nvml_used_gib is None else round(peak.nvml_used_gib, 3), **fields,
-               "device": self.env["gpu"] or "cpu", "torch": self.env["torch"], "commit": self.env["git_commit"],
-               "date": self.env["date"]}
+        row = {
+            "path": label,
+            "batch": batch,
+            "per_image_ms": round(timing.median_ms, 3),
+            "p10_ms": round(timing.p10_ms, 3),
+            "p90_ms": round(timing.p90_ms, 3),
+            "peak_gib": None if peak.allocated_gib is None else round(peak.allocated_gib, 3),
+            "nvml_gib": None if peak.nvml_used_gib is None else round(peak.nvml_used_gib, 3),
+            **fields,
+            "device": self.env["gpu"] or "cpu",
+            "torch": self.env["torch"],
+            "commit": self.env["git_commit"],
+            "date": self.env["date"],
+        }
         self.rows.append(row)
-        print(f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB",
+            file=sys.stderr,
+            flush=True,
+        )
         return row
 
 
@@ -78,11 +100,13 @@ def latent_inputs(cfg: BackboneConfig, batch: int, side: int, text_len: int, dev
     out = []
     for i in range(n):
         g = torch.Generator(device=device).manual_seed(i)
-        out.append((
-            torch.randn(batch, cfg.in_channels, side // 8, side // 8, generator=g, device=device, dtype=dtype),
-            torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g, device=device, dtype=dtype),
-            torch.randn(batch, cfg.pooled_projection_dim, generator=g, device=device, dtype=dtype),
-        ))
+        out.append(
+            (
+                torch.randn(batch, cfg.in_channels, side // 8, side // 8, generator=g, device=device, dtype=dtype),
+                torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g, device=device, dtype=dtype),
+                torch.randn(batch, cfg.pooled_projection_dim, generator=g, device=device, dtype=dtype),
+            )
+        )
     return out
 
 
@@ -104,14 +128,21 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
             flops = engine_costs(preset, side, args.text_len)["flops_per_image"]
             for batch in args.batch:
                 inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
-                common = dict(interface="latent", preset=preset, resolution=side, dtype=dtype,
-                              flops_per_image=flops, random_weights=not args.checkpoint)
+                common = dict(
+                    interface="latent",
+                    preset=preset,
+                    resolution=side,
+                    dtype=dtype,
+                    flops_per_image=flops,
+                    random_weights=not args.checkpoint,
+                )
                 b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
                 if graphed is not None:
-                    row = b.run("engine cuda-graph", lambda x: graphed.score(x[0], (x[1], x[2])), inputs, batch,
-                                **common)
+                    row = b.run(
+                        "engine cuda-graph", lambda x: graphed.score(x[0], (x[1], x[2])), inputs, batch, **common
+                    )
                     row["first_call_s"] = round(max(graphed.capture_seconds.values()), 2)
-        del engine, graphed
+        engine = graphed = None  # free before the next dtype's model is built
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -133,11 +164,19 @@ def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
         for side in resolutions:
             for batch in b.args.batch:
                 inputs = latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)
-                b.run(label, lambda x: reward.score(x[0], x[1], x[2]), inputs, batch, interface="latent",
-                      preset=preset, resolution=side, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                      random_weights=True)
+                b.run(
+                    label,
+                    lambda x: reward.score(x[0], x[1], x[2]),
+                    inputs,
+                    batch,
+                    interface="latent",
+                    preset=preset,
+                    resolution=side,
+                    dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                    random_weights=True,
+                )
     reward.remove()
-    del reward, transformer
+    reward = transformer = None
     gc.collect()
 
 
@@ -150,8 +189,11 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = b.args.base or default_tiny_base()
     front = PixelFrontEnd.from_pretrained(base, device=device, dtype=dtype, max_sequence_length=b.args.text_len - 77)
-    engine = RewardEngine.from_base(base, dtype=dtype, device=device) if preset == "tiny" else RewardEngine.from_preset(
-        preset, dtype=dtypes[0], device=device)
+    engine = (
+        RewardEngine.from_base(base, dtype=dtype, device=device)
+        if preset == "tiny"
+        else RewardEngine.from_preset(preset, dtype=dtypes[0], device=device)
+    )
     engine.check_finite = False
     cfg = engine.config
     for side in resolutions:
@@ -162,8 +204,13 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
             prompts = [[f"a photo number {i} of a cat, variant {j}" for j in range(batch)] for i in range(3)]
             b.run("vae decode", front.vae_decode, latents, batch, **common)
             b.run("vae encode", lambda x: front.encode_images(x), images, batch, **common)
-            b.run("text encoders (uncached)", lambda p: (front.prompt_encoder.clear_cache(), front.encode_prompts(p)),
-                  prompts, batch, **common)
+            b.run(
+                "text encoders (uncached)",
+                lambda p: (front.prompt_encoder.clear_cache(), front.encode_prompts(p)),
+                prompts,
+                batch,
+                **common,
+            )
             b.run("text encoders (cached)", front.encode_prompts, prompts, batch, **common)
             embs = [front.encode_prompts(p) for p in prompts]
             b.run("engine on encoded", lambda i: engine.score(latents[i], embs[i]), [0, 1, 2], batch, **common)
@@ -188,14 +235,20 @@ def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
         front.image_encoder.vae = vae
     for side in resolutions:
         for batch in b.args.batch:
-            common = dict(interface="hpsv3", preset="qwen2-vl-7b" if on_gpu else "tiny", resolution=side,
-                          dtype="bf16" if on_gpu else "fp32", random_weights=True)
+            common = dict(
+                interface="hpsv3",
+                preset="qwen2-vl-7b" if on_gpu else "tiny",
+                resolution=side,
+                dtype="bf16" if on_gpu else "fp32",
+                random_weights=True,
+            )
             latents = [torch.randn(batch, 16, side // 8, side // 8, device=device, dtype=dtype) for _ in range(3)]
             images = [resize_to_448(front.vae_decode(z)) for z in latents]
             b.run("vae decode", front.vae_decode, latents, batch, **common)
             b.run("hpsv3 (448², 480 tokens)", hps.score, images, batch, **common)
-            b.run("vae decode + hpsv3", lambda z: hps.score(resize_to_448(front.vae_decode(z))), latents, batch,
-                  **common)
+            b.run(
+                "vae decode + hpsv3", lambda z: hps.score(resize_to_448(front.vae_decode(z))), latents, batch, **common
+            )
 
 
 def print_table(rows: list[dict]) -> None:
@@ -203,8 +256,10 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r["path"].startswith("diffusers"):
             base[(r["path"], r["resolution"], r["batch"])] = r["per_image_ms"]
-    print(f"\n{'interface':<9} {'path':<34} {'dtype':<5} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
-          f"{'TFLOP/s':>8} {'vs eager':>9} {'vs compile':>10}")
+    print(
+        f"\n{'interface':<9} {'path':<34} {'dtype':<5} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
+        f"{'TFLOP/s':>8} {'vs eager':>9} {'vs compile':>10}"
+    )
     for r in rows:
         tflops = r.get("flops_per_image", 0) / (r["per_image_ms"] * 1e-3) / 1e12 if r.get("flops_per_image") else None
         r["tflop_s"] = None if tflops is None else round(tflops, 1)
@@ -212,9 +267,11 @@ def print_table(rows: list[dict]) -> None:
         for name in ("diffusers eager+hooks", "diffusers regional-compile"):
             ref = base.get((name, r["resolution"], r["batch"]))
             ratios.append(f"{ref / r['per_image_ms']:.2f}x" if ref and r["interface"] == "latent" else "-")
-        print(f"{r['interface']:<9} {r['path']:<34} {r['dtype']:<5} {r['resolution']:>5} {r['batch']:>3} "
-              f"{r['per_image_ms']:>9.2f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "
-              f"{r['tflop_s'] if r['tflop_s'] is not None else '-':>8} {ratios[0]:>9} {ratios[1]:>10}")
+        print(
+            f"{r['interface']:<9} {r['path']:<34} {r['dtype']:<5} {r['resolution']:>5} {r['batch']:>3} "
+            f"{r['per_image_ms']:>9.2f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "
+            f"{r['tflop_s'] if r['tflop_s'] is not None else '-':>8} {ratios[0]:>9} {ratios[1]:>10}"
+        )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -225,10 +282,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     resolutions = args.resolution or ([512] if on_gpu else [256])
     dtypes = args.dtype or (["bf16"] if on_gpu else ["fp32"])
     if not on_gpu:
-        print(f"No GPU: running the '{preset}' preset on the CPU with random weights. These numbers only show that "
-              "every path runs; GPU numbers are in bench/results/.", file=sys.stderr)
-    print(f"DiT-Reward latency, interface={args.interface}, preset={preset}, device={device}, random weights="
-          f"{not args.checkpoint}", file=sys.stderr)
+        print(
+            f"No GPU: running the '{preset}' preset on the CPU with random weights. These numbers only show that "
+            "every path runs; GPU numbers are in bench/results/.",
+            file=sys.stderr,
+        )
+    print(
+        f"DiT-Reward latency, interface={args.interface}, preset={preset}, device={device}, random weights="
+        f"{not args.checkpoint}",
+        file=sys.stderr,
+    )
     b = Bench(args, device)
     if args.interface == "latent":
         bench_latent(b, preset, resolutions, dtypes)

@@ -16,12 +16,12 @@ from engine.attention import resolve_backend
 from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
 from engine.loading import (
+    TensorSource,
     base_source,
     load_backbone,
     load_head,
     read_reward_config,
     save_reward_checkpoint,
-    TensorSource,
 )
 from engine.mmdit import Conditioning, MMDiTReward
 
@@ -34,8 +34,14 @@ def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype
     if isinstance(dtype, str):
         if dtype == "fp8":  # bf16 weights, quantised to e4m3 after loading (engine.quant)
             return torch.bfloat16
-        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "fp16": torch.float16, "float16": torch.float16}
+        names = {
+            "fp32": torch.float32,
+            "float32": torch.float32,
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+        }
         if dtype not in names:
             raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
         return names[dtype]
@@ -51,8 +57,15 @@ class RewardEngine(nn.Module):
     `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default)."""
 
     def __init__(
-        self, backbone: MMDiTReward, head: RewardHead, reward: RewardConfig, *, kernels_backend: str | None = None,
-        attention: str | None = None, check_finite: bool = True, fp8: bool = False,
+        self,
+        backbone: MMDiTReward,
+        head: RewardHead,
+        reward: RewardConfig,
+        *,
+        kernels_backend: str | None = None,
+        attention: str | None = None,
+        check_finite: bool = True,
+        fp8: bool = False,
     ):
         super().__init__()
         if fp8:
@@ -94,31 +107,51 @@ class RewardEngine(nn.Module):
 
     @classmethod
     def from_diffusers(
-        cls, transformer: nn.Module, layers: Sequence[int] | None = None, t: float = 0.1, head: RewardHead | None = None,
-        dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-        head_hidden: Sequence[int] = (1024, 256), **backends: Any,
+        cls,
+        transformer: nn.Module,
+        layers: Sequence[int] | None = None,
+        t: float = 0.1,
+        head: RewardHead | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        head_hidden: Sequence[int] = (1024, 256),
+        **backends: Any,
     ) -> RewardEngine:
         """From an in-memory diffusers `SD3Transformer2DModel` (its weights are copied; blocks past max(layers) are
         not). `head=None` gives a freshly initialised head."""
         cfg = BackboneConfig.from_diffusers(transformer.config)
-        reward = RewardConfig.for_backbone(cfg, t=t, head_hidden=tuple(head_hidden),
-                                           **({"layers": tuple(layers)} if layers is not None else {}))
+        reward = RewardConfig.for_backbone(
+            cfg, t=t, head_hidden=tuple(head_hidden), **({"layers": tuple(layers)} if layers is not None else {})
+        )
         param = next(transformer.parameters())
-        backbone = load_backbone(cfg, reward.layers, [transformer.state_dict()], _dtype(dtype, param.dtype),
-                                 device if device is not None else param.device)
-        return cls(backbone, head if head is not None else cls._new_head(reward, cfg), reward, fp8=dtype == "fp8",
-                   **backends)
+        backbone = load_backbone(
+            cfg,
+            reward.layers,
+            [transformer.state_dict()],
+            _dtype(dtype, param.dtype),
+            device if device is not None else param.device,
+        )
+        return cls(
+            backbone, head if head is not None else cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends
+        )
 
     @classmethod
     def from_base(
-        cls, base: str | os.PathLike, layers: Sequence[int] | None = None, t: float = 0.1,
-        dtype: torch.dtype | str | None = torch.bfloat16, device: torch.device | str = "cpu",
-        head_hidden: Sequence[int] = (1024, 256), config: BackboneConfig | None = None, **backends: Any,
+        cls,
+        base: str | os.PathLike,
+        layers: Sequence[int] | None = None,
+        t: float = 0.1,
+        dtype: torch.dtype | str | None = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        head_hidden: Sequence[int] = (1024, 256),
+        config: BackboneConfig | None = None,
+        **backends: Any,
     ) -> RewardEngine:
         """A base SD3/SD3.5 model (diffusers dir or single file) with a fresh head: the trainer's starting point."""
         cfg, source = base_source(base, config)
-        reward = RewardConfig.for_backbone(cfg, t=t, head_hidden=tuple(head_hidden),
-                                           **({"layers": tuple(layers)} if layers is not None else {}))
+        reward = RewardConfig.for_backbone(
+            cfg, t=t, head_hidden=tuple(head_hidden), **({"layers": tuple(layers)} if layers is not None else {})
+        )
         backbone = load_backbone(cfg, reward.layers, [source], _dtype(dtype, torch.bfloat16), device)
         engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
@@ -126,8 +159,12 @@ class RewardEngine(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | os.PathLike, base: str | os.PathLike | None = None,
-        dtype: torch.dtype | str | None = torch.bfloat16, device: torch.device | str = "cpu", **backends: Any,
+        cls,
+        checkpoint: str | os.PathLike,
+        base: str | os.PathLike | None = None,
+        dtype: torch.dtype | str | None = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        **backends: Any,
     ) -> RewardEngine:
         """A reward checkpoint directory (`reward_config.json`, `head.safetensors`, optional fine-tuned
         `backbone.safetensors`) on top of a local base model (diffusers directory or original single file). `base`
@@ -137,25 +174,35 @@ class RewardEngine(nn.Module):
         if base is not None:
             base_cfg, source = base_source(base, cfg)
             if base_cfg != cfg and base_cfg != BackboneConfig(**{**cfg.to_dict(), "sample_size": base_cfg.sample_size}):
-                raise ValueError(f"base model {base} has config {base_cfg}, but the reward checkpoint {checkpoint} was "
-                                 f"trained on {cfg}")
+                raise ValueError(
+                    f"base model {base} has config {base_cfg}, but the reward checkpoint {checkpoint} was "
+                    f"trained on {cfg}"
+                )
             sources.append(source)
         if meta.get("backbone_weights"):
             sources.append(TensorSource([Path(checkpoint) / meta["backbone_weights"]]))
         if not sources:
-            raise ValueError(f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
-                             f"directory or single .safetensors file>")
+            raise ValueError(
+                f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
+                f"directory or single .safetensors file>"
+            )
         backbone = load_backbone(cfg, reward.layers, sources, _dtype(dtype, torch.bfloat16), device)
-        engine = cls(backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, fp8=dtype == "fp8",
-                     **backends)
+        engine = cls(
+            backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, fp8=dtype == "fp8", **backends
+        )
         if base is not None:
             engine._attach_pixel(base)
         return engine
 
     @classmethod
     def from_preset(
-        cls, name: str = "tiny", layers: Sequence[int] | None = None, t: float = 0.1,
-        dtype: torch.dtype | str | None = torch.bfloat16, device: torch.device | str = "cpu", seed: int = 0,
+        cls,
+        name: str = "tiny",
+        layers: Sequence[int] | None = None,
+        t: float = 0.1,
+        dtype: torch.dtype | str | None = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
         **backends: Any,
     ) -> RewardEngine:
         """A preset backbone with RANDOM weights (latency/memory do not depend on the values)."""
@@ -183,15 +230,23 @@ class RewardEngine(nn.Module):
             from engine.pixel import PixelFrontEnd
 
             if getattr(self, "base_path", None) is None:
-                raise ValueError("score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
-                                 "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)")
+                raise ValueError(
+                    "score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
+                    "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)"
+                )
             kwargs.setdefault("dtype", self.dtype)
             self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
         return self.pixel
 
     def score_images(
-        self, images: Any, prompts: Sequence[str], *, seed: int | None = None, max_side: int | None = None,
-        normalize: bool = False, progress: bool | None = None,
+        self,
+        images: Any,
+        prompts: Sequence[str],
+        *,
+        seed: int | None = None,
+        max_side: int | None = None,
+        normalize: bool = False,
+        progress: bool | None = None,
     ) -> torch.Tensor:
         """The pixel interface: images (PIL, paths, uint8 HWC arrays or float NCHW in [0, 1]) and one prompt each ->
         rewards [B] float32 in input order. Images are resized to multiples of 16 (see `engine.pixel.load_images`),
@@ -203,8 +258,12 @@ class RewardEngine(nn.Module):
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
             rewards[g.index.to(self.device)] = self.score(
-                g.latents.to(self.device, self.dtype), (g.prompt_embeds, g.pooled), seed=seed,
-                prompt_index=g.prompt_index.to(self.device), image_offset=0, normalize=normalize,
+                g.latents.to(self.device, self.dtype),
+                (g.prompt_embeds, g.pooled),
+                seed=seed,
+                prompt_index=g.prompt_index.to(self.device),
+                image_offset=0,
+                normalize=normalize,
             )
         return rewards
 
@@ -224,8 +283,15 @@ class RewardEngine(nn.Module):
             return self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
 
     def features(
-        self, latents: torch.Tensor, prompt_emb: PromptEmb, noise: torch.Tensor | None = None, seed: int | None = None,
-        *, grad: bool = False, prompt_index: torch.Tensor | Sequence[int] | None = None, image_offset: int = 0,
+        self,
+        latents: torch.Tensor,
+        prompt_emb: PromptEmb,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
+        *,
+        grad: bool = False,
+        prompt_index: torch.Tensor | Sequence[int] | None = None,
+        image_offset: int = 0,
     ) -> torch.Tensor:
         """Pooled features [B, n_layers, D] float32 (Eq. 1-4).
 
@@ -243,14 +309,22 @@ class RewardEngine(nn.Module):
             return self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
 
     def score(
-        self, latents: torch.Tensor, prompt_emb: PromptEmb, noise: torch.Tensor | None = None, seed: int | None = None,
-        *, grad: bool = False, prompt_index: torch.Tensor | Sequence[int] | None = None, image_offset: int = 0,
+        self,
+        latents: torch.Tensor,
+        prompt_emb: PromptEmb,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
+        *,
+        grad: bool = False,
+        prompt_index: torch.Tensor | Sequence[int] | None = None,
+        image_offset: int = 0,
         normalize: bool = False,
     ) -> torch.Tensor:
         """Rewards [B] float32 (Eq. 5) — see `features` for the arguments. `normalize=True` returns
         (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise unbounded)."""
-        feats = self.features(latents, prompt_emb, noise, seed, grad=grad, prompt_index=prompt_index,
-                              image_offset=image_offset)
+        feats = self.features(
+            latents, prompt_emb, noise, seed, grad=grad, prompt_index=prompt_index, image_offset=image_offset
+        )
         with torch.enable_grad() if grad else torch.inference_mode():
             reward = self.head(feats)
             if normalize:
@@ -260,11 +334,16 @@ class RewardEngine(nn.Module):
     # ------------------------------------------------------------------------------------------- validation
 
     def _as_pair(self, prompt_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (isinstance(prompt_emb, (tuple, list)) and len(prompt_emb) == 2
-                and all(isinstance(t, torch.Tensor) for t in prompt_emb)):
-            raise TypeError("prompt_emb must be the SD3 pair (prompt_embeds [B, L, "
-                            f"{self.config.joint_attention_dim}], pooled [B, {self.config.pooled_projection_dim}]) or a "
-                            f"Conditioning from engine.condition(), got {type(prompt_emb).__name__}")
+        if not (
+            isinstance(prompt_emb, (tuple, list))
+            and len(prompt_emb) == 2
+            and all(isinstance(t, torch.Tensor) for t in prompt_emb)
+        ):
+            raise TypeError(
+                "prompt_emb must be the SD3 pair (prompt_embeds [B, L, "
+                f"{self.config.joint_attention_dim}], pooled [B, {self.config.pooled_projection_dim}]) or a "
+                f"Conditioning from engine.condition(), got {type(prompt_emb).__name__}"
+            )
         return prompt_emb[0], prompt_emb[1]
 
     def _check_prompts(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
@@ -276,14 +355,18 @@ class RewardEngine(nn.Module):
                 raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
             self._check_device(name, x)
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
-            raise ValueError(f"prompt_embeds must be [B, L, {cfg.joint_attention_dim}] (CLIP-L ‖ CLIP-G padded, then "
-                             f"T5), got {list(prompt_embeds.shape)}")
+            raise ValueError(
+                f"prompt_embeds must be [B, L, {cfg.joint_attention_dim}] (CLIP-L ‖ CLIP-G padded, then "
+                f"T5), got {list(prompt_embeds.shape)}"
+            )
         if pooled.ndim != 2 or pooled.shape[-1] != cfg.pooled_projection_dim:
-            raise ValueError(f"pooled must be [B, {cfg.pooled_projection_dim}] (CLIP-L ‖ CLIP-G pooled), got "
-                             f"{list(pooled.shape)}")
+            raise ValueError(
+                f"pooled must be [B, {cfg.pooled_projection_dim}] (CLIP-L ‖ CLIP-G pooled), got {list(pooled.shape)}"
+            )
         if prompt_embeds.shape[0] != pooled.shape[0]:
-            raise ValueError(f"prompt_embeds and pooled batch sizes differ: {prompt_embeds.shape[0]} vs "
-                             f"{pooled.shape[0]}")
+            raise ValueError(
+                f"prompt_embeds and pooled batch sizes differ: {prompt_embeds.shape[0]} vs {pooled.shape[0]}"
+            )
         if prompt_embeds.shape[0] == 0 or prompt_embeds.shape[1] == 0:
             raise ValueError(f"empty prompt batch: prompt_embeds has shape {list(prompt_embeds.shape)}")
         self._check_finite("prompt_embeds", prompt_embeds)
@@ -292,12 +375,15 @@ class RewardEngine(nn.Module):
     def _check_latents(self, latents: Any, noise: torch.Tensor | None) -> None:
         cfg = self.config
         if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor [B, {cfg.in_channels}, H, W], got {type(latents).__name__}")
+            raise TypeError(
+                f"latents must be a torch.Tensor [B, {cfg.in_channels}, H, W], got {type(latents).__name__}"
+            )
         if not latents.is_floating_point():
             raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
-            raise ValueError(f"latents must be [B, {cfg.in_channels}, H, W] transformer-space latents, got "
-                             f"{list(latents.shape)}")
+            raise ValueError(
+                f"latents must be [B, {cfg.in_channels}, H, W] transformer-space latents, got {list(latents.shape)}"
+            )
         if latents.shape[0] == 0:
             raise ValueError("empty batch: latents has batch size 0")
         p, limit = cfg.patch_size, cfg.patch_size * cfg.pos_embed_max_size
@@ -305,8 +391,10 @@ class RewardEngine(nn.Module):
         if h % p or w % p:
             raise ValueError(f"latent height and width must be multiples of the patch size {p}, got {h}x{w}")
         if h > limit or w > limit:
-            raise ValueError(f"latent size {h}x{w} exceeds this model's positional table: at most {limit}x{limit} "
-                             f"latent pixels ({limit * 8}x{limit * 8} image pixels)")
+            raise ValueError(
+                f"latent size {h}x{w} exceeds this model's positional table: at most {limit}x{limit} "
+                f"latent pixels ({limit * 8}x{limit * 8} image pixels)"
+            )
         self._check_device("latents", latents)
         self._check_finite("latents", latents)
         if noise is not None:
@@ -319,7 +407,9 @@ class RewardEngine(nn.Module):
 
     def _check_device(self, name: str, x: torch.Tensor) -> None:
         if x.device != self.device and not (x.device.type == self.device.type == "cuda" and x.device.index is None):
-            raise ValueError(f"{name} is on {x.device} but the engine is on {self.device}: move it with .to(engine.device)")
+            raise ValueError(
+                f"{name} is on {x.device} but the engine is on {self.device}: move it with .to(engine.device)"
+            )
 
     def _check_finite(self, name: str, x: torch.Tensor) -> None:
         # One device sync per input; disable with check_finite=False inside captured/compiled loops.
@@ -330,8 +420,10 @@ class RewardEngine(nn.Module):
         if prompt_index is not None:
             index = torch.as_tensor(prompt_index, device=cond.context.device)
             if index.dtype not in (torch.int32, torch.int64) or index.shape != (batch,):
-                raise ValueError(f"prompt_index must be {batch} integers (one prompt per latent), got "
-                                 f"{index.dtype} {list(index.shape)}")
+                raise ValueError(
+                    f"prompt_index must be {batch} integers (one prompt per latent), got "
+                    f"{index.dtype} {list(index.shape)}"
+                )
             if self.check_finite and (index.min() < 0 or index.max() >= cond.num_prompts):
                 raise ValueError(f"prompt_index values must lie in [0, {cond.num_prompts - 1}]")
             return cond.select(index.long())
@@ -339,5 +431,7 @@ class RewardEngine(nn.Module):
             return cond
         if cond.num_prompts == 1:
             return cond.select(torch.zeros(batch, dtype=torch.long, device=cond.context.device))
-        raise ValueError(f"batch sizes disagree: {batch} latents but {cond.num_prompts} prompts; pass one prompt per "
-                         f"latent, a single prompt, or prompt_index=[...] mapping latents to prompts")
+        raise ValueError(
+            f"batch sizes disagree: {batch} latents but {cond.num_prompts} prompts; pass one prompt per "
+            f"latent, a single prompt, or prompt_index=[...] mapping latents to prompts"
+        )

@@ -25,7 +25,10 @@ BACKENDS = ("auto", "sdpa", "sdpa_cudnn_first", "cudnn", "flash", "efficient", "
 _SDPA_CHOICES: dict[str, list[SDPBackend] | None] = {
     "sdpa": None,
     "sdpa_cudnn_first": [
-        SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
     ],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
     "flash": [SDPBackend.FLASH_ATTENTION],
@@ -34,7 +37,7 @@ _SDPA_CHOICES: dict[str, list[SDPBackend] | None] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn_func() -> Callable | None:
     """FA3 (Hopper) first, then FA2; None when neither package imports."""
     try:
@@ -54,8 +57,10 @@ def _flash_attn_func() -> Callable | None:
 def _fa3_or_fa2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     fn = _flash_attn_func()
     if fn is None:
-        raise RuntimeError("attention backend 'flash_attn' requested but neither flash_attn_interface (FA3) nor "
-                           "flash_attn (FA2) can be imported; pip install flash-attn, or use backend='sdpa'")
+        raise RuntimeError(
+            "attention backend 'flash_attn' requested but neither flash_attn_interface (FA3) nor "
+            "flash_attn (FA2) can be imported; pip install flash-attn, or use backend='sdpa'"
+        )
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         raise RuntimeError(f"attention backend 'flash_attn' needs CUDA fp16/bf16 inputs, got {q.device} {q.dtype}")
     out = fn(q, k, v)

@@ -34,8 +34,16 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
-        for name in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels",
-                     "joint_attention_dim", "pooled_projection_dim", "pos_embed_max_size"):
+        for name in (
+            "num_layers",
+            "num_attention_heads",
+            "attention_head_dim",
+            "patch_size",
+            "in_channels",
+            "joint_attention_dim",
+            "pooled_projection_dim",
+            "pos_embed_max_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"BackboneConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.qk_norm not in (None, "rms_norm"):
@@ -91,7 +99,10 @@ PRESETS: dict[str, BackboneConfig] = {
     "sd35-large": _preset(num_layers=38, num_attention_heads=38, qk_norm="rms_norm", pos_embed_max_size=192),
     # 2.5B; dual attention (a second, image-only self-attention `attn2`) in blocks 0-12.
     "sd35-medium": _preset(
-        num_layers=24, num_attention_heads=24, qk_norm="rms_norm", pos_embed_max_size=384,
+        num_layers=24,
+        num_attention_heads=24,
+        qk_norm="rms_norm",
+        pos_embed_max_size=384,
         dual_attention_layers=tuple(range(13)),
     ),
     # 2B; the original SD3, no qk-norm.
@@ -99,8 +110,14 @@ PRESETS: dict[str, BackboneConfig] = {
     # A miniature with every feature (qk-norm, dual attention in block 0), random weights: runs in milliseconds on
     # a CPU. Its text widths match the tiny base directory that engine.tiny_base writes.
     "tiny": _preset(
-        num_layers=4, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=96,
-        pooled_projection_dim=80, pos_embed_max_size=32, sample_size=32, qk_norm="rms_norm",
+        num_layers=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        joint_attention_dim=96,
+        pooled_projection_dim=80,
+        pos_embed_max_size=32,
+        sample_size=32,
+        qk_norm="rms_norm",
         dual_attention_layers=(0,),
     ),
 }
@@ -144,9 +161,7 @@ class RewardConfig:
     def check_against(self, backbone: BackboneConfig) -> None:
         bad = [i for i in self.layers if not 0 <= i < backbone.num_layers]
         if bad:
-            raise ValueError(
-                f"reward layers {bad} out of range: this backbone has blocks 0..{backbone.num_layers - 1}"
-            )
+            raise ValueError(f"reward layers {bad} out of range: this backbone has blocks 0..{backbone.num_layers - 1}")
 
     @classmethod
     def for_backbone(cls, backbone: BackboneConfig, **overrides: Any) -> RewardConfig:
@@ -171,6 +186,11 @@ def as_int_tuple(values: Sequence[int] | int, name: str) -> tuple[int, ...]:
 
 
 __all__ = [
-    "SD3_LATENT_SCALE", "SD3_LATENT_SHIFT", "BackboneConfig", "PRESETS", "RewardConfig", "default_layers",
+    "SD3_LATENT_SCALE",
+    "SD3_LATENT_SHIFT",
+    "BackboneConfig",
+    "PRESETS",
+    "RewardConfig",
+    "default_layers",
     "as_int_tuple",
 ]

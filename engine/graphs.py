@@ -78,7 +78,10 @@ class GraphedScorer:
         return static
 
     def score(
-        self, latents: torch.Tensor, prompt_emb: PromptEmb, noise: torch.Tensor | None = None,
+        self,
+        latents: torch.Tensor,
+        prompt_emb: PromptEmb,
+        noise: torch.Tensor | None = None,
         prompt_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rewards [B] float32; arguments as `RewardEngine.score` (inputs validated the same way)."""

@@ -14,7 +14,7 @@ class RewardHead(nn.Module):
         super().__init__()
         sizes = (n_layers * dim, *hidden)
         layers: list[nn.Module] = []
-        for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(d_in, d_out), nn.GELU()]
         layers.append(nn.Linear(sizes[-1], 1))
         self.mlp = nn.Sequential(*layers)

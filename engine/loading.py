@@ -41,7 +41,7 @@ class TensorSource(Mapping):
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         for path in files:
-            for key in self._handle(path).keys():
+            for key in self._handle(path).keys():  # noqa: SIM118 (safe_open is not a dict)
                 self._file_of[key] = path
         self._keymap = dict(keymap) if keymap is not None else {k: (k, None) for k in self._file_of}
 
@@ -199,8 +199,12 @@ def diffusers_to_original(state_dict: Mapping[str, torch.Tensor], num_layers: in
     """The inverse mapping: a diffusers SD3 state dict -> original single-file keys (with the model prefix)."""
     leaves = ("weight", "bias")
     candidates = ["pos_embed", *(f"{k}.{leaf}" for k in _GLOBAL_KEYS for leaf in leaves)]
-    candidates += [f"joint_blocks.{i}.{k}.{leaf}" for i in range(num_layers) for k in (*_BLOCK_KEYS, *_FUSED_QKV)
-                   for leaf in leaves]
+    candidates += [
+        f"joint_blocks.{i}.{k}.{leaf}"
+        for i in range(num_layers)
+        for k in (*_BLOCK_KEYS, *_FUSED_QKV)
+        for leaf in leaves
+    ]
     plan = original_to_diffusers_plan(candidates, num_layers)
     grouped: dict[str, dict[int | None, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
@@ -240,8 +244,15 @@ def single_file_source(
     return config, TensorSource([path], keymap)
 
 
-_ORIGINAL_TOP_LEVEL = {"joint_blocks", "pos_embed", "x_embedder", "t_embedder", "y_embedder", "context_embedder",
-                       "final_layer"}
+_ORIGINAL_TOP_LEVEL = {
+    "joint_blocks",
+    "pos_embed",
+    "x_embedder",
+    "t_embedder",
+    "y_embedder",
+    "context_embedder",
+    "final_layer",
+}
 
 
 def _original_transform(chunk: int | None, swap: bool) -> Callable | None:
@@ -268,10 +279,16 @@ def _infer_original_config(source: TensorSource, keys: dict[str, str], path: Pat
     head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if qk_norm else 64
     patch = shape("x_embedder.proj.weight")
     return BackboneConfig(
-        num_layers=max(blocks) + 1, num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
-        patch_size=patch[-1], in_channels=patch[1], joint_attention_dim=shape("context_embedder.weight")[1],
-        pooled_projection_dim=shape("y_embedder.mlp.0.weight")[1], caption_projection_dim=dim,
-        pos_embed_max_size=math.isqrt(shape("pos_embed")[1]), qk_norm="rms_norm" if qk_norm else None,
+        num_layers=max(blocks) + 1,
+        num_attention_heads=dim // head_dim,
+        attention_head_dim=head_dim,
+        patch_size=patch[-1],
+        in_channels=patch[1],
+        joint_attention_dim=shape("context_embedder.weight")[1],
+        pooled_projection_dim=shape("y_embedder.mlp.0.weight")[1],
+        caption_projection_dim=dim,
+        pos_embed_max_size=math.isqrt(shape("pos_embed")[1]),
+        qk_norm="rms_norm" if qk_norm else None,
         dual_attention_layers=tuple(sorted(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in keys)),
     )
 
@@ -294,16 +311,25 @@ def full_model_keys(cfg: BackboneConfig) -> set[str]:
     with torch.device("meta"):
         keys = set(MMDiTReward(cfg, (cfg.num_layers - 1,)).state_dict())
     last = f"transformer_blocks.{cfg.num_layers - 1}.attn"
-    extra = [f"{last}.add_q_proj.weight", f"{last}.add_q_proj.bias", "norm_out.linear.weight", "norm_out.linear.bias",
-             "proj_out.weight", "proj_out.bias"]
+    extra = [
+        f"{last}.add_q_proj.weight",
+        f"{last}.add_q_proj.bias",
+        "norm_out.linear.weight",
+        "norm_out.linear.bias",
+        "proj_out.weight",
+        "proj_out.bias",
+    ]
     if cfg.qk_norm:
         extra.append(f"{last}.norm_added_q.weight")
     return keys | set(extra)
 
 
 def load_backbone(
-    cfg: BackboneConfig, layers: tuple[int, ...], sources: list[Mapping[str, torch.Tensor]],
-    dtype: torch.dtype, device: torch.device | str,
+    cfg: BackboneConfig,
+    layers: tuple[int, ...],
+    sources: list[Mapping[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device | str,
 ) -> MMDiTReward:
     """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones)."""
     with torch.device("meta"):
@@ -313,8 +339,10 @@ def load_backbone(
     for source in sources:
         unexpected = sorted(set(source) - allowed)
         if unexpected:
-            raise ValueError(f"unexpected key {unexpected[0]!r} in {_describe(source)} ({len(unexpected)} in all): not "
-                             f"a key of an SD3 transformer with {cfg.num_layers} blocks; wrong model or config?")
+            raise ValueError(
+                f"unexpected key {unexpected[0]!r} in {_describe(source)} ({len(unexpected)} in all): not "
+                f"a key of an SD3 transformer with {cfg.num_layers} blocks; wrong model or config?"
+            )
     state = {}
     for key, meta in expected.items():
         source = next((s for s in reversed(sources) if key in s), None)
@@ -322,8 +350,10 @@ def load_backbone(
             raise ValueError(f"missing key {key!r} in {', '.join(_describe(s) for s in sources)}")
         tensor = source[key]
         if tuple(tensor.shape) != tuple(meta.shape):
-            raise ValueError(f"shape mismatch for {key!r} in {_describe(source)}: checkpoint {list(tensor.shape)}, "
-                             f"model {list(meta.shape)}")
+            raise ValueError(
+                f"shape mismatch for {key!r} in {_describe(source)}: checkpoint {list(tensor.shape)}, "
+                f"model {list(meta.shape)}"
+            )
         state[key] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
@@ -337,8 +367,12 @@ def _describe(source: Mapping) -> str:
 
 
 def save_reward_checkpoint(
-    directory: str | os.PathLike, reward: RewardConfig, backbone_cfg: BackboneConfig, head: RewardHead,
-    backbone_state: Mapping[str, torch.Tensor] | None = None, extra: dict | None = None,
+    directory: str | os.PathLike,
+    reward: RewardConfig,
+    backbone_cfg: BackboneConfig,
+    head: RewardHead,
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write `reward_config.json`, `head.safetensors` and optionally `backbone.safetensors` atomically: everything is
     written and fsynced in a sibling temp dir that then replaces `directory`, so a reader sees the old or the new
@@ -348,9 +382,11 @@ def save_reward_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         meta = {
-            "format": REWARD_FORMAT, "reward": reward.to_dict(),
+            "format": REWARD_FORMAT,
+            "reward": reward.to_dict(),
             "backbone": {"preset": backbone_cfg.preset_name(), "config": backbone_cfg.to_dict()},
-            "backbone_weights": BACKBONE_FILE if backbone_state is not None else None, **(extra or {}),
+            "backbone_weights": BACKBONE_FILE if backbone_state is not None else None,
+            **(extra or {}),
         }
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
         if backbone_state is not None:
@@ -399,8 +435,10 @@ def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> R
         if key not in source:
             raise ValueError(f"missing key {key!r} in {source.describe()}")
         if tuple(source[key].shape) != tuple(expected[key].shape):
-            raise ValueError(f"shape mismatch for {key!r} in {source.describe()}: checkpoint "
-                             f"{list(source[key].shape)}, head {list(expected[key].shape)}")
+            raise ValueError(
+                f"shape mismatch for {key!r} in {source.describe()}: checkpoint "
+                f"{list(source[key].shape)}, head {list(expected[key].shape)}"
+            )
     extra = sorted(set(source) - set(expected))
     if extra:
         raise ValueError(f"unexpected key {extra[0]!r} in {source.describe()}")
@@ -427,7 +465,12 @@ def random_backbone(
                 p.copy_(0.01 * torch.randn(p.shape, generator=generator, device=device))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=generator, device=device))
-        table = get_2d_sincos_pos_embed(cfg.hidden_size, cfg.pos_embed_max_size, base_size=cfg.sample_size //
-                                        cfg.patch_size, interpolation_scale=1.0, output_type="pt")
+        table = get_2d_sincos_pos_embed(
+            cfg.hidden_size,
+            cfg.pos_embed_max_size,
+            base_size=cfg.sample_size // cfg.patch_size,
+            interpolation_scale=1.0,
+            output_type="pt",
+        )
         model.pos_embed.pos_embed.copy_(table.float().unsqueeze(0))
     return model.to(dtype).eval().requires_grad_(False)

@@ -31,7 +31,7 @@ from engine.config import BackboneConfig
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding, [cos | sin] order (diffusers `Timesteps(flip_sin_to_cos=True, shift=0)`). [B] -> [B, dim]"""
+    """Sinusoidal embedding in [cos | sin] order, as diffusers `Timesteps(flip_sin_to_cos=True)`. [B] -> [B, dim]"""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     angles = timesteps[:, None].float() * freqs[None]
@@ -107,8 +107,9 @@ class Conditioning:
         return self.context.shape[0]
 
     def select(self, index: torch.Tensor) -> Conditioning:
-        return replace(self, context=self.context.index_select(0, index),
-                       modulation=self.modulation.index_select(0, index))
+        return replace(
+            self, context=self.context.index_select(0, index), modulation=self.modulation.index_select(0, index)
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ attention
@@ -156,8 +157,10 @@ class Attention(nn.Module):
         return x if norm is None else norm(x)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self._heads(self.to_q(x), self.norm_q), self._heads(self.to_k(x), self.norm_k), self._heads(
-            self.to_v(x), None
+        q, k, v = (
+            self._heads(self.to_q(x), self.norm_q),
+            self._heads(self.to_k(x), self.norm_k),
+            self._heads(self.to_v(x), None),
         )
         if c is not None:
             k = torch.cat([k, self._heads(self.add_k_proj(c), self.norm_added_k)], dim=1)
@@ -229,7 +232,9 @@ class JointBlock(nn.Module):
             c = c[:, :2]
         return torch.cat([x, c], dim=1)
 
-    def _unpack(self, m: torch.Tensor) -> tuple[Modulation, Modulation, Modulation | None, Modulation, Modulation | None]:
+    def _unpack(
+        self, m: torch.Tensor
+    ) -> tuple[Modulation, Modulation, Modulation | None, Modulation, Modulation | None]:
         def mod(i: int, gate: bool = True) -> Modulation:
             return Modulation(m[:, i], m[:, i + 1], m[:, i + 2] if gate else None)
 
@@ -244,8 +249,9 @@ class JointBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x [B, N_img, D], c [B, N_txt, D], modulation [B, n, D] from `modulation()`
         attn, mlp, attn2, c_attn, c_mlp = self._unpack(modulation)
-        a, c_a = self.attn(ops.layernorm_modulate(x, attn.shift, attn.scale),
-                           ops.layernorm_modulate(c, c_attn.shift, c_attn.scale))
+        a, c_a = self.attn(
+            ops.layernorm_modulate(x, attn.shift, attn.scale), ops.layernorm_modulate(c, c_attn.shift, c_attn.scale)
+        )
         if self.dual:  # SD3.5-M: a second image-only attention on the block input, modulated separately
             a2, _ = self.attn2(ops.layernorm_modulate(x, attn2.shift, attn2.scale))
             x = ops.gated_residual(x, a, attn.gate)
@@ -288,7 +294,11 @@ class MMDiTReward(nn.Module):
         return Conditioning(context=self.context_embedder(prompt_embeds), modulation=modulation, t=t)
 
     def forward(
-        self, z0: torch.Tensor, cond: Conditioning, noise: torch.Tensor | None = None, seed: int | None = None,
+        self,
+        z0: torch.Tensor,
+        cond: Conditioning,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
         image_offset: int = 0,
     ) -> torch.Tensor:
         """z0 [B, C, H, W] transformer-space latents, `cond` for the same B -> features [B, n_layers, D] float32."""
@@ -297,7 +307,9 @@ class MMDiTReward(nn.Module):
         features = x.new_empty(x.shape[0], len(self.layers), x.shape[-1], dtype=torch.float32)
         pooled = []
         sizes = [block.num_modulation_vectors for block in self.transformer_blocks]
-        for index, (block, mod) in enumerate(zip(self.transformer_blocks, cond.modulation.split(sizes, 1), strict=True)):
+        for index, (block, mod) in enumerate(
+            zip(self.transformer_blocks, cond.modulation.split(sizes, 1), strict=True)
+        ):
             x, c = block(x, c, mod)  # Eq. 2
             if index in self.layers:
                 if torch.is_grad_enabled():  # autograd path: small [B, D] vectors, stacked below

@@ -59,8 +59,9 @@ class Float8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xq, xs = _quantize_fused(x.reshape(-1, shape[-1]))
-        out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=self.bias,
-                               out_dtype=x.dtype)
+        out = torch._scaled_mm(
+            xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
+        )
         return out.reshape(*shape[:-1], self.out_features)
 
 
@@ -68,8 +69,10 @@ def quantize_fp8(backbone: nn.Module) -> nn.Module:
     """Swap every linear of every block except the adaLN ones (`norm1*.linear`) for `Float8Linear`, in place."""
     device = next(backbone.parameters()).device
     if not fp8_supported(device):
-        raise ValueError(f"dtype='fp8' needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper "
-                         f"or newer); this engine is on {device}. Use dtype='bf16'.")
+        raise ValueError(
+            f"dtype='fp8' needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper "
+            f"or newer); this engine is on {device}. Use dtype='bf16'."
+        )
     for block in backbone.transformer_blocks:
         linears = [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
         for name in linears:

@@ -19,9 +19,19 @@ TINY_VARIANTS = {
 
 def tiny_diffusers_config(**overrides) -> dict:
     cfg = dict(
-        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80,
-        pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,),
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        caption_projection_dim=32,
+        pooled_projection_dim=80,
+        pos_embed_max_size=32,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
     )
     cfg.update(overrides)
     return cfg
@@ -53,8 +63,12 @@ def reference_features(model, z0, prompt_embeds, pooled, noise, t, layers, dtype
         z_t = ((1 - t) * z0.double() + t * noise.double()).to(dtype)
         timestep = torch.full((z0.shape[0],), 1000.0 * t, dtype=torch.float32)
         with torch.no_grad():
-            model(hidden_states=z_t, encoder_hidden_states=prompt_embeds.to(dtype), pooled_projections=pooled.to(dtype),
-                  timestep=timestep)
+            model(
+                hidden_states=z_t,
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                pooled_projections=pooled.to(dtype),
+                timestep=timestep,
+            )
     finally:
         for h in hooks:
             h.remove()

@@ -35,9 +35,11 @@ def test_engine_costs_within_gates(resolution, capsys):
     measured = costs.engine_costs("sd35-large", resolution, 333)
     full = costs.diffusers_flops("sd35-large", resolution, 333)
     with capsys.disabled():
-        print(f"\nsd35-large {resolution}²: engine {measured['flops_per_image'] / 1e12:.3f} TFLOP/img, diffusers "
-              f"{full / 1e12:.3f}, ratio {measured['flops_per_image'] / full:.4f}; params "
-              f"{measured['param_bytes_bf16'] / 2**30:.2f} GiB bf16; {measured['dispatched_ops']} aten ops")
+        print(
+            f"\nsd35-large {resolution}²: engine {measured['flops_per_image'] / 1e12:.3f} TFLOP/img, diffusers "
+            f"{full / 1e12:.3f}, ratio {measured['flops_per_image'] / full:.4f}; params "
+            f"{measured['param_bytes_bf16'] / 2**30:.2f} GiB bf16; {measured['dispatched_ops']} aten ops"
+        )
     assert check("sd35-large", resolution, measured, full) == []
     assert 7.9e12 * (resolution / 512) ** 2 < measured["flops_per_image"] * 1.1  # near DESIGN.md's 8.0 TFLOP floor
 

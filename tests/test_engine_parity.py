@@ -75,19 +75,43 @@ def test_engine_does_less_work_than_the_full_model(capsys):
     with FlopCounterMode(display=False) as ours:
         engine.features(z0, (prompt_embeds, pooled), noise=noise)
     with FlopCounterMode(display=False) as full, torch.no_grad():
-        model(hidden_states=z0, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-              timestep=torch.full((2,), 100.0))
+        model(
+            hidden_states=z0,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            timestep=torch.full((2,), 100.0),
+        )
     param_ratio = ours_params / full_params
     flop_ratio = ours.get_total_flops() / full.get_total_flops()
     with capsys.disabled():
         print(f"\nengine/full: parameters {param_ratio:.3f}, forward FLOPs {flop_ratio:.3f} (deepest block 3 of 8)")
     # Blocks 4..7, norm_out and proj_out are gone, and block 3 lacks its text query/output/FFN weights.
-    first_four = sum(p.numel() for name, p in model.named_parameters()
-                     if not name.startswith(("transformer_blocks.4", "transformer_blocks.5", "transformer_blocks.6",
-                                             "transformer_blocks.7", "norm_out", "proj_out")))
-    block3_text = sum(p.numel() for name, p in model.named_parameters()
-                      if name.startswith(("transformer_blocks.3.ff_context", "transformer_blocks.3.attn.add_q_proj",
-                                          "transformer_blocks.3.attn.to_add_out", "transformer_blocks.3.attn.norm_added_q")))
+    first_four = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if not name.startswith(
+            (
+                "transformer_blocks.4",
+                "transformer_blocks.5",
+                "transformer_blocks.6",
+                "transformer_blocks.7",
+                "norm_out",
+                "proj_out",
+            )
+        )
+    )
+    block3_text = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if name.startswith(
+            (
+                "transformer_blocks.3.ff_context",
+                "transformer_blocks.3.attn.add_q_proj",
+                "transformer_blocks.3.attn.to_add_out",
+                "transformer_blocks.3.attn.norm_added_q",
+            )
+        )
+    )
     assert ours_params == first_four - block3_text
     # FLOPs: blocks 0..2 in full plus the image rows of block 3, well under half of 8 blocks.
     assert flop_ratio < 0.5

@@ -50,8 +50,11 @@ def test_backbone_conditioning_weights_get_gradients():
     engine.backbone.requires_grad_(True)
     z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=4)
     engine.score(z0, (pe, po), noise=noise, grad=True).sum().backward()
-    for name in ("context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
-                 "transformer_blocks.0.norm1.linear.weight"):
+    for name in (
+        "context_embedder.weight",
+        "time_text_embed.text_embedder.linear_1.weight",
+        "transformer_blocks.0.norm1.linear.weight",
+    ):
         assert engine.backbone.get_parameter(name).grad is not None, name
 
 

@@ -29,7 +29,9 @@ def inputs():
 @pytest.fixture(scope="module")
 def expected(model, inputs):
     z0, pe, po, noise = inputs
-    return RewardEngine.from_diffusers(model, layers=LAYERS, kernels_backend="torch").features(z0, (pe, po), noise=noise)
+    return RewardEngine.from_diffusers(model, layers=LAYERS, kernels_backend="torch").features(
+        z0, (pe, po), noise=noise
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,9 @@ def test_reward_checkpoint_round_trip(diffusers_dir, single_file, inputs, tmp_pa
     meta = json.loads((tmp_path / "reward" / "reward_config.json").read_text())
     assert meta["reward"]["layers"] == list(LAYERS) and meta["backbone_weights"] is None
     for base in (diffusers_dir, single_file):
-        again = RewardEngine.from_pretrained(tmp_path / "reward", base=base, dtype=torch.float32,
-                                             kernels_backend="torch")
+        again = RewardEngine.from_pretrained(
+            tmp_path / "reward", base=base, dtype=torch.float32, kernels_backend="torch"
+        )
         assert torch.equal(again.score(z0, (pe, po), noise=noise), before)
     # A checkpoint carrying its (fine-tuned) backbone needs no base; the second save replaces the first atomically.
     with torch.no_grad():
@@ -139,6 +142,8 @@ def test_bad_keys_are_named(single_file, tmp_path, damage):
 def test_unused_blocks_are_not_loaded(diffusers_dir):
     engine = RewardEngine.from_base(diffusers_dir, layers=(0, 1), dtype=torch.float32)
     names = {n for n, _ in engine.backbone.named_parameters()}
-    assert not any(n.startswith(("transformer_blocks.2", "transformer_blocks.3", "norm_out", "proj_out")) for n in names)
+    assert not any(
+        n.startswith(("transformer_blocks.2", "transformer_blocks.3", "norm_out", "proj_out")) for n in names
+    )
     assert "transformer_blocks.1.attn.add_q_proj.weight" not in names
     assert "transformer_blocks.1.ff_context.net.2.weight" not in names
