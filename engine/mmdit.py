@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine import ops
 from engine.attention import attention
@@ -269,6 +270,12 @@ class JointBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------- model
 
 
+def _run_block(block: JointBlock, backend: str, x, c, modulation):
+    """A block call that re-enters the kernel backend: checkpoint recomputation runs outside `ops.use`."""
+    with ops.use(backend):
+        return block(x, c, modulation)
+
+
 class MMDiTReward(nn.Module):
     """Blocks 0..max(layers) of an SD3/SD3.5 MMDiT, returning mean-pooled image features of `layers`."""
 
@@ -280,6 +287,8 @@ class MMDiTReward(nn.Module):
         self.time_text_embed = TimeTextEmbed(cfg.hidden_size, cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.hidden_size)
         self.transformer_blocks = nn.ModuleList(JointBlock(cfg, i, deepest=i == depth - 1) for i in range(depth))
+        # Recompute each block in backward instead of storing its activations (reward backprop, full fine-tuning).
+        self.gradient_checkpointing = False
 
     def set_attention_backend(self, backend: str) -> None:
         for m in self.modules():
@@ -310,7 +319,10 @@ class MMDiTReward(nn.Module):
         for index, (block, mod) in enumerate(
             zip(self.transformer_blocks, cond.modulation.split(sizes, 1), strict=True)
         ):
-            x, c = block(x, c, mod)  # Eq. 2
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, c = checkpoint(_run_block, block, ops.current(), x, c, mod, use_reentrant=False)
+            else:
+                x, c = block(x, c, mod)  # Eq. 2
             if index in self.layers:
                 if torch.is_grad_enabled():  # autograd path: small [B, D] vectors, stacked below
                     pooled.append(ops.mean_pool(x))

@@ -90,3 +90,15 @@ def test_graphed_scorer_refuses_cpu(engine):
 
     with pytest.raises(ValueError, match="need a CUDA engine"):
         GraphedScorer(engine)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient():
+    engine = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch")
+    z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=8)
+    grads = []
+    for ckpt in (False, True):
+        engine.backbone.gradient_checkpointing = ckpt
+        z = z0.clone().requires_grad_(True)
+        engine.score(z, (pe, po), noise=noise, grad=True).sum().backward()
+        grads.append(z.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
