@@ -76,7 +76,7 @@ def kernel_bench(with_compile: bool) -> dict:
     import triton.testing
 
     import kernels
-    from kernels import adaln, noise, pooling
+    from kernels import adaln, noise, pooling, qknorm, quant
 
     rows = []
     for batch, tokens in ((1, 1357), (8, 1357), (1, 4429)):
@@ -108,8 +108,29 @@ def kernel_bench(with_compile: bool) -> dict:
                 3 * z0.numel() * 2,
             ),
         }
+        qkv = torch.randn(batch, tokens - 333, 3 * d, device="cuda", dtype=torch.bfloat16)
+        txt = torch.randn(batch, 333, 3 * d, device="cuda", dtype=torch.bfloat16)
+        norms = tuple(1 + 0.1 * torch.randn(64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        hidden = torch.randn(batch * tokens, 4 * d, device="cuda", dtype=torch.bfloat16)
+        cases["joint_qkv"] = (
+            lambda: kernels.joint_qkv(qkv, txt, 38, norms, backend="triton"),
+            lambda: qknorm.joint_qkv_ref(qkv, txt, 38, norms),
+            4 * 3 * x.numel(),
+        )
+        cases["quantize_rowwise+gelu"] = (
+            lambda: kernels.quantize_rowwise(hidden, gelu=True, backend="triton"),
+            lambda: quant.quantize_rowwise_ref(hidden, gelu=True),
+            hidden.numel() * 3 + hidden.shape[0] * 4,
+        )
         for name, (fast, ref, nbytes) in cases.items():
-            row = {"op": name, "batch": batch, "tokens": tokens, "dim": d, "bytes": nbytes}
+            with torch.no_grad():
+                got, want = fast(), ref()
+            got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+            errs = [
+                float((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30))
+                for g, w in zip(got, want, strict=True)
+            ]
+            row = {"op": name, "batch": batch, "tokens": tokens, "dim": d, "bytes": nbytes, "max_rel_err": max(errs)}
             for label, fn in (("triton", fast), ("eager", ref)):
                 row[f"{label}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             if with_compile:
@@ -120,7 +141,8 @@ def kernel_bench(with_compile: bool) -> dict:
             rows.append(row)
             log(
                 f"{name:<36} b{batch} n{tokens}: triton {row['triton_us']:.1f}us ({row['triton_gb_s']:.0f} GB/s) "
-                f"eager {row['eager_us']:.1f}us compile {row.get('compile_us', float('nan')):.1f}us"
+                f"eager {row['eager_us']:.1f}us compile {row.get('compile_us', float('nan')):.1f}us "
+                f"err {row['max_rel_err']:.1e}"
             )
     return {"rows": rows}
 
@@ -165,8 +187,9 @@ def engine_parity() -> dict:
     f32 = hooked.features(z0, emb, pooled, eps)
     hooked.remove()
     out = {}
-    for dtype in ("bf16", "fp8"):
-        engine = RewardEngine.from_diffusers(ref, layers=layers, dtype=dtype, device="cuda")
+    for dtype in ("bf16", "fp8", "fp8+adaln"):
+        kw = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
+        engine = RewardEngine.from_diffusers(ref, layers=layers, device="cuda", **kw)
         ours = engine.features(z0, (emb, pooled), noise=eps)
         out[f"engine_{dtype}_rel_err"] = float((ours - f32).norm() / f32.norm())
         del engine
@@ -196,8 +219,9 @@ def fp8_fidelity(n: int = 256) -> dict:
 
     out = {}
     scores = {}
-    for dtype in ("bf16", "fp8"):
-        engine = RewardEngine.from_preset("sd35-large", dtype=dtype, device="cuda", seed=0)
+    for dtype in ("bf16", "fp8", "fp8+adaln"):
+        kw = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
+        engine = RewardEngine.from_preset("sd35-large", device="cuda", seed=0, **kw)
         engine.check_finite = False
         g = torch.Generator(device="cuda").manual_seed(123)
         rs = []
@@ -210,16 +234,58 @@ def fp8_fidelity(n: int = 256) -> dict:
         scores[dtype] = torch.cat(rs).double().cpu()
         del engine
         torch.cuda.empty_cache()
-    a, b = scores["bf16"], scores["fp8"]
-    rank = lambda v: v.argsort().argsort().double()  # noqa: E731
-    ra, rb = rank(a), rank(b)
-    out["spearman"] = float(((ra - ra.mean()) * (rb - rb.mean())).sum() / (ra.std() * rb.std() * (len(a) - 1)))
-    i, j = torch.triu_indices(len(a), len(a), 1)
-    out["pair_order_agreement"] = float(((a[i] > a[j]) == (b[i] > b[j])).double().mean())
+    a = scores["bf16"]
     out["reward_std_bf16"] = float(a.std())
-    out["max_abs_diff"] = float((a - b).abs().max())
+    i, j = torch.triu_indices(len(a), len(a), 1)
+    clear = (a[i] - a[j]).abs() > 0.01 * a.std()  # pairs an RL update can act on (bf16 rewards differ by >1% std)
+    for name in ("fp8", "fp8+adaln"):
+        b = scores[name]
+        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+        agree = (a[i] > a[j]) == (b[i] > b[j])
+        out[name] = {
+            "spearman": float(((ra - ra.mean()) * (rb - rb.mean())).sum() / (ra.std() * rb.std() * (len(a) - 1))),
+            "pair_order_agreement": float(agree.double().mean()),
+            "pair_order_agreement_clear_pairs": float(agree[clear].double().mean()),
+            "max_abs_diff": float((a - b).abs().max()),
+        }
     log(f"fp8 fidelity: {out}")
     return out
+
+
+def profile(dtype: str) -> dict:
+    """Where the time goes: device time per kernel over 3 eager forwards at 512², batch 8."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from engine import RewardEngine
+
+    kw = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
+    engine = RewardEngine.from_preset("sd35-large", device="cuda", **kw)
+    engine.check_finite = False
+    z0 = torch.randn(8, 16, 64, 64, device="cuda", dtype=torch.bfloat16)
+    emb = torch.randn(8, 333, 4096, device="cuda", dtype=torch.bfloat16)
+    pooled = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        engine.score(z0, (emb, pooled))
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.score(z0, (emb, pooled))
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append({"name": evt.key[:90], "ms_per_image": us / 1e3 / 24, "calls": evt.count})
+    rows.sort(key=lambda r: -r["ms_per_image"])
+    total = sum(r["ms_per_image"] for r in rows)
+    for r in rows[:16]:
+        share = 100 * r["ms_per_image"] / total
+        log(f"{dtype:<5} {r['ms_per_image']:7.3f} ms/img {share:5.1f}% x{r['calls']:<5} {r['name']}")
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"device_ms_per_image": total, "top": rows[:40]}
 
 
 def main() -> None:
@@ -231,55 +297,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out, args.deadline_s)
     from bench.harness import ceilings, environment_info
+    from engine import ops
 
     rep.data["env"] = environment_info("cuda")
     rep.section("ceilings", lambda: ceilings("cuda"))
     rep.section("kernel_tests", kernel_tests, need_s=60)
+    rep.section("gelu_epilogue_is_tanh", lambda: ops._gelu_epilogue_ok(torch.bfloat16))
     rep.section("engine_parity", engine_parity, need_s=60)
-    common = ["--iters", "10", "--json", str(out / "latency_512.json")]
-    rep.section(
-        "latency_512",
-        lambda: latency(["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8", "--baselines", *common]),
-        need_s=120,
-    )
-    rep.section(
-        "latency_1024",
-        lambda: latency(
-            [
-                "--resolution",
-                "1024",
-                "--batch",
-                "1",
-                "--dtype",
-                "bf16",
-                "fp8",
-                "--iters",
-                "10",
-                "--json",
-                str(out / "latency_1024.json"),
-            ]
-        ),
-        need_s=60,
-    )
-    rep.section(
-        "hpsv3",
-        lambda: latency(
-            [
-                "--interface",
-                "hpsv3",
-                "--resolution",
-                "512",
-                "--batch",
-                "1",
-                "8",
-                "--iters",
-                "10",
-                "--json",
-                str(out / "hpsv3.json"),
-            ]
-        ),
-        need_s=60,
-    )
+    lat512 = ["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8", "fp8+adaln", "--baselines"]
+    rep.section("latency_512", lambda: latency([*lat512, "--json", str(out / "latency_512.json")]), need_s=120)
+    lat1024 = ["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8"]
+    rep.section("latency_1024", lambda: latency([*lat1024, "--json", str(out / "latency_1024.json")]), need_s=60)
+    rep.section("profile_bf16", lambda: profile("bf16"), need_s=40)
+    rep.section("profile_fp8", lambda: profile("fp8"), need_s=40)
+    hps = ["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8"]
+    rep.section("hpsv3", lambda: latency([*hps, "--json", str(out / "hpsv3.json")]), need_s=60)
     rep.section("fp8_fidelity", fp8_fidelity, need_s=45)
     rep.section("attention", attention_bench, need_s=15)
     rep.section("kernel_bench", lambda: kernel_bench(with_compile=rep.left() > 120), need_s=20)

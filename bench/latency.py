@@ -51,7 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default=None, help="backbone preset (default: sd35-large on GPU, tiny on CPU)")
     p.add_argument("--resolution", type=int, nargs="+", default=None, help="image side(s) in pixels (default 512)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--dtype", choices=("bf16", "fp8", "fp32"), nargs="+", default=None)
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp8", "fp8+adaln", "fp32"),
+        nargs="+",
+        default=None,
+        help="fp8: block linears e4m3; fp8+adaln: adaLN weights e4m3 too (weight-only)",
+    )
     p.add_argument("--text-len", type=int, default=333, help="text tokens: 333 = SD3 default, 205 = Flow-GRPO")
     p.add_argument("--baselines", action="store_true", help="also time diffusers eager+hooks and regional compile")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph engine path")
@@ -114,10 +120,11 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
     args, device = b.args, b.device
     cfg = BackboneConfig.from_name(preset)
     for dtype in dtypes:
+        extra = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
         if args.checkpoint:
-            engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, dtype=dtype, device=device)
+            engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
         else:
-            engine = RewardEngine.from_preset(preset, dtype=dtype, device=device)
+            engine = RewardEngine.from_preset(preset, device=device, **extra)
         engine.check_finite = False  # the RL-loop setting: no host syncs
         graphed = None
         if device.type == "cuda" and not args.no_graphs:

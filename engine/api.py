@@ -23,7 +23,7 @@ from engine.loading import (
     read_reward_config,
     save_reward_checkpoint,
 )
-from engine.mmdit import Conditioning, MMDiTReward
+from engine.mmdit import Conditioning, MMDiTReward, diffusers_state_dict
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
 
@@ -41,12 +41,14 @@ def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype
             "bfloat16": torch.bfloat16,
             "fp16": torch.float16,
             "float16": torch.float16,
+            "fp64": torch.float64,  # gradient checks only (torch.autograd.gradcheck), never a serving dtype
+            "float64": torch.float64,
         }
         if dtype not in names:
             raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
         return names[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16, torch.float16 or torch.float64, got {dtype}")
     return dtype
 
 
@@ -269,7 +271,7 @@ class RewardEngine(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = False, **extra: Any) -> Path:
         """Write a reward checkpoint atomically (head always; the used backbone blocks if `include_backbone`)."""
-        state = self.backbone.state_dict() if include_backbone else None
+        state = diffusers_state_dict(self.backbone) if include_backbone else None
         return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, extra or None)
 
     # ---------------------------------------------------------------------------------------------- scoring

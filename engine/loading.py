@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
-from engine.mmdit import MMDiTReward
+from engine.mmdit import MMDiTReward, diffusers_state_dict
 
 REWARD_FORMAT = "dit-reward/1"
 REWARD_CONFIG = "reward_config.json"
@@ -309,7 +309,7 @@ def base_source(base: str | os.PathLike, config: BackboneConfig | None = None) -
 def full_model_keys(cfg: BackboneConfig) -> set[str]:
     """Every key a complete diffusers `SD3Transformer2DModel` of this config has (what a base may contain)."""
     with torch.device("meta"):
-        keys = set(MMDiTReward(cfg, (cfg.num_layers - 1,)).state_dict())
+        keys = set(diffusers_state_dict(MMDiTReward(cfg, (cfg.num_layers - 1,))))
     last = f"transformer_blocks.{cfg.num_layers - 1}.attn"
     extra = [
         f"{last}.add_q_proj.weight",
@@ -334,7 +334,7 @@ def load_backbone(
     """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones)."""
     with torch.device("meta"):
         model = MMDiTReward(cfg, layers)
-    expected = model.state_dict()
+    expected = diffusers_state_dict(model)
     allowed = full_model_keys(cfg)
     for source in sources:
         unexpected = sorted(set(source) - allowed)
@@ -390,7 +390,7 @@ def save_reward_checkpoint(
         }
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
         if backbone_state is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(tmp / BACKBONE_FILE))
+            save_file({k: v.detach().cpu().clone() for k, v in backbone_state.items()}, str(tmp / BACKBONE_FILE))
         (tmp / REWARD_CONFIG).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

@@ -117,19 +117,20 @@ class Conditioning:
 
 
 class RMSNorm(nn.Module):
-    """qk-norm over head_dim, statistics in fp32 (diffusers `RMSNorm`).
+    """The qk-norm weight [head_dim] (diffusers `RMSNorm`, eps 1e-6); applied by `ops.joint_qkv`."""
 
-    `F.rms_norm` is one fused kernel on CUDA; diffusers' five-op version (upcast, square, mean, rsqrt, scale) moved
-    ~1 GB per block at SD3.5-L 512² batch 8 and cost ~4.8 ms/image on an H200 (bench/results run 1). It applies the
-    weight before rounding to bf16 rather than after: a little more accurate, inside the parity tolerance."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+# diffusers stores q, k, v projections separately; we run each stream's as one GEMM (fused by a load hook, split
+# back by `diffusers_state_dict` when saving).
+_FUSED = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "add_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+    "add_kv": ("add_k_proj", "add_v_proj"),
+}
 
 
 class Attention(nn.Module):
@@ -141,38 +142,61 @@ class Attention(nn.Module):
         super().__init__()
         dim, qk_norm = cfg.hidden_size, cfg.qk_norm == "rms_norm"
         self.heads, self.backend = cfg.num_attention_heads, "sdpa"
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.text_queries = joint and text_queries
+        self.to_qkv = nn.Linear(dim, 3 * dim)
         self.norm_q = RMSNorm(cfg.attention_head_dim) if qk_norm else None
         self.norm_k = RMSNorm(cfg.attention_head_dim) if qk_norm else None
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.context = None
         if joint:
-            self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.context = "add_qkv" if text_queries else "add_kv"
+            setattr(self, self.context, nn.Linear(dim, (3 if text_queries else 2) * dim))
             self.norm_added_k = RMSNorm(cfg.attention_head_dim) if qk_norm else None
             if text_queries:
-                self.add_q_proj, self.to_add_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+                self.to_add_out = nn.Linear(dim, dim)
                 self.norm_added_q = RMSNorm(cfg.attention_head_dim) if qk_norm else None
-        self.text_queries = joint and text_queries
+        self.register_load_state_dict_pre_hook(_fuse_projection_keys)
 
-    def _heads(self, x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:  # [B, N, D] -> [B, N, H, hd]
-        x = x.unflatten(-1, (self.heads, -1))
-        return x if norm is None else norm(x)
+    def _norm_weights(self) -> tuple | None:
+        if self.norm_q is None:
+            return None
+        added_q = getattr(self, "norm_added_q", None)
+        added_k = getattr(self, "norm_added_k", None)
+        return (self.norm_q.weight, self.norm_k.weight, added_q and added_q.weight, added_k and added_k.weight)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = (
-            self._heads(self.to_q(x), self.norm_q),
-            self._heads(self.to_k(x), self.norm_k),
-            self._heads(self.to_v(x), None),
-        )
-        if c is not None:
-            k = torch.cat([k, self._heads(self.add_k_proj(c), self.norm_added_k)], dim=1)
-            v = torch.cat([v, self._heads(self.add_v_proj(c), None)], dim=1)
-            if self.text_queries:
-                q = torch.cat([q, self._heads(self.add_q_proj(c), self.norm_added_q)], dim=1)
+        txt = None if c is None else getattr(self, self.context)(c)
+        q, k, v = ops.joint_qkv(self.to_qkv(x), txt, self.heads, self._norm_weights())  # [B, N, H, hd]
         out = attention(q, k, v, self.backend).flatten(2)  # [B, Nq, D]
         n_img = x.shape[1]
         x_out = self.to_out[0](out[:, :n_img])
         c_out = self.to_add_out(out[:, n_img:]) if self.text_queries and c is not None else None
         return x_out, c_out
+
+
+def _fuse_projection_keys(module: Attention, state: dict, prefix: str, *args) -> None:
+    """Load hook: diffusers' separate q/k/v keys -> one fused projection (concatenated along the output dim)."""
+    for fused in ("to_qkv", module.context):
+        if fused is None:
+            continue
+        for leaf in ("weight", "bias"):
+            parts = [f"{prefix}{name}.{leaf}" for name in _FUSED[fused]]
+            if all(p in state for p in parts):
+                state[f"{prefix}{fused}.{leaf}"] = torch.cat([state.pop(p) for p in parts], dim=0)
+
+
+def diffusers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` under diffusers' names: fused projections split back into q/k/v (views, no copies)."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        for fused in ("to_qkv", module.context):
+            for leaf in ("weight", "bias") if fused else ():
+                tensor = state.pop(f"{name}.{fused}.{leaf}")
+                for part_name, part in zip(_FUSED[fused], tensor.chunk(len(_FUSED[fused])), strict=True):
+                    state[f"{name}.{part_name}.{leaf}"] = part
+    return state
 
 
 class FeedForward(nn.Module):
@@ -184,7 +208,7 @@ class FeedForward(nn.Module):
         self.net[0].proj = nn.Linear(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](ops.linear_gelu(x, self.net[0].proj))
 
 
 class AdaLN(nn.Module):

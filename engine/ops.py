@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -55,3 +56,56 @@ def mean_pool(h: torch.Tensor) -> torch.Tensor:
 
 def mean_pool_into(h: torch.Tensor, out: torch.Tensor, slot: int) -> None:
     kernels.mean_pool_into(h, out, slot, backend=_current)
+
+
+def joint_qkv(img_qkv: torch.Tensor, txt_qkv: torch.Tensor | None, heads: int, norms: tuple | None):
+    return kernels.joint_qkv(img_qkv, txt_qkv, heads, norms, backend=_current)
+
+
+def linear_gelu(x: torch.Tensor, proj: torch.nn.Module):
+    """tanh-GELU(proj(x)). With an FP8 `proj` the GELU is fused into quantising its output for the next FP8 GEMM, so
+    the result is a `Float8Activation` (the FFN's second linear takes it as is)."""
+    from engine.quant import Float8Activation, Float8Linear
+
+    if isinstance(proj, Float8Linear):
+        h = proj(x)
+        q, scale = kernels.quantize_rowwise(h.reshape(-1, h.shape[-1]), gelu=True, backend=_current)
+        return Float8Activation(q, scale, h.shape[:-1], h.dtype)
+    if x.is_cuda and not torch.is_grad_enabled() and _gelu_epilogue_ok(x.dtype):
+        # cuBLASLt's GELU epilogue: the activation is applied to the fp32 accumulator inside the GEMM, saving a read
+        # and a write of the 4D-wide hidden state (the largest elementwise pass of a block).
+        out = torch._addmm_activation(proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], -1)
+    return F.gelu(proj(x), approximate="tanh")
+
+
+_gelu_epilogue_checked: bool | None = None
+
+
+def _gelu_epilogue_ok(dtype: torch.dtype) -> bool:
+    """Use `torch._addmm_activation(use_gelu=True)` only after checking, once per process, that it computes SD3's
+    tanh-GELU on this device: in fp32 (no TF32) its output must be 10x closer to tanh-GELU than to exact GELU (the
+    CPU version is exact GELU; a CUDA build whose epilogue differed falls back to F.gelu with a warning)."""
+    global _gelu_epilogue_checked
+    if _gelu_epilogue_checked is None:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x, w, b = (torch.randn(*shape, device="cuda", generator=g) for shape in ((64, 256), (512, 256), (512,)))
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+        try:
+            fused = torch._addmm_activation(b, x, w.t(), use_gelu=True).double()
+            pre = F.linear(x.double(), w.double(), b.double())
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        err_tanh = float((fused - F.gelu(pre, approximate="tanh")).norm())
+        err_exact = float((fused - F.gelu(pre)).norm())
+        _gelu_epilogue_checked = err_tanh * 10 < err_exact
+        if not _gelu_epilogue_checked:
+            import warnings
+
+            warnings.warn(
+                f"torch._addmm_activation's GELU is not tanh-GELU here (errors vs tanh {err_tanh:.1e}, vs "
+                f"exact {err_exact:.1e}); using F.gelu",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _gelu_epilogue_checked and dtype in (torch.bfloat16, torch.float16, torch.float32)

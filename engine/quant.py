@@ -7,8 +7,12 @@ the conditioning cache), norms. Activations are quantised per token (row) on the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+import kernels
 
 E4M3_MAX = 448.0
 
@@ -18,57 +22,60 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (x_fp8 [M, K] e4m3, scale [M, 1] fp32) with x ≈ x_fp8 * scale."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / E4M3_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+    """x [M, K] -> (x_fp8 [M, K] e4m3, scale [M, 1] fp32) with x ≈ x_fp8 * scale (one Triton pass on CUDA)."""
+    return kernels.quantize_rowwise(x)
 
 
 def linear_fp8_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """What `Float8Linear` computes, in plain torch: both operands rounded to e4m3 with rowwise scales."""
-    xq, xs = quantize_rowwise(x.reshape(-1, x.shape[-1]))
-    wq, ws = quantize_rowwise(weight)
+    xq, xs = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]), backend="torch")
+    wq, ws = kernels.quantize_rowwise(weight, backend="torch")
     out = (xq.float() * xs) @ (wq.float() * ws).t()
     return (out + (bias.float() if bias is not None else 0)).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-_fused_quantize = None
+class Float8Activation(NamedTuple):
+    """An activation already quantised by its producer (e.g. GELU fused with quantisation): rows [M, K] e4m3,
+    scales [M, 1], the leading shape to restore and the dtype to compute the output in."""
 
-
-def _quantize_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rowwise` compiled into one row-reduction + cast kernel on CUDA. Eager it is five passes over the
-    activation (abs, amax, upcast, divide, cast), which made fp8 slower than bf16 (bench/results run 1)."""
-    global _fused_quantize
-    if x.device.type != "cuda":
-        return quantize_rowwise(x)
-    if _fused_quantize is None:
-        _fused_quantize = torch.compile(quantize_rowwise, dynamic=True, fullgraph=True)
-    return _fused_quantize(x)
+    data: torch.Tensor
+    scale: torch.Tensor
+    lead_shape: torch.Size
+    dtype: torch.dtype
 
 
 class Float8Linear(nn.Module):
-    """y = x W^T + b with W stored e4m3 [out, in] and scale [1, out]; x quantised per row; bf16 out."""
+    """y = x W^T + b with W stored e4m3 [out, in] and scale [1, out]; x quantised per row (or given quantised)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()
-        wq, ws = quantize_rowwise(linear.weight.detach())
+        self.weight_only = weight_only  # dequantise W and run a bf16 GEMM: for tiny-M prompt-only layers (adaLN)
+        wq, ws = kernels.quantize_rowwise(linear.weight.detach())
         self.register_buffer("weight_fp8", wq)
         self.register_buffer("weight_scale", ws.t().contiguous())  # [1, out], what _scaled_mm's scale_b wants
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xq, xs = _quantize_fused(x.reshape(-1, shape[-1]))
+    def forward(self, x: torch.Tensor | Float8Activation) -> torch.Tensor:
+        if self.weight_only:
+            weight = (self.weight_fp8.to(torch.float32) * self.weight_scale.t()).to(x.dtype)
+            return torch.nn.functional.linear(x, weight, self.bias)
+        if isinstance(x, Float8Activation):
+            xq, xs, lead, dtype = x
+        else:
+            lead, dtype = x.shape[:-1], x.dtype
+            xq, xs = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]))
         out = torch._scaled_mm(
-            xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype
+            xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=self.bias, out_dtype=dtype
         )
-        return out.reshape(*shape[:-1], self.out_features)
+        return out.reshape(*lead, self.out_features)
 
 
-def quantize_fp8(backbone: nn.Module) -> nn.Module:
-    """Swap every linear of every block except the adaLN ones (`norm1*.linear`) for `Float8Linear`, in place."""
+def quantize_fp8(backbone: nn.Module, adaln: bool = False, require_fp8_gpu: bool = True) -> nn.Module:
+    """Swap every linear of every block for `Float8Linear`, in place. The adaLN linears (`norm1*.linear`, a third of
+    SD3.5-L's weights but prompt-only work) stay bf16 unless `adaln=True` stores them e4m3 too (weight-only)."""
     device = next(backbone.parameters()).device
-    if not fp8_supported(device):
+    if require_fp8_gpu and not fp8_supported(device):  # (tests run the CPU emulation of torch._scaled_mm)
         raise ValueError(
             f"dtype='fp8' needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper "
             f"or newer); this engine is on {device}. Use dtype='bf16'."
@@ -76,9 +83,10 @@ def quantize_fp8(backbone: nn.Module) -> nn.Module:
     for block in backbone.transformer_blocks:
         linears = [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
         for name in linears:
-            if name.startswith("norm1"):
+            is_adaln = name.startswith("norm1")
+            if is_adaln and not adaln:
                 continue
             parent, _, child = name.rpartition(".")
             owner = block.get_submodule(parent)
-            setattr(owner, child, Float8Linear(getattr(owner, child)))
+            setattr(owner, child, Float8Linear(getattr(owner, child), weight_only=is_adaln))
     return backbone

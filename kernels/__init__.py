@@ -7,13 +7,17 @@ from kernels.adaln import gated_residual, gated_residual_layernorm_modulate, lay
 from kernels.backend import resolve
 from kernels.noise import near_clean
 from kernels.pooling import mean_pool, mean_pool_into
+from kernels.qknorm import joint_qkv
+from kernels.quant import quantize_rowwise
 
 __all__ = [
     "gated_residual",
     "gated_residual_layernorm_modulate",
+    "joint_qkv",
     "layernorm_modulate",
     "mean_pool",
     "mean_pool_into",
     "near_clean",
+    "quantize_rowwise",
     "resolve",
 ]

@@ -1,0 +1,270 @@
+"""RL integration: DiT-Reward as a Flow-GRPO reward function, a latent reward for samplers, GRPO advantages.
+
+Three pieces, from the loosest coupling to the tightest:
+
+- `dit_reward_fn` follows Flow-GRPO's reward convention (``flow_grpo/rewards.py``): a factory returning
+  ``fn(images, prompts, metadata) -> (scores, {})`` with images a float NCHW tensor in [0, 1] (what the SD3 pipeline
+  returns with ``output_type="pt"``), a uint8 NHWC array or a list of PIL images, and ``scores`` one float per image.
+  It drops into ``multi_score``'s registry (``{name: factory}``, weighted by ``score_dict``); it pays a VAE encode
+  and the text encoders, like any pixel reward.
+- `dit_latent_reward_fn` scores the sampler's own final latents and prompt embeddings, *before* the VAE decode:
+  no decode, no re-encode, no text encoders. A GRPO group (16-24 samples of one prompt) shares one conditioning.
+- `group_advantages` is Flow-GRPO's per-prompt normalisation, ``(r - mean_g) / (std_g + eps)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from engine.api import RewardEngine
+from engine.pixel import ImageBatch, _default_device
+
+# Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
+ImageRewardFn = Callable[[ImageBatch, Sequence[str], Any], tuple[np.ndarray, dict[str, Any]]]
+
+
+class LatentRewardFn(Protocol):
+    """``fn(latents, prompt_embeds, pooled, ...) -> rewards [B] float32`` (see `dit_latent_reward_fn`)."""
+
+    engine: RewardEngine
+
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        prompt_index: torch.Tensor | Sequence[int] | None = None,
+        *,
+        group_index: torch.Tensor | Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor: ...
+
+
+def _check_seed(seed: int | None) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ pixel form
+
+
+def dit_reward_fn(
+    engine_or_checkpoint: RewardEngine | str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    normalize: bool = False,
+    seed: int | None = None,
+    max_side: int | None = None,
+    **engine_kwargs: Any,
+) -> ImageRewardFn:
+    """A Flow-GRPO-style reward function: ``fn(images, prompts, metadata) -> (scores, {})``.
+
+    Args:
+        engine_or_checkpoint: a built `RewardEngine` (with a base directory attached, see `score_images`), or a
+            reward checkpoint directory loaded with ``RewardEngine.from_pretrained(checkpoint, base=base, ...)``.
+        base: the local SD3/SD3.5 diffusers directory (VAE and text encoders); only with a checkpoint path.
+        device, dtype, engine_kwargs: for loading a checkpoint (default device: CUDA when available).
+        normalize: return ``(r - mean) / std`` with the statistics the trainer stored (BT rewards are unbounded; a
+            weighted sum with other rewards in ``multi_score`` wants comparable scales).
+        seed: the near-clean noise eps (image ``b`` of a call uses Philox stream ``b``); None draws fresh noise
+            every call, so the same image scores slightly differently each time.
+        max_side: downscale images whose longer side exceeds this many pixels (see `engine.pixel.load_images`).
+
+    Returns:
+        ``fn(images, prompts, metadata=None) -> (scores, {})``: images a float NCHW tensor in [0, 1] (Flow-GRPO's
+        pipeline output), a uint8 NHWC array, or a list of PIL images / paths / uint8 HWC arrays; prompts one
+        string per image; metadata is ignored. ``scores`` is a float32 numpy array [B], in input order. The function
+        carries the engine as ``fn.engine``.
+
+    In Flow-GRPO, register a factory whose argument is called ``device`` (``multi_score`` passes the device to
+    factories that take one): ``score_functions["dit_reward"] = lambda device: dit_reward_fn(CKPT, base=SD35,
+    device=device)``, then ``score_dict={"dit_reward": 1.0, ...}``.
+    """
+    _check_seed(seed)
+    if isinstance(engine_or_checkpoint, RewardEngine):
+        if base is not None:
+            raise ValueError("base is for loading a checkpoint path; a built RewardEngine already has its base")
+        engine = engine_or_checkpoint
+    elif isinstance(engine_or_checkpoint, (str, os.PathLike)):
+        if base is None:
+            raise ValueError(
+                "dit_reward_fn scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 "
+                "diffusers directory>"
+            )
+        engine = RewardEngine.from_pretrained(
+            engine_or_checkpoint, base=base, dtype=dtype, device=_default_device(device), **engine_kwargs
+        )
+    else:
+        raise TypeError(
+            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
+            f"{type(engine_or_checkpoint).__name__}"
+        )
+    engine.pixel_front_end()  # load the VAE and text encoders now: a missing base fails here, not mid-training
+
+    def reward_fn(images: ImageBatch, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, one per image (got a single str)")
+        # Flow-GRPO hands over tuples from its DataLoader; numpy string arrays are also seen in the wild.
+        prompts = [str(p) if isinstance(p, np.str_) else p for p in prompts]
+        scores = engine.score_images(images, prompts, seed=seed, max_side=max_side, normalize=normalize)
+        return scores.cpu().numpy(), {}
+
+    reward_fn.engine = engine  # type: ignore[attr-defined]
+    return reward_fn
+
+
+# ----------------------------------------------------------------------------------------------- latent form
+
+
+def _first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group labels [B] -> (first member of each distinct group [G], group id of each latent [B] in [0, G))."""
+    labels, inverse = torch.unique(group, return_inverse=True)
+    positions = torch.arange(group.shape[0], device=group.device)
+    first = torch.full((labels.shape[0],), group.shape[0], dtype=torch.long, device=group.device)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    return first, inverse
+
+
+def _group_labels(
+    batch: int, device: torch.device, group_index: Any, prompts: Sequence[str] | None
+) -> torch.Tensor | None:
+    if group_index is not None and prompts is not None:
+        raise ValueError("pass group_index or prompts (which define the groups), not both")
+    if prompts is not None:
+        if isinstance(prompts, str) or len(prompts) != batch:
+            raise ValueError(f"prompts must be {batch} strings, one per latent")
+        slot: dict[str, int] = {}
+        group_index = [slot.setdefault(p, len(slot)) for p in prompts]
+    if group_index is None:
+        return None
+    group = torch.as_tensor(group_index, device=device)
+    if group.dtype not in (torch.int32, torch.int64) or group.shape != (batch,):
+        raise ValueError(f"group_index must be {batch} integers (one group label per latent), got "
+                         f"{group.dtype} {list(group.shape)}")  # fmt: skip
+    return group.long()
+
+
+def dit_latent_reward_fn(
+    engine: RewardEngine,
+    *,
+    normalize: bool = False,
+    seed: int | None = None,
+    grad: bool = False,
+) -> LatentRewardFn:
+    """The latent reward for samplers that keep their final latents and prompt embeddings (score before decoding).
+
+    Args:
+        engine: a `RewardEngine` on the sampler's device.
+        normalize: ``(r - mean) / std`` with the trainer's statistics.
+        seed: near-clean noise eps (latent ``b`` uses Philox stream ``b``); None: fresh noise each call.
+        grad: keep the graph so rewards backpropagate to the latents (reward-gradient methods: ReFL, DRaFT).
+
+    Returns:
+        ``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None)`` ->
+        rewards [B] float32 on the engine's device. ``latents [B, C, H, W]`` are transformer-space latents, i.e.
+        the SD3 pipeline's final latents before ``/ scaling_factor + shift_factor`` and the VAE decode;
+        ``prompt_embeds [R, L, joint_dim]`` and ``pooled [R, pooled_dim]`` are SD3's (with classifier-free guidance,
+        the conditional half only). The rows R and the latents pair up in one of these ways:
+
+        - ``prompt_index`` [B]: rows are distinct prompts, latent b uses row ``prompt_index[b]`` (the engine's
+          convention; each row is conditioned once).
+        - ``group_index`` [B] or ``prompts`` (B strings): R == B rows, one per latent, repeated within a group
+          (Flow-GRPO's layout); the first row of each group is conditioned once and serves the whole group. Rows of
+          one group must be identical (checked, one device sync, when ``engine.check_finite``).
+        - none: R == B (each row conditioned separately) or R == 1 (one prompt for all).
+
+        The function carries the engine as ``fn.engine``.
+    """
+    if not isinstance(engine, RewardEngine):
+        raise TypeError(f"engine must be a RewardEngine, got {type(engine).__name__}")
+    _check_seed(seed)
+
+    def latent_reward_fn(
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        prompt_index: torch.Tensor | Sequence[int] | None = None,
+        *,
+        group_index: torch.Tensor | Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
+        batch = latents.shape[0]
+        group = _group_labels(batch, latents.device, group_index, prompts)
+        if group is not None:
+            if prompt_index is not None:
+                raise ValueError(
+                    "prompt_index indexes distinct prompt rows; group_index/prompts label per-latent rows: pass one"
+                )
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.shape[0] != batch:
+                rows = prompt_embeds.shape[0] if isinstance(prompt_embeds, torch.Tensor) else "?"
+                raise ValueError(
+                    f"with group_index/prompts, prompt_embeds needs one row per latent ({batch}), got {rows}; "
+                    "for one row per distinct prompt use prompt_index"
+                )
+            first, prompt_index = _first_of_each_group(group)
+            first = first.to(prompt_embeds.device)
+            if engine.check_finite and not (
+                torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)
+                and torch.equal(pooled[first][prompt_index], pooled)
+            ):
+                raise ValueError("prompt embeddings differ within a group: latents labelled alike must share a prompt")
+            prompt_embeds, pooled = prompt_embeds[first], pooled[first]
+        cond = engine.condition(prompt_embeds, pooled)  # once per distinct prompt
+        return engine.score(latents, cond, seed=seed, grad=grad, prompt_index=prompt_index, normalize=normalize)
+
+    latent_reward_fn.engine = engine  # type: ignore[attr-defined]
+    return latent_reward_fn  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+
+
+def group_advantages(
+    rewards: torch.Tensor | Sequence[float] | np.ndarray,
+    group_index: torch.Tensor | Sequence[int] | Sequence[str] | np.ndarray,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """GRPO advantages ``(r - mean_g) / (std_g + eps)`` with each group's own statistics.
+
+    Args:
+        rewards: [B] one reward per sample.
+        group_index: [B] group labels: ints, or the prompt strings themselves (Flow-GRPO groups by prompt).
+        eps: added to the standard deviation (Flow-GRPO: 1e-4), so a group of equal rewards gets advantage 0.
+
+    Returns:
+        [B] advantages in rewards' floating dtype (float64 for a list of Python floats, float32 for integer
+        rewards), on rewards' device. The standard deviation is the population one (ddof 0) and the arithmetic is
+        fp64, as in Flow-GRPO's ``PerPromptStatTracker.update`` (``global_std=False``) on a fresh tracker.
+    """
+    r = torch.as_tensor(np.asarray(rewards) if not isinstance(rewards, torch.Tensor) else rewards)
+    if r.ndim != 1 or r.shape[0] == 0:
+        raise ValueError(f"rewards must be a non-empty [B] vector, got shape {list(r.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not isinstance(group_index, torch.Tensor) and len(group_index) and isinstance(group_index[0], str):
+        slot: dict[str, int] = {}
+        group_index = [slot.setdefault(p, len(slot)) for p in group_index]
+    group = torch.as_tensor(group_index, device=r.device)
+    if group.shape != r.shape or group.dtype.is_floating_point or group.dtype == torch.bool:
+        raise ValueError(f"group_index must be {r.shape[0]} integer labels or strings, got {group.dtype} "
+                         f"{list(group.shape)}")  # fmt: skip
+    _, inverse = torch.unique(group, return_inverse=True)
+    x = r.double()
+    count = torch.bincount(inverse).double()
+    mean = torch.zeros_like(count).index_add_(0, inverse, x) / count
+    centred = x - mean[inverse]
+    std = (torch.zeros_like(count).index_add_(0, inverse, centred**2) / count).sqrt()
+    out_dtype = r.dtype if r.is_floating_point() else torch.float32
+    return (centred / (std[inverse] + eps)).to(out_dtype)
+
+
+__all__ = ["ImageRewardFn", "LatentRewardFn", "dit_latent_reward_fn", "dit_reward_fn", "group_advantages"]

@@ -1,0 +1,220 @@
+"""RL integration: Flow-GRPO-style reward fn, the latent reward with GRPO groups, group advantages, the example."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_inputs
+from PIL import Image
+
+from engine import RewardEngine
+from engine.rl import dit_latent_reward_fn, dit_reward_fn, group_advantages
+from engine.tiny_base import default_tiny_base
+
+PROMPTS = ["a photo of a cat", "two dogs running on the beach", "a red car at night"]
+
+
+@pytest.fixture(scope="module")
+def engine() -> RewardEngine:
+    return RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch")
+
+
+@pytest.fixture(scope="module")
+def pixel_engine() -> RewardEngine:
+    return RewardEngine.from_base(default_tiny_base(), dtype=torch.float32, kernels_backend="torch")
+
+
+def _images(n: int, height: int = 32, width: int = 32) -> torch.Tensor:
+    """Flow-GRPO's image batch: float NCHW in [0, 1]."""
+    return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(n))
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+
+
+def _flow_grpo_advantages(prompts: list, rewards: np.ndarray) -> np.ndarray:
+    """Flow-GRPO's PerPromptStatTracker.update (type 'grpo', global_std False) on a fresh tracker, restated."""
+    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+    advantages = np.empty_like(rewards)
+    for prompt in np.unique(prompts):
+        group = rewards[prompts == prompt]
+        advantages[prompts == prompt] = (group - group.mean()) / (group.std() + 1e-4)
+    return advantages
+
+
+def test_group_advantages_match_flow_grpo() -> None:
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=12).astype(np.float32)
+    labels = [7, 3, 7, 3, 9, 7, 3, 9, 9, 7, 3, 42]  # interleaved, non-contiguous labels, one group of size 1
+    expected = _flow_grpo_advantages(labels, rewards)
+    got = group_advantages(torch.from_numpy(rewards), torch.tensor(labels))
+    assert got.dtype == torch.float32 and got.shape == (12,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+    as_prompts = [f"prompt {label}" for label in labels]  # Flow-GRPO groups by the prompt string
+    np.testing.assert_allclose(group_advantages(rewards, as_prompts).numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert got[-1] == 0  # a lone sample has no group to compare with
+    assert torch.equal(group_advantages(torch.ones(4), torch.tensor([0, 0, 1, 1])), torch.zeros(4))
+    # each group is normalised on its own: zero mean, unit (population) std up to eps
+    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0, 30.0, 50.0]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert torch.allclose(adv[:3], adv[3:], atol=1e-3) and abs(float(adv[:3].std(unbiased=False)) - 1) < 1e-3
+
+
+def test_group_advantages_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        group_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="3 integer labels"):
+        group_advantages(torch.zeros(3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer labels"):
+        group_advantages(torch.zeros(2), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="eps"):
+        group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=0)
+
+
+# ------------------------------------------------------------------------------------------------ latent form
+
+
+def test_latent_reward_groups_share_one_conditioning(engine: RewardEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    z0, pe, po, _ = random_inputs(batch=6, h=8, w=8, text_len=7, seed=1)
+    group = torch.tensor([2, 2, 0, 0, 2, 0])  # two GRPO groups of 3, interleaved
+    row_of_latent = torch.where(group == 2, 4, 2)  # group 2 uses prompt row 4, group 0 row 2
+    per_latent = (pe[row_of_latent], po[row_of_latent])  # Flow-GRPO's layout: one (repeated) row per sample
+    expected = engine.score(z0, per_latent, seed=11)  # every row conditioned on its own
+
+    conditioned: list[int] = []
+    real_condition = engine.condition
+    monkeypatch.setattr(
+        engine, "condition", lambda emb, pool, **kw: conditioned.append(emb.shape[0]) or real_condition(emb, pool, **kw)
+    )
+    fn = dit_latent_reward_fn(engine, seed=11)
+    by_group = fn(z0, *per_latent, group_index=group)
+    assert conditioned == [2]  # once per group, not per latent
+    assert by_group.shape == (6,) and by_group.dtype == torch.float32
+    torch.testing.assert_close(by_group, expected, rtol=1e-5, atol=1e-6)
+    by_prompt = fn(z0, *per_latent, prompts=["dog" if g == 2 else "cat" for g in group.tolist()])
+    torch.testing.assert_close(by_prompt, expected, rtol=1e-5, atol=1e-6)
+    # distinct rows + prompt_index (the engine's convention) gives the same rewards
+    distinct = fn(z0, pe[[2, 4]], po[[2, 4]], prompt_index=(group == 2).long())
+    torch.testing.assert_close(distinct, expected, rtol=1e-5, atol=1e-6)
+    assert fn.engine is engine
+
+
+def test_latent_reward_single_prompt_grad_and_normalize(engine: RewardEngine) -> None:
+    z0, pe, po, _ = random_inputs(batch=3, h=8, w=8, text_len=5, seed=2)
+    fn = dit_latent_reward_fn(engine, seed=0, grad=True)
+    z = z0.clone().requires_grad_(True)
+    reward = fn(z, pe[:1], po[:1])  # one prompt for the whole batch
+    (grad,) = torch.autograd.grad(reward.sum(), z)
+    assert grad.shape == z.shape and grad.abs().sum() > 0
+    normalized = dit_latent_reward_fn(engine, seed=0, normalize=True)(z0, pe[:1], po[:1])
+    cfg = engine.reward_config
+    torch.testing.assert_close(normalized, (reward.detach() - cfg.reward_mean) / cfg.reward_std)
+
+
+def test_latent_reward_bad_inputs(engine: RewardEngine) -> None:
+    z0, pe, po, _ = random_inputs(batch=4, h=8, w=8, text_len=5, seed=3)
+    fn = dit_latent_reward_fn(engine)
+    with pytest.raises(ValueError, match="differ within a group"):
+        fn(z0, pe, po, group_index=[0, 0, 1, 1])  # four different rows labelled as two groups
+    with pytest.raises(ValueError, match="one row per latent"):
+        fn(z0, pe[:2], po[:2], group_index=[0, 0, 1, 1])
+    with pytest.raises(ValueError, match="pass one"):
+        fn(z0, pe, po, [0, 1, 2, 3], group_index=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="not both"):
+        fn(z0, pe, po, group_index=[0, 1, 2, 3], prompts=list("abcd"))
+    with pytest.raises(ValueError, match="4 strings"):
+        fn(z0, pe, po, prompts=["a", "b"])
+    with pytest.raises(ValueError, match="4 integers"):
+        fn(z0, pe, po, group_index=[0.5, 1, 2, 3])
+    with pytest.raises(TypeError, match="latents"):
+        fn(z0.numpy(), pe, po)
+    with pytest.raises(TypeError, match="RewardEngine"):
+        dit_latent_reward_fn("not an engine")
+
+
+# ------------------------------------------------------------------------------------------------- pixel form
+
+
+def _multi_score(score_fns: dict, weights: dict[str, float]):
+    """The combining loop of Flow-GRPO's ``multi_score`` (flow_grpo/rewards.py), restated: per-name scores and a
+    weighted sum under 'avg'."""
+
+    def _fn(images, prompts, metadata):
+        details, total = {}, []
+        for name, weight in weights.items():
+            scores, _ = score_fns[name](images, prompts, metadata)
+            details[name] = scores
+            weighted = [weight * score for score in scores]
+            total = weighted if not total else [t + w for t, w in zip(total, weighted, strict=True)]
+        details["avg"] = total
+        return details, {}
+
+    return _fn
+
+
+def test_flow_grpo_reward_fn_in_multi_score(pixel_engine: RewardEngine) -> None:
+    images, prompts = _images(4), [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    fn = dit_reward_fn(pixel_engine, seed=5)
+    scores, details = fn(images, tuple(prompts), {})  # Flow-GRPO's DataLoader hands over tuples
+    assert details == {} and isinstance(scores, np.ndarray) and scores.dtype == np.float32 and scores.shape == (4,)
+    np.testing.assert_array_equal(scores, pixel_engine.score_images(images, prompts, seed=5).numpy())
+    # the same pixels as PIL images and as a uint8 NHWC array: Flow-GRPO's other image forms
+    uint8 = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    from_pil, _ = fn([Image.fromarray(a) for a in uint8], prompts, None)
+    from_array, _ = fn(uint8, np.array(prompts), None)
+    np.testing.assert_array_equal(from_pil, from_array)
+    np.testing.assert_allclose(from_pil, scores, atol=1e-2)  # 8-bit quantisation of the pixels
+
+    def brightness(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3)).numpy(), {}
+
+    combined = _multi_score({"dit_reward": fn, "brightness": brightness}, {"dit_reward": 1.0, "brightness": 0.5})
+    details, _ = combined(images, prompts, {})
+    total = np.asarray(details["avg"], dtype=np.float64)  # one float per image, as Flow-GRPO's trainer reads it
+    np.testing.assert_allclose(total, scores + 0.5 * images.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(details["dit_reward"], scores)
+
+
+def test_flow_grpo_reward_fn_from_a_checkpoint(pixel_engine: RewardEngine, tmp_path: Path) -> None:
+    checkpoint = pixel_engine.save_pretrained(tmp_path / "reward")
+    fn = dit_reward_fn(
+        checkpoint, base=default_tiny_base(), device="cpu", dtype=torch.float32, seed=3, kernels_backend="torch"
+    )
+    images, prompts = _images(2), PROMPTS[:2]
+    expected = pixel_engine.score_images(images, prompts, seed=3, normalize=True)
+    scores, _ = dit_reward_fn(fn.engine, seed=3, normalize=True)(images, prompts, None)
+    np.testing.assert_array_equal(scores, expected.numpy())
+
+
+def test_flow_grpo_reward_fn_bad_inputs(pixel_engine: RewardEngine, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="base="):
+        dit_reward_fn(tmp_path / "reward")
+    with pytest.raises(ValueError, match="already has its base"):
+        dit_reward_fn(pixel_engine, base=default_tiny_base())
+    with pytest.raises(TypeError, match="RewardEngine or a reward checkpoint"):
+        dit_reward_fn(42)
+    with pytest.raises(TypeError, match="seed"):
+        dit_reward_fn(pixel_engine, seed=1.5)
+    with pytest.raises(ValueError, match="score_images needs"):
+        dit_reward_fn(RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch"))
+    fn = dit_reward_fn(pixel_engine)
+    with pytest.raises(TypeError, match="one per image"):
+        fn(_images(1), "a cat", None)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        fn(_images(2), ["a cat"], None)
+
+
+# ---------------------------------------------------------------------------------------------------- example
+
+
+def test_grpo_example_runs_and_raises_the_reward(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "grpo_loop.py"
+    spec = importlib.util.spec_from_file_location("grpo_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = module.main(["--steps", "4", "--group-size", "4"])
+    assert len(history) == 4 and history[-1] > history[0]
+    assert capsys.readouterr().out.count("reward") == 4
