@@ -29,13 +29,15 @@ def log(msg: str) -> None:
 
 class Report:
     def __init__(self, out: Path, deadline_s: float):
-        self.out, self.deadline = out, deadline_s
+        self.out, self.deadline, self.only = out, deadline_s, None
         self.data: dict = {"sections": {}, "skipped": [], "errors": {}}
 
     def left(self) -> float:
         return self.deadline - (time.perf_counter() - T0)
 
     def section(self, name: str, fn, need_s: float = 0.0) -> None:
+        if self.only is not None and name not in self.only:
+            return
         if self.left() < need_s:
             log(f"SKIP {name}: {self.left():.0f}s left, needs ~{need_s:.0f}s")
             self.data["skipped"].append(name)
@@ -292,10 +294,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--deadline-s", type=float, default=420)
+    p.add_argument("--only", nargs="*", default=None, help="run just these sections")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out, args.deadline_s)
+    rep.only = args.only
     from bench.harness import ceilings, environment_info
     from engine import ops
 

@@ -68,12 +68,13 @@ class RewardEngine(nn.Module):
         attention: str | None = None,
         check_finite: bool = True,
         fp8: bool = False,
+        fp8_adaln: bool = False,
     ):
         super().__init__()
         if fp8:
             from engine.quant import quantize_fp8
 
-            quantize_fp8(backbone)
+            quantize_fp8(backbone, adaln=fp8_adaln)
         self.fp8 = fp8
         reward.check_against(backbone.cfg)
         if tuple(reward.layers) != backbone.layers:
