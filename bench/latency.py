@@ -123,6 +123,10 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
         extra = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
         if args.checkpoint:
             engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
+        elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
+            from engine.tiny_base import default_tiny_base
+
+            engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
         else:
             engine = RewardEngine.from_preset(preset, device=device, **extra)
         engine.check_finite = False  # the RL-loop setting: no host syncs

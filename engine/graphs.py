@@ -18,6 +18,20 @@ from engine.api import PromptEmb, RewardEngine
 from engine.mmdit import Conditioning
 
 
+def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding `batch` (batches beyond the largest are scored in chunks of the largest)."""
+    return next((b for b in buckets if b >= batch), buckets[-1])
+
+
+def chunks(batch: int, buckets: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(start, stop, bucket) for scoring `batch` latents: full chunks of the largest bucket, then one padded chunk."""
+    out = []
+    for lo in range(0, batch, buckets[-1]):
+        hi = min(lo + buckets[-1], batch)
+        out.append((lo, hi, bucket_for(hi - lo, buckets)))
+    return out
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -45,7 +59,7 @@ class GraphedScorer:
         self._pool = torch.cuda.graph_pool_handle()
 
     def bucket_for(self, batch: int) -> int:
-        return next((b for b in self.buckets if b >= batch), self.buckets[-1])
+        return bucket_for(batch, self.buckets)
 
     def _run(self, s: _Captured) -> torch.Tensor:
         engine = self.engine
@@ -89,11 +103,12 @@ class GraphedScorer:
         engine._check_latents(latents, noise)
         cond = prompt_emb if isinstance(prompt_emb, Conditioning) else engine.condition(*engine._as_pair(prompt_emb))
         cond = engine._select(cond, latents.shape[0], prompt_index)
-        out = []
-        for lo in range(0, latents.shape[0], self.buckets[-1]):
-            hi = min(lo + self.buckets[-1], latents.shape[0])
-            out.append(self._score_chunk(latents[lo:hi], cond, lo, hi, noise))
-        return torch.cat(out)
+        return torch.cat(
+            [
+                self._score_chunk(latents[lo:hi], cond, lo, hi, noise)
+                for lo, hi, _ in chunks(latents.shape[0], self.buckets)
+            ]
+        )
 
     def _score_chunk(self, latents, cond, lo, hi, noise) -> torch.Tensor:
         n = hi - lo

@@ -127,3 +127,13 @@ def test_fp8_forward_runs_and_tracks_bf16(adaln):
     )
     err = float((a - b).norm() / a.norm())
     assert 0 < err < 0.1, err
+
+
+def test_batch_buckets_pad_and_split():
+    from engine.graphs import bucket_for, chunks
+
+    buckets = (1, 2, 4, 8, 16, 32)
+    assert [bucket_for(b, buckets) for b in (1, 2, 3, 5, 16, 17, 24, 32)] == [1, 2, 4, 8, 16, 32, 32, 32]
+    assert chunks(24, buckets) == [(0, 24, 32)]  # a GRPO group of 24: one graph, 8 padding rows dropped
+    assert chunks(70, buckets) == [(0, 32, 32), (32, 64, 32), (64, 70, 8)]
+    assert sum(hi - lo for lo, hi, _ in chunks(70, buckets)) == 70
