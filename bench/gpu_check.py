@@ -73,6 +73,7 @@ def kernel_tests() -> dict:
     return {"returncode": r.returncode, "tail": tail}
 
 
+@torch.no_grad()  # joint_qkv takes its reference path under autograd: time the inference path (run 3 did not)
 def kernel_bench(with_compile: bool) -> dict:
     """Each memory-bound kernel vs its eager torch reference (and torch.compile of it) at SD3.5-L shapes."""
     import triton.testing
