@@ -8,7 +8,7 @@ blocks are pooled, the noise level `t`, and the head's hidden sizes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,15 +176,6 @@ class RewardConfig:
         return d
 
 
-def as_int_tuple(values: Sequence[int] | int, name: str) -> tuple[int, ...]:
-    if isinstance(values, int):
-        return (values,)
-    try:
-        return tuple(int(v) for v in values)
-    except TypeError as e:
-        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}") from e
-
-
 __all__ = [
     "SD3_LATENT_SCALE",
     "SD3_LATENT_SHIFT",
@@ -192,5 +183,4 @@ __all__ = [
     "PRESETS",
     "RewardConfig",
     "default_layers",
-    "as_int_tuple",
 ]

@@ -199,13 +199,20 @@ def diffusers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+class GELUProjection(nn.Module):
+    """Holds the FFN's first linear as `proj` (diffusers' `GELU(approximate="tanh")` module, key `net.0.proj`)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+
 class FeedForward(nn.Module):
-    """Linear(D, 4D) -> tanh-GELU -> Linear(4D, D); keys `net.0.proj`, `net.2` as in diffusers."""
+    """Linear(D, 4D) -> tanh-GELU -> Linear(4D, D); keys `net.0.proj`, `net.2` as in diffusers (net.1 is dropout)."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(4 * dim, dim)])
-        self.net[0].proj = nn.Linear(dim, 4 * dim)
+        self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](ops.linear_gelu(x, self.net[0].proj))

@@ -14,16 +14,9 @@ from torch import nn
 
 import kernels
 
-E4M3_MAX = 448.0
-
 
 def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (x_fp8 [M, K] e4m3, scale [M, 1] fp32) with x ≈ x_fp8 * scale (one Triton pass on CUDA)."""
-    return kernels.quantize_rowwise(x)
 
 
 def linear_fp8_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

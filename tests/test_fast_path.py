@@ -7,7 +7,8 @@ import torch
 from conftest import random_inputs
 
 from engine import RewardEngine
-from engine.quant import Float8Linear, linear_fp8_ref, quantize_rowwise
+from engine.quant import Float8Linear, linear_fp8_ref
+from kernels.quant import quantize_rowwise
 
 
 @pytest.fixture(scope="module")
