@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kernels.backend import describe, resolve, triton_kernel
+from kernels.backend import describe, interpreting, resolve, triton_kernel
 
 try:
     import triton.language as tl
@@ -26,26 +26,40 @@ _TINY = 1e-12  # an all-zero row gets scale tiny/448 instead of 0 (no division b
 
 @triton_kernel
 def _quantize_rows_kernel(
-    x_ptr, q_ptr, scale_ptr, n_cols, stride_x, stride_q, APPLY_GELU: tl.constexpr, BLOCK: tl.constexpr
-):
+    x_ptr, q_ptr, scale_ptr, n_cols, stride_x, stride_q,
+    APPLY_GELU: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     # y = gelu_tanh(x) if APPLY_GELU else x;  scale = max(|y|) / 448;  q = e4m3(y / scale)   (fp32 math)
+    # One program per row, in BLOCK-wide chunks: pass 1 finds the row's max, pass 2 (re-reading the row from L2)
+    # scales and stores. A whole 4D-wide row (9728 at SD3.5-L) in registers at once spilled: run 3 profiled the
+    # single-pass version at ~600 GB/s.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    y = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if APPLY_GELU:
-        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)  # sqrt(2/pi) * (y + 0.044715 y^3)
-        inner = tl.minimum(tl.maximum(inner, -15.0), 15.0)  # tanh is +-1 in fp32 beyond; keeps exp() finite
-        y = 0.5 * y * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
-    scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
-    v = y / scale
-    # Round-to-nearest-even onto the e4m3 grid in fp32 (3 mantissa bits, subnormal step 2^-9) so that the cast below
-    # is exact: Triton's CPU interpreter mis-rounds fp32->e4m3 casts that carry into the exponent (126.2 -> 64, not
-    # 128); rounding here keeps the interpreter and the GPU bit-identical. 1.5 * 2^23 added and subtracted rounds
-    # |x| < 2^22 to an integer, ties to even.
-    step = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1.0 / 512.0))), -6.0) - 3.0)
-    v = ((v / step + 12582912.0) - 12582912.0) * step
-    tl.store(q_ptr + row * stride_q + cols, v.to(tl.float8e4nv), mask=mask)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        y = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        if APPLY_GELU:  # 0.5 y (1 + tanh(u)), u = sqrt(2/pi) (y + 0.044715 y^3), tanh(u) = 2 sigmoid(2u) - 1
+            u = tl.minimum(tl.maximum(0.7978845608028654 * (y + 0.044715 * y * y * y), -15.0), 15.0)  # exp finite
+            y = y / (1.0 + tl.exp(-2.0 * u))
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if APPLY_GELU:  # as in pass 1
+            u = tl.minimum(tl.maximum(0.7978845608028654 * (y + 0.044715 * y * y * y), -15.0), 15.0)  # exp finite
+            y = y / (1.0 + tl.exp(-2.0 * u))
+        v = y / scale
+        if EXACT_ROUNDING:
+            # Triton's CPU interpreter mis-rounds fp32->e4m3 casts that carry into the exponent (126.2 -> 64, not
+            # 128). Round to nearest-even onto the e4m3 grid first (3 mantissa bits, subnormal step 2^-9), so its cast
+            # is exact; the GPU's cvt.rn instruction rounds the same way by itself. Adding and subtracting
+            # 1.5 * 2^23 rounds |x| < 2^22 to an integer, ties to even.
+            step = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1.0 / 512.0))), -6.0) - 3.0)
+            v = ((v / step + 12582912.0) - 12582912.0) * step
+        tl.store(q_ptr + row * stride_q + cols, v.to(tl.float8e4nv), mask=mask)
     tl.store(scale_ptr + row, scale)
 
 
@@ -54,10 +68,10 @@ def _launch(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, cols, device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
     if rows:
-        block = 1 << math.ceil(math.log2(cols))
+        block = min(1 << math.ceil(math.log2(cols)), 2048)
         _quantize_rows_kernel[(rows,)](
-            x, q, scale, cols, x.stride(0), q.stride(0), APPLY_GELU=gelu, BLOCK=block,
-            num_warps=4 if block <= 4096 else 8,
+            x, q, scale, cols, x.stride(0), q.stride(0), APPLY_GELU=gelu, EXACT_ROUNDING=interpreting(), BLOCK=block,
+            num_warps=4,
         )  # fmt: skip
     return q, scale
 

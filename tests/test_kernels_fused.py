@@ -57,7 +57,7 @@ def test_joint_qkv_matches_reference(dtype, text, norm, batch, n_img, n_txt, hea
 
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, cols", [(7, 48), (1, 100), (5, 257)])
+@pytest.mark.parametrize("rows, cols", [(7, 48), (1, 100), (5, 257), (3, 4097)])  # 4097: three 2048-wide chunks
 def test_quantize_rowwise_matches_reference(gelu, dtype, rows, cols):
     g = torch.Generator().manual_seed(rows * cols)
     x = (torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, rows)[:, None]).to(dtype)
