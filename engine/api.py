@@ -24,6 +24,7 @@ from engine.loading import (
     save_reward_checkpoint,
 )
 from engine.mmdit import Conditioning, MMDiTReward, diffusers_state_dict
+from kernels.backend import accumulation_dtype
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
 
@@ -79,7 +80,9 @@ class RewardEngine(nn.Module):
         reward.check_against(backbone.cfg)
         if tuple(reward.layers) != backbone.layers:
             raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
-        self.backbone, self.head, self.reward_config = backbone, head.float(), reward
+        # the head runs in fp32 (fp64 for an fp64 backbone: gradient checks), features arrive in that dtype
+        head_dtype = accumulation_dtype(backbone.context_embedder.weight.dtype)
+        self.backbone, self.head, self.reward_config = backbone, head.to(head_dtype), reward
         self.check_finite = check_finite
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
@@ -296,7 +299,7 @@ class RewardEngine(nn.Module):
         prompt_index: torch.Tensor | Sequence[int] | None = None,
         image_offset: int = 0,
     ) -> torch.Tensor:
-        """Pooled features [B, n_layers, D] float32 (Eq. 1-4).
+        """Pooled features [B, n_layers, D] float32 (float64 for a float64 engine) (Eq. 1-4).
 
         latents [B, C, H, W]: transformer-space latents (`(vae_latent - shift) * scale`, what the SD3 pipeline returns
         with output_type="latent"). prompt_emb: `(prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim])` or a
@@ -323,8 +326,9 @@ class RewardEngine(nn.Module):
         image_offset: int = 0,
         normalize: bool = False,
     ) -> torch.Tensor:
-        """Rewards [B] float32 (Eq. 5) — see `features` for the arguments. `normalize=True` returns
-        (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise unbounded)."""
+        """Rewards [B] float32 (float64 for a float64 engine) (Eq. 5) — see `features` for the arguments.
+        `normalize=True` returns (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise
+        unbounded)."""
         feats = self.features(
             latents, prompt_emb, noise, seed, grad=grad, prompt_index=prompt_index, image_offset=image_offset
         )

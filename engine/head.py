@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.backend import accumulation_dtype
+
 
 class RewardHead(nn.Module):
     """MLP over concat_l p_l: Linear -> GELU -> ... -> Linear(., 1). Runs in fp32 (about 10M parameters for
@@ -24,4 +26,5 @@ class RewardHead(nn.Module):
         """features [B, n_layers, D] float32 -> reward [B] float32."""
         if features.shape[1:] != (self.n_layers, self.dim):
             raise ValueError(f"head expects features [B, {self.n_layers}, {self.dim}], got {list(features.shape)}")
-        return self.mlp(features.flatten(1).to(self.mlp[0].weight.dtype)).squeeze(-1).float()
+        reward = self.mlp(features.flatten(1).to(self.mlp[0].weight.dtype)).squeeze(-1)
+        return reward.to(accumulation_dtype(reward.dtype))

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from engine import ops
 from engine.attention import attention
 from engine.config import BackboneConfig
+from kernels.backend import accumulation_dtype
 
 # ---------------------------------------------------------------------------------------------------------- embeds
 
@@ -344,7 +345,8 @@ class MMDiTReward(nn.Module):
         """z0 [B, C, H, W] transformer-space latents, `cond` for the same B -> features [B, n_layers, D] float32."""
         z_t = ops.near_clean(z0, cond.t, noise=noise, seed=seed, image_offset=image_offset)  # Eq. 1
         x, c = self.pos_embed(z_t.to(self.pos_embed.proj.weight.dtype)), cond.context
-        features = x.new_empty(x.shape[0], len(self.layers), x.shape[-1], dtype=torch.float32)
+        # fp32 accumulation (fp64 for an fp64 model: gradient checks)
+        features = x.new_empty(x.shape[0], len(self.layers), x.shape[-1], dtype=accumulation_dtype(x.dtype))
         pooled = []
         sizes = [block.num_modulation_vectors for block in self.transformer_blocks]
         for index, (block, mod) in enumerate(

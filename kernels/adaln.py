@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import cdiv, describe, resolve, triton_kernel
+from kernels.backend import accumulation_dtype, cdiv, describe, resolve, triton_kernel
 
 try:
     import triton
@@ -351,7 +351,8 @@ def _check_modulation(x: torch.Tensor, **modulation: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# References (upcast=False: in x's dtype, as diffusers computes; upcast=True: fp32 math, cast back to x's dtype)
+# References (upcast=False: in x's dtype, as diffusers computes; upcast=True: at least fp32 math (fp64 stays fp64),
+# cast back to x's dtype)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -360,7 +361,7 @@ def layernorm_modulate_ref(
 ) -> torch.Tensor:
     """``LN(x) * (1 + scale[:, None]) + shift[:, None]`` in plain torch."""
     dtype = x.dtype
-    compute = torch.float32 if upcast else dtype
+    compute = accumulation_dtype(dtype) if upcast else dtype
     x, shift, scale = x.to(compute), shift.to(compute), scale.to(compute)
     out = F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
     return out.to(dtype)
@@ -369,7 +370,7 @@ def layernorm_modulate_ref(
 def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, upcast: bool = False) -> torch.Tensor:
     """``x + gate[:, None] * y`` in plain torch."""
     dtype = x.dtype
-    compute = torch.float32 if upcast else dtype
+    compute = accumulation_dtype(dtype) if upcast else dtype
     return (x.to(compute) + gate.to(compute)[:, None] * y.to(compute)).to(dtype)
 
 
@@ -384,7 +385,7 @@ def gated_residual_layernorm_modulate_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_new, LN(x_new) * (1 + scale) + shift)`` with ``x_new = x + gate * y``; upcast keeps x_new fp32 for LN."""
     dtype = x.dtype
-    compute = torch.float32 if upcast else dtype
+    compute = accumulation_dtype(dtype) if upcast else dtype
     x_new = x.to(compute) + gate.to(compute)[:, None] * y.to(compute)
     out = layernorm_modulate_ref(x_new, shift.to(compute), scale.to(compute), eps)
     return x_new.to(dtype), out.to(dtype)

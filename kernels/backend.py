@@ -28,6 +28,12 @@ def describe(x: object) -> str:
     return type(x).__name__
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What "compute in fp32" means for `dtype`: fp32, except fp64 stays fp64 (gradient checks run in fp64).
+    (A plain comparison: `torch.promote_types` would be a dispatched op inside every traced forward.)"""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None

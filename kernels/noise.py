@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import cdiv, describe, resolve, triton_kernel
+from kernels.backend import accumulation_dtype, cdiv, describe, resolve, triton_kernel
 
 try:
     import triton.language as tl
@@ -162,11 +162,11 @@ def _check_near_clean_args(
 
 
 def near_clean_ref(z0: torch.Tensor, t: float, noise: torch.Tensor, upcast: bool = False) -> torch.Tensor:
-    """``(1 - t) * z0 + t * noise`` in z0's dtype (``upcast=False``) or in fp32, cast back to z0's dtype."""
+    """``(1 - t) * z0 + t * noise`` in z0's dtype (``upcast=False``) or in at least fp32, cast back to z0's dtype."""
     if not upcast:
         return (1.0 - t) * z0 + t * noise.to(z0.dtype)
-    z_t = (1.0 - t) * z0.float() + t * noise.float()
-    return z_t.to(z0.dtype)
+    compute = accumulation_dtype(z0.dtype)
+    return ((1.0 - t) * z0.to(compute) + t * noise.to(compute)).to(z0.dtype)
 
 
 # Philox4x32-10 constants, as in triton/language/random.py

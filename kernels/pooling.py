@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import cdiv, describe, resolve, triton_kernel
+from kernels.backend import accumulation_dtype, cdiv, describe, resolve, triton_kernel
 
 try:
     import triton.language as tl
@@ -140,7 +140,7 @@ def _check_tokens(h: torch.Tensor) -> None:
 
 
 def mean_pool_ref(h: torch.Tensor, upcast: bool = False) -> torch.Tensor:
-    """Token mean ``[B, N, D] -> [B, D]`` float32: in h's dtype (``upcast=False``) or accumulated in fp32."""
-    if upcast:
-        return h.float().mean(dim=1)
-    return h.mean(dim=1).float()
+    """Token mean ``[B, N, D] -> [B, D]`` in float32 (float64 for float64 input): computed in h's dtype
+    (``upcast=False``) or accumulated in at least fp32."""
+    accumulate = accumulation_dtype(h.dtype)
+    return (h.to(accumulate) if upcast else h).mean(dim=1).to(accumulate)

@@ -2,68 +2,26 @@
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
-import pkgutil
-
 import pytest
 import torch
 from conftest import random_inputs, rel_err
 
-import kernels
 from engine import RewardEngine
-
-
-def _exact_in_fp64(reference):
-    """A kernel reference that keeps fp64 inputs in fp64 (``upcast=False``); other dtypes pass through."""
-
-    @functools.wraps(reference)
-    def wrapper(*args, **kwargs):
-        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
-            kwargs["upcast"] = False
-        return reference(*args, **kwargs)
-
-    return wrapper
-
-
-def _mean_pool_fp64(reference):
-    @functools.wraps(reference)
-    def wrapper(h: torch.Tensor, upcast: bool = False) -> torch.Tensor:
-        return h.mean(dim=1) if h.dtype == torch.float64 else reference(h, upcast)
-
-    return wrapper
-
-
-@pytest.fixture
-def fp64_references(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The torch backend calls every kernel reference with ``upcast=True``, i.e. fp32 arithmetic cast back: right for
-    bf16 engines, but it rounds an fp64 engine to fp32 and finite differences would then measure rounding. Route fp64
-    inputs to the same references in their own dtype. `mean_pool_ref` returns fp32 by contract (the feature buffer),
-    so fp64 gets a plain mean. Every `*_ref` with an ``upcast`` argument in `kernels` is covered, new ones included."""
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
-        for name, fn in vars(module).items():
-            if name.endswith("_ref") and inspect.isfunction(fn) and "upcast" in inspect.signature(fn).parameters:
-                wrap = _mean_pool_fp64 if name == "mean_pool_ref" else _exact_in_fp64
-                monkeypatch.setattr(module, name, wrap(fn))
 
 
 @pytest.fixture(scope="module")
 def engine64() -> RewardEngine:
-    engine = RewardEngine.from_preset("tiny", dtype=torch.float64, kernels_backend="torch")
-    engine.head.double()  # the engine keeps its head in fp32 (features arrive in fp32); fp64 here for gradcheck
-    return engine
+    # an fp64 engine computes in fp64 end to end: the references' upcast is "at least fp32", head and features fp64
+    return RewardEngine.from_preset("tiny", dtype=torch.float64, kernels_backend="torch")
 
 
 def _reward64(engine: RewardEngine, latents: torch.Tensor, prompt_emb, noise: torch.Tensor) -> torch.Tensor:
-    """Eq. 1-5 in fp64: `engine.features` with the graph, then the head's MLP (its forward casts the result to fp32)."""
-    features = engine.features(latents, prompt_emb, noise=noise, grad=True)
-    assert features.dtype == torch.float64, "an op rounded to fp32: gradcheck would measure rounding"
-    return engine.head.mlp(features.flatten(1)).squeeze(-1)
+    """Eq. 1-5 in fp64 through the public differentiable `score`."""
+    reward = engine.score(latents, prompt_emb, noise=noise, grad=True)
+    assert reward.dtype == torch.float64, "an op rounded to fp32: gradcheck would measure rounding"
+    return reward
 
 
-@pytest.mark.usefixtures("fp64_references")
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradcheck_fp64(engine64: RewardEngine, checkpointing: bool) -> None:
     """Analytic vs finite-difference gradients of the reward w.r.t. latents, noise and both prompt embeddings.
@@ -81,7 +39,6 @@ def test_gradcheck_fp64(engine64: RewardEngine, checkpointing: bool) -> None:
         engine64.backbone.gradient_checkpointing = False
 
 
-@pytest.mark.usefixtures("fp64_references")
 def test_gradcheck_fp64_full_jacobian(engine64: RewardEngine) -> None:
     z0, pe, po, noise = (x.double() for x in random_inputs(batch=1, h=2, w=2, text_len=3, seed=6))
     cond = engine64.condition(pe, po)  # prepared once, without grad, as an RL loop does
