@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from bench.latency import dtype_kwargs
+
 T0 = time.perf_counter()
 
 
@@ -191,7 +193,7 @@ def engine_parity() -> dict:
     hooked.remove()
     out = {}
     for dtype in ("bf16", "fp8", "fp8+adaln"):
-        kw = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
+        kw = dtype_kwargs(dtype)
         engine = RewardEngine.from_diffusers(ref, layers=layers, device="cuda", **kw)
         ours = engine.features(z0, (emb, pooled), noise=eps)
         out[f"engine_{dtype}_rel_err"] = float((ours - f32).norm() / f32.norm())
@@ -223,7 +225,7 @@ def fp8_fidelity(n: int = 256) -> dict:
     out = {}
     scores = {}
     for dtype in ("bf16", "fp8", "fp8+adaln"):
-        kw = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
+        kw = dtype_kwargs(dtype)
         engine = RewardEngine.from_preset("sd35-large", device="cuda", seed=0, **kw)
         engine.check_finite = False
         g = torch.Generator(device="cuda").manual_seed(123)
@@ -262,7 +264,7 @@ def profile(dtype: str) -> dict:
 
     from engine import RewardEngine
 
-    kw = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
+    kw = dtype_kwargs(dtype)
     engine = RewardEngine.from_preset("sd35-large", device="cuda", **kw)
     engine.check_finite = False
     z0 = torch.randn(8, 16, 64, 64, device="cuda", dtype=torch.bfloat16)

@@ -45,6 +45,11 @@ FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hp
 }
 
 
+def dtype_kwargs(name: str) -> dict[str, Any]:
+    """Engine-constructor arguments for a benchmark dtype name ("fp8+adaln": fp8 with e4m3 adaLN weights too)."""
+    return {"dtype": "fp8", "fp8_adaln": True} if name == "fp8+adaln" else {"dtype": name}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
     p.add_argument("--interface", choices=("latent", "pixel", "hpsv3"), default="latent")
@@ -120,7 +125,7 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
     args, device = b.args, b.device
     cfg = BackboneConfig.from_name(preset)
     for dtype in dtypes:
-        extra = {"dtype": "fp8", "fp8_adaln": True} if dtype == "fp8+adaln" else {"dtype": dtype}
+        extra = dtype_kwargs(dtype)
         if args.checkpoint:
             engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
         elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code

@@ -9,6 +9,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the CPU 
 import pytest
 import torch
 
+from engine.config import PRESETS
+
 # Tiny configs of the three backbone variants (diffusers SD3Transformer2DModel kwargs).
 TINY_VARIANTS = {
     "sd35-large-like": dict(num_layers=4, qk_norm="rms_norm", dual_attention_layers=()),
@@ -18,23 +20,8 @@ TINY_VARIANTS = {
 
 
 def tiny_diffusers_config(**overrides) -> dict:
-    cfg = dict(
-        sample_size=32,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=4,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=96,
-        caption_projection_dim=32,
-        pooled_projection_dim=80,
-        pos_embed_max_size=32,
-        qk_norm="rms_norm",
-        dual_attention_layers=(0,),
-    )
-    cfg.update(overrides)
-    return cfg
+    """The `tiny` preset as diffusers `SD3Transformer2DModel` kwargs (one source of truth for its sizes)."""
+    return {**PRESETS["tiny"].to_dict(), "out_channels": PRESETS["tiny"].in_channels, **overrides}
 
 
 def make_diffusers_transformer(seed: int = 0, dtype=torch.float32, **overrides):
