@@ -307,6 +307,11 @@ class RewardEngine(nn.Module):
         noise: explicit eps [B, C, H, W]; seed: reproducible eps (image b uses stream b + image_offset); neither:
         fresh noise. grad=True keeps the graph so rewards backpropagate to the latents."""
         self._check_latents(latents, noise)
+        if grad and self.fp8:
+            raise ValueError(
+                "grad=True needs a bf16/fp32 engine: the FP8 path is inference-only (its quantised GEMMs have no "
+                "backward); build the engine with dtype='bf16' for reward backprop"
+            )
         if not isinstance(prompt_emb, Conditioning):
             prompt_emb = self.condition(*self._as_pair(prompt_emb), grad=grad)
         cond = self._select(prompt_emb, latents.shape[0], prompt_index)

@@ -165,11 +165,18 @@ class Attention(nn.Module):
         added_k = getattr(self, "norm_added_k", None)
         return (self.norm_q.weight, self.norm_k.weight, added_q and added_q.weight, added_k and added_k.weight)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        txt = None if c is None else getattr(self, self.context)(c)
-        q, k, v = ops.joint_qkv(self.to_qkv(x), txt, self.heads, self._norm_weights())  # [B, N, H, hd]
+    @property
+    def context_projection(self) -> nn.Module | None:
+        """The text stream's fused projection (`add_qkv`, or `add_kv` without text queries)."""
+        return None if self.context is None else getattr(self, self.context)
+
+    def forward(self, x, c=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # x [B, N_img, D], c [B, N_txt, D] (or their FP8 quantisations, made by the adaLN op that produced them)
+        img = self.to_qkv(x)  # [B, N_img, 3D]
+        txt = None if c is None else self.context_projection(c)
+        q, k, v = ops.joint_qkv(img, txt, self.heads, self._norm_weights())  # [B, N, H, hd]
         out = attention(q, k, v, self.backend).flatten(2)  # [B, Nq, D]
-        n_img = x.shape[1]
+        n_img = img.shape[1]
         x_out = self.to_out[0](out[:, :n_img])
         c_out = self.to_add_out(out[:, n_img:]) if self.text_queries and c is not None else None
         return x_out, c_out
@@ -215,8 +222,12 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GELUProjection(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
 
+    @property
+    def proj_in(self) -> nn.Module:
+        return self.net[0].proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](ops.linear_gelu(x, self.net[0].proj))
+        return self.net[2](ops.linear_gelu(x, self.proj_in))
 
 
 class AdaLN(nn.Module):
@@ -280,22 +291,26 @@ class JointBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, modulation: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # x [B, N_img, D], c [B, N_txt, D], modulation [B, n, D] from `modulation()`
+        # x [B, N_img, D], c [B, N_txt, D], modulation [B, n, D] from `modulation()`. Each adaLN op is told the linear
+        # it feeds (`into`): an FP8 linear gets its input quantised by that op.
         attn, mlp, attn2, c_attn, c_mlp = self._unpack(modulation)
         a, c_a = self.attn(
-            ops.layernorm_modulate(x, attn.shift, attn.scale), ops.layernorm_modulate(c, c_attn.shift, c_attn.scale)
+            ops.layernorm_modulate(x, attn.shift, attn.scale, into=self.attn.to_qkv),
+            ops.layernorm_modulate(c, c_attn.shift, c_attn.scale, into=self.attn.context_projection),
         )
         if self.dual:  # SD3.5-M: a second image-only attention on the block input, modulated separately
-            a2, _ = self.attn2(ops.layernorm_modulate(x, attn2.shift, attn2.scale))
+            a2, _ = self.attn2(ops.layernorm_modulate(x, attn2.shift, attn2.scale, into=self.attn2.to_qkv))
             x = ops.gated_residual(x, a, attn.gate)
             a, gate = a2, attn2.gate
         else:
             gate = attn.gate
-        x, x_mlp_in = ops.gated_residual_layernorm_modulate(x, a, gate, mlp.shift, mlp.scale)
+        x, x_mlp_in = ops.gated_residual_layernorm_modulate(x, a, gate, mlp.shift, mlp.scale, into=self.ff.proj_in)
         x = ops.gated_residual(x, self.ff(x_mlp_in), mlp.gate)
         if self.deepest:
             return x, None
-        c, c_mlp_in = ops.gated_residual_layernorm_modulate(c, c_a, c_attn.gate, c_mlp.shift, c_mlp.scale)
+        c, c_mlp_in = ops.gated_residual_layernorm_modulate(
+            c, c_a, c_attn.gate, c_mlp.shift, c_mlp.scale, into=self.ff_context.proj_in
+        )
         return x, ops.gated_residual(c, self.ff_context(c_mlp_in), c_mlp.gate)
 
 

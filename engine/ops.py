@@ -36,7 +36,20 @@ def near_clean(z0: torch.Tensor, t: float, **kw) -> torch.Tensor:
     return kernels.near_clean(z0, t, backend=_current, **kw)
 
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _feeds_fp8(into: torch.nn.Module | None) -> bool:
+    from engine.quant import Float8Linear
+
+    return isinstance(into, Float8Linear) and not into.weight_only
+
+
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, into: torch.nn.Module | None = None):
+    """LN(x) * (1 + scale) + shift. `into` is the linear that consumes the result: an FP8 one gets it quantised in
+    the same pass, as a `Float8Activation` (never written in bf16)."""
+    if _feeds_fp8(into):
+        from engine.quant import Float8Activation
+
+        q, row_scale = kernels.layernorm_modulate_fp8(x, shift, scale, backend=_current)
+        return Float8Activation(q, row_scale, x.shape[:-1], x.dtype)
     return kernels.layernorm_modulate(x, shift, scale, backend=_current)
 
 
@@ -45,8 +58,19 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 
 
 def gated_residual_layernorm_modulate(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    into: torch.nn.Module | None = None,
+):
+    """(x + gate * y, its `layernorm_modulate`); `into` as in `layernorm_modulate`."""
+    if _feeds_fp8(into):
+        from engine.quant import Float8Activation
+
+        x_new, q, row_scale = kernels.gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale, backend=_current)
+        return x_new, Float8Activation(q, row_scale, x.shape[:-1], x.dtype)
     return kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend=_current)
 
 

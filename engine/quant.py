@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import kernels
+from engine import ops
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -43,7 +44,7 @@ class Float8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, weight_only: bool = False):
         super().__init__()
         self.weight_only = weight_only  # dequantise W and run a bf16 GEMM: for tiny-M prompt-only layers (adaLN)
-        wq, ws = kernels.quantize_rowwise(linear.weight.detach())
+        wq, ws = kernels.quantize_rowwise(linear.weight.detach(), backend="torch")  # once, at load
         self.register_buffer("weight_fp8", wq)
         self.register_buffer("weight_scale", ws.t().contiguous())  # [1, out], what _scaled_mm's scale_b wants
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -55,9 +56,10 @@ class Float8Linear(nn.Module):
             return torch.nn.functional.linear(x, weight, self.bias)
         if isinstance(x, Float8Activation):
             xq, xs, lead, dtype = x
-        else:
+        else:  # a [B, M, K] view (e.g. the image rows of the joint attention output) is quantised in place
             lead, dtype = x.shape[:-1], x.dtype
-            xq, xs = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]))
+            x = x if x.ndim in (2, 3) else x.reshape(-1, x.shape[-1])
+            xq, xs = kernels.quantize_rowwise(x, backend=ops.current())
         out = torch._scaled_mm(
             xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=self.bias, out_dtype=dtype
         )

@@ -7,6 +7,9 @@
 LayerNorm statistics and all arithmetic are fp32 inside the kernels whatever the storage dtype (diffusers computes the
 modulation in bf16; the kernels are closer to the fp32 result). In the fused op the LayerNorm reads the fp32 ``x_new``
 before it is rounded to the storage dtype.
+
+The ``*_fp8`` variants feed an FP8 GEMM: ``out`` leaves the kernel as e4m3 with one scale per token (rowwise, as
+``kernels.quant``), quantised from its fp32 value in the same pass, so it is never written in bf16 and read back.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import accumulation_dtype, cdiv, describe, resolve, triton_kernel
+from kernels.backend import accumulation_dtype, cdiv, describe, interpreting, resolve, triton_kernel
+from kernels.quant import e4m3_scale, quantize_rowwise_ref, to_e4m3
 
 try:
     import triton
@@ -42,16 +46,20 @@ def _adaln_fwd_kernel(
     scale_ptr,
     x_new_ptr,
     out_ptr,
+    out_scale_ptr,
     mean_ptr,
     rstd_ptr,
     n_tokens,
     dim,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    FP8_OUT: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # [x <- x + gate[b] * y]  (stored to x_new)
     # out = (x - mean) * rstd * (1 + scale[b]) + shift[b],   rstd = 1 / sqrt(var + eps),  biased var, fp32
+    # [FP8_OUT: out stored as e4m3(out / s) with the row's scale s = max|out| / 448 stored to out_scale]
     row = tl.program_id(0)
     b = row // n_tokens
     d = tl.arange(0, BLOCK_D)
@@ -70,7 +78,12 @@ def _adaln_fwd_kernel(
     shift = tl.load(shift_ptr + mod_off + d, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + mod_off + d, mask=mask, other=0.0).to(tl.float32)
     out = xc * rstd * (1.0 + scale) + shift
-    tl.store(out_ptr + row_off + d, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:
+        out_scale = e4m3_scale(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0))
+        tl.store(out_ptr + row_off + d, to_e4m3(out, out_scale, EXACT_ROUNDING), mask=mask)
+        tl.store(out_scale_ptr + row, out_scale)
+    else:
+        tl.store(out_ptr + row_off + d, out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
@@ -160,11 +173,17 @@ def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, n_per_batch, dim, BL
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _adaln_forward(x, y, gate, shift, scale, eps):
-    """x, y: [B, N, D] contiguous; gate/shift/scale: [B, D] contiguous; y, gate None without the residual."""
+def _adaln_forward(x, y, gate, shift, scale, eps, fp8_out=False):
+    """x, y: [B, N, D] contiguous; gate/shift/scale: [B, D] contiguous; y, gate None without the residual.
+    Returns (x_new, out, out_scale, mean, rstd): out is [B, N, D] in x's dtype, or with `fp8_out` [B*N, D] e4m3 with
+    out_scale [B*N, 1] fp32 (None otherwise)."""
     n_batch, n_tokens, dim = x.shape
     has_residual = y is not None
-    out = torch.empty_like(x)
+    if fp8_out:
+        out = torch.empty(n_batch * n_tokens, dim, device=x.device, dtype=torch.float8_e4m3fn)
+        out_scale = torch.empty(n_batch * n_tokens, 1, device=x.device, dtype=torch.float32)
+    else:
+        out, out_scale = torch.empty_like(x), None
     x_new = torch.empty_like(x) if has_residual else None
     mean = torch.empty(n_batch * n_tokens, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -172,10 +191,11 @@ def _adaln_forward(x, y, gate, shift, scale, eps):
         block_d = _block_d(dim)
         _adaln_fwd_kernel[(n_batch * n_tokens,)](
             x, y if has_residual else x, gate if has_residual else shift, shift, scale,
-            x_new if has_residual else out, out, mean, rstd, n_tokens, dim, eps,
-            HAS_RESIDUAL=has_residual, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            x_new if has_residual else x, out, out_scale if fp8_out else mean, mean, rstd, n_tokens, dim, eps,
+            HAS_RESIDUAL=has_residual, FP8_OUT=fp8_out, EXACT_ROUNDING=fp8_out and interpreting(),
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )  # fmt: skip
-    return x_new, out, mean, rstd
+    return x_new, out, out_scale, mean, rstd
 
 
 def _adaln_backward(grad_out, grad_x_new, x, y, gate, scale, mean, rstd):
@@ -210,7 +230,7 @@ class _LayerNormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
         x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
-        _, out, mean, rstd = _adaln_forward(x, None, None, shift, scale, eps)
+        _, out, _, mean, rstd = _adaln_forward(x, None, None, shift, scale, eps)
         ctx.save_for_backward(x, shift, scale, mean, rstd)
         return out
 
@@ -226,7 +246,7 @@ class _GatedResidualLayerNormModulate(torch.autograd.Function):
     def forward(ctx, x, y, gate, shift, scale, eps):
         x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
         shift, scale = shift.contiguous(), scale.contiguous()
-        x_new, out, mean, rstd = _adaln_forward(x, y, gate, shift, scale, eps)
+        x_new, out, _, mean, rstd = _adaln_forward(x, y, gate, shift, scale, eps)
         ctx.save_for_backward(x, y, gate, shift, scale, mean, rstd)
         ctx.set_materialize_grads(False)
         return x_new, out
@@ -322,6 +342,57 @@ def gated_residual_layernorm_modulate(
     return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, float(eps))
 
 
+def layernorm_modulate_fp8(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layernorm_modulate` with its output quantised for an FP8 GEMM in the same pass (inference only).
+
+    Returns:
+        ``(q, row_scale)``: ``q`` ``[B*N, D]`` float8_e4m3fn and ``row_scale`` ``[B*N, 1]`` fp32, one scale per token
+        (``max|out| / 448`` of the fp32 ``out``), ``q * row_scale ≈ out``: the A operand of ``torch._scaled_mm``.
+    """
+    _check_tokens("x", x)
+    _check_modulation(x, shift=shift, scale=scale)
+    _check_no_grad(x=x, shift=shift, scale=scale)
+    if resolve(backend, x.device) == "torch":
+        return layernorm_modulate_fp8_ref(x, shift, scale, eps)
+    _, q, row_scale, _, _ = _adaln_forward(
+        x.contiguous(), None, None, shift.contiguous(), scale.contiguous(), float(eps), fp8_out=True
+    )
+    return q, row_scale
+
+
+def gated_residual_layernorm_modulate_fp8(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gated_residual_layernorm_modulate` with ``out`` quantised as in `layernorm_modulate_fp8` (inference only).
+
+    Returns:
+        ``(x_new, q, row_scale)``: ``x_new`` ``[B, N, D]`` in x's dtype; ``q``, ``row_scale`` as in
+        `layernorm_modulate_fp8`.
+    """
+    _check_tokens("x", x)
+    _check_tokens("y", y)
+    if y.shape != x.shape or y.device != x.device:
+        raise ValueError(f"y must match x ({tuple(x.shape)} on {x.device}), got {tuple(y.shape)} on {y.device}")
+    _check_modulation(x, gate=gate, shift=shift, scale=scale)
+    _check_no_grad(x=x, y=y, gate=gate, shift=shift, scale=scale)
+    if resolve(backend, x.device) == "torch":
+        return gated_residual_layernorm_modulate_fp8_ref(x, y, gate, shift, scale, eps)
+    x_new, q, row_scale, _, _ = _adaln_forward(
+        x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(), scale.contiguous(), float(eps),
+        fp8_out=True,
+    )  # fmt: skip
+    return x_new, q, row_scale
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """``x + gate[:, None] * y`` for x, y ``[B, N, D]`` and gate ``[B, D]``; fp32 arithmetic, x's dtype out."""
     _check_tokens("x", x)
@@ -337,6 +408,15 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, back
 def _check_tokens(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor [B, N, D], got {describe(x)}")
+
+
+def _check_no_grad(**tensors: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        names = [name for name, t in tensors.items() if t.requires_grad]
+        raise ValueError(
+            f"the FP8 output has no gradient, but {', '.join(names)} require grad: use the bf16 op for training "
+            f"(or run under torch.no_grad())"
+        )
 
 
 def _check_modulation(x: torch.Tensor, **modulation: torch.Tensor) -> None:
@@ -389,3 +469,20 @@ def gated_residual_layernorm_modulate_ref(
     x_new = x.to(compute) + gate.to(compute)[:, None] * y.to(compute)
     out = layernorm_modulate_ref(x_new, shift.to(compute), scale.to(compute), eps)
     return x_new.to(dtype), out.to(dtype)
+
+
+def layernorm_modulate_fp8_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layernorm_modulate_ref` at fp32, then `quantize_rowwise_ref` of its rows (out never rounded to x's dtype)."""
+    out = layernorm_modulate_ref(x.to(accumulation_dtype(x.dtype)), shift, scale, eps)
+    return quantize_rowwise_ref(out.reshape(-1, out.shape[-1]))
+
+
+def gated_residual_layernorm_modulate_fp8_ref(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gated_residual_layernorm_modulate_ref` at fp32: (x_new in x's dtype, then the rows of out quantised)."""
+    compute = accumulation_dtype(x.dtype)
+    x_new, out = gated_residual_layernorm_modulate_ref(x.to(compute), y.to(compute), gate, shift, scale, eps)
+    return (x_new.to(x.dtype), *quantize_rowwise_ref(out.reshape(-1, out.shape[-1])))

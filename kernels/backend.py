@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -99,7 +100,8 @@ class LazyKernel:
 
     Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``; deferring
     the decoration lets ``import kernels`` happen before that variable is set, and without triton installed at all.
-    Launch as usual: ``kernel[grid](*args, BLOCK=...)``.
+    Launch as usual: ``kernel[grid](*args, BLOCK=...)``. Device functions the kernel calls are ``triton_helper``s,
+    jitted in the same mode as the kernel at its first launch.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -111,10 +113,44 @@ class LazyKernel:
         if mode not in self._jitted:
             import triton
 
-            self._jitted[mode] = triton.jit(self.fn)
+            self._jitted[mode] = triton.jit(_bind_helpers(self.fn, mode))
         return self._jitted[mode][grid]
+
+
+class TritonHelper:
+    """A ``@triton.jit`` device function shared by several kernels, decorated lazily like ``LazyKernel`` (a kernel
+    interpreted on the CPU must call interpreted helpers, a compiled one compiled helpers)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._jitted: dict[bool, Any] = {}
+
+    def jitted(self, mode: bool) -> Any:
+        if mode not in self._jitted:
+            import triton
+
+            self._jitted[mode] = triton.jit(_bind_helpers(self.fn, mode))
+        return self._jitted[mode]
+
+
+def _bind_helpers(fn: Callable[..., Any], mode: bool) -> Callable[..., Any]:
+    """`fn` with every `TritonHelper` it names replaced by that helper jitted in `mode` (a copy of the function over a
+    copy of its globals: the module itself is not touched)."""
+    used = {name: fn.__globals__.get(name) for name in fn.__code__.co_names}
+    helpers = {name: g.jitted(mode) for name, g in used.items() if isinstance(g, TritonHelper)}
+    if not helpers:
+        return fn
+    bound = types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__)
+    bound.__kwdefaults__, bound.__qualname__, bound.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
+    bound.__module__ = fn.__module__
+    return bound
 
 
 def triton_kernel(fn: Callable[..., Any]) -> LazyKernel:
     """Decorator for this package's Triton kernels (see ``LazyKernel``)."""
     return LazyKernel(fn)
+
+
+def triton_helper(fn: Callable[..., Any]) -> TritonHelper:
+    """Decorator for device functions called from this package's kernels (see ``TritonHelper``)."""
+    return TritonHelper(fn)

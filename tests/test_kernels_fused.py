@@ -1,4 +1,5 @@
-"""Joint qk-norm/concat and rowwise FP8 quantisation: Triton (interpreted on CPU) vs the torch references."""
+"""Joint qk-norm/concat, rowwise FP8 quantisation and the FP8-output adaLN ops: Triton (interpreted on CPU) vs the
+torch references."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+from kernels.adaln import (
+    gated_residual_layernorm_modulate,
+    gated_residual_layernorm_modulate_fp8,
+    gated_residual_layernorm_modulate_fp8_ref,
+    layernorm_modulate_fp8,
+    layernorm_modulate_fp8_ref,
+)
 from kernels.qknorm import joint_qkv, joint_qkv_ref
 from kernels.quant import quantize_rowwise, quantize_rowwise_ref
 
@@ -75,11 +83,78 @@ def test_quantize_rowwise_matches_reference(gelu, dtype, rows, cols):
     assert (q.float()[0, :3] == 0).all()
 
 
+@pytest.mark.parametrize("batch, n_img, n_txt, cols", [(1, 5, 3, 48), (3, 7, 2, 100), (2, 1, 4, 257)])
+def test_quantize_rowwise_reads_a_strided_row_slice_in_place(batch, n_img, n_txt, cols):
+    """The image rows of a joint [B, N_img + N_txt, K] attention output, quantised without copying them out first."""
+    g = torch.Generator().manual_seed(cols)
+    joint = torch.randn(batch, n_img + n_txt, cols, generator=g).to(torch.bfloat16)
+    rows = joint[:, :n_img]
+    assert batch == 1 or not rows.is_contiguous()
+    q, scale = quantize_rowwise(rows, backend="triton")
+    q_ref, scale_ref = quantize_rowwise_ref(rows.reshape(-1, cols))
+    assert q.shape == (batch * n_img, cols) and scale.shape == (batch * n_img, 1)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
 def test_quantize_rowwise_rejects_bad_input():
-    with pytest.raises(TypeError, match=r"floating-point \[M, K\]"):
-        quantize_rowwise(torch.ones(2, 3, 4))
+    with pytest.raises(TypeError, match=r"floating-point \[M, K\] or \[B, M, K\]"):
+        quantize_rowwise(torch.ones(2, 3, 4, 5))
     with pytest.raises(TypeError, match=r"floating-point \[M, K\]"):
         quantize_rowwise(torch.ones(2, 3, dtype=torch.int32))
+
+
+def _e4m3_agreement(q, scale, q_ref, scale_ref) -> None:
+    """Same quantisation up to fp32 summation order: scales to ~1 ulp, and codes equal except where the two fp32 values
+    straddle a rounding boundary, which moves a code by one step of the e4m3 grid."""
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    a, b = q.float() * scale, q_ref.float() * scale_ref
+    differ = q.view(torch.uint8) != q_ref.view(torch.uint8)
+    assert float(differ.float().mean()) < 0.01
+    step = b.abs().clamp_min(2.0**-6 * scale_ref).div(8) * 1.001  # one e4m3 step (3 mantissa bits) at |b|
+    assert bool(((a - b).abs() <= step + 1e-30)[differ].all())
+
+
+ADALN_FP8_SHAPES = [(1, 1, 48), (2, 7, 100), (3, 5, 257), (1, 3, 2048)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ADALN_FP8_SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_adaln_fp8_output_matches_reference(shape, dtype, residual):
+    batch, tokens, dim = shape
+    g = torch.Generator().manual_seed(batch * tokens * dim + residual)
+    x, y = ((torch.randn(shape, generator=g) * 3).to(dtype) for _ in range(2))
+    gate, shift, scale = (torch.randn(batch, dim, generator=g).to(dtype) for _ in range(3))
+    if residual:
+        x_new, q, s = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale, backend="triton")
+        x_new_ref, q_ref, s_ref = gated_residual_layernorm_modulate_fp8_ref(x, y, gate, shift, scale)
+        # the residual stream is exactly what the bf16 op writes
+        assert torch.equal(x_new, gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton")[0])
+        torch.testing.assert_close(x_new, x_new_ref)  # to 1 ulp: the CPU interpreter's bf16 cast is not RNE
+        x_truth = x.double() + gate.double()[:, None] * y.double()
+    else:
+        q, s = layernorm_modulate_fp8(x, shift, scale, backend="triton")
+        q_ref, s_ref = layernorm_modulate_fp8_ref(x, shift, scale)
+        x_truth = x.double()
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (batch * tokens, dim) and s.shape == (batch * tokens, 1)
+    _e4m3_agreement(q, s, q_ref, s_ref)
+    # STYLE.md rule against the fp64 truth: the fused op's error at most twice its reference's
+    truth = (
+        torch.nn.functional.layer_norm(x_truth, (dim,), eps=1e-6) * (1 + scale.double()[:, None])
+    ) + shift.double()[:, None]
+    truth = truth.reshape(-1, dim)
+    err_fast, err_ref = rel(q.double() * s.double(), truth), rel(q_ref.double() * s_ref.double(), truth)
+    assert err_fast <= 2 * err_ref + 1e-6 and err_ref < 0.05
+
+
+def test_adaln_fp8_refuses_autograd():
+    x = torch.randn(1, 3, 16, requires_grad=True)
+    shift, scale = torch.zeros(1, 16), torch.zeros(1, 16)
+    with pytest.raises(ValueError, match="FP8 output has no gradient.*x require grad"):
+        layernorm_modulate_fp8(x, shift, scale, backend="triton")
+    with torch.no_grad():
+        layernorm_modulate_fp8(x, shift, scale, backend="triton")
 
 
 def test_joint_qkv_rejects_bad_shapes():
