@@ -332,11 +332,7 @@ def gated_residual_layernorm_modulate(
     Returns:
         ``x_new`` and ``out``, both ``[B, N, D]`` in x's dtype. Differentiable in all five tensors.
     """
-    _check_tokens("x", x)
-    _check_tokens("y", y)
-    if y.shape != x.shape or y.device != x.device:
-        raise ValueError(f"y must match x ({tuple(x.shape)} on {x.device}), got {tuple(y.shape)} on {y.device}")
-    _check_modulation(x, gate=gate, shift=shift, scale=scale)
+    _check_residual(x, y, gate=gate, shift=shift, scale=scale)
     if resolve(backend, x.device) == "torch":
         return gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps, upcast=True)
     return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, float(eps))
@@ -378,11 +374,7 @@ def gated_residual_layernorm_modulate_fp8(
         ``(x_new, q, row_scale)``: ``x_new`` ``[B, N, D]`` in x's dtype; ``q``, ``row_scale`` as in
         `layernorm_modulate_fp8`.
     """
-    _check_tokens("x", x)
-    _check_tokens("y", y)
-    if y.shape != x.shape or y.device != x.device:
-        raise ValueError(f"y must match x ({tuple(x.shape)} on {x.device}), got {tuple(y.shape)} on {y.device}")
-    _check_modulation(x, gate=gate, shift=shift, scale=scale)
+    _check_residual(x, y, gate=gate, shift=shift, scale=scale)
     _check_no_grad(x=x, y=y, gate=gate, shift=shift, scale=scale)
     if resolve(backend, x.device) == "torch":
         return gated_residual_layernorm_modulate_fp8_ref(x, y, gate, shift, scale, eps)
@@ -395,11 +387,7 @@ def gated_residual_layernorm_modulate_fp8(
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """``x + gate[:, None] * y`` for x, y ``[B, N, D]`` and gate ``[B, D]``; fp32 arithmetic, x's dtype out."""
-    _check_tokens("x", x)
-    _check_tokens("y", y)
-    if y.shape != x.shape or y.device != x.device:
-        raise ValueError(f"y must match x ({tuple(x.shape)} on {x.device}), got {tuple(y.shape)} on {y.device}")
-    _check_modulation(x, gate=gate)
+    _check_residual(x, y, gate=gate)
     if resolve(backend, x.device) == "torch":
         return gated_residual_ref(x, y, gate, upcast=True)
     return _GatedResidual.apply(x, y, gate)
@@ -408,6 +396,15 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, back
 def _check_tokens(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor [B, N, D], got {describe(x)}")
+
+
+def _check_residual(x: torch.Tensor, y: torch.Tensor, **modulation: torch.Tensor) -> None:
+    """x and the branch output y: matching [B, N, D] tokens; modulation vectors [B, D]."""
+    _check_tokens("x", x)
+    _check_tokens("y", y)
+    if y.shape != x.shape or y.device != x.device:
+        raise ValueError(f"y must match x ({tuple(x.shape)} on {x.device}), got {tuple(y.shape)} on {y.device}")
+    _check_modulation(x, **modulation)
 
 
 def _check_no_grad(**tensors: torch.Tensor) -> None:
