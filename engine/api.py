@@ -57,7 +57,10 @@ class RewardEngine(nn.Module):
     """DiT-Reward: an SD3/SD3.5 MMDiT (blocks 0..max(layers)) + an MLP head.
 
     Build with `from_pretrained` (a reward checkpoint + a local base model), `from_diffusers` (an in-memory diffusers
-    `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default)."""
+    `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default). Serving options,
+    keywords of every constructor: dtype="fp8" (block linears e4m3, inference only), fp8_adaln=True (adaLN weights
+    e4m3 too, weight-only), adaln_on_host=True (adaLN weights in pinned host memory, streamed by `condition()`),
+    kernels_backend, attention, check_finite."""
 
     def __init__(
         self,
@@ -70,6 +73,7 @@ class RewardEngine(nn.Module):
         check_finite: bool = True,
         fp8: bool = False,
         fp8_adaln: bool = False,
+        adaln_on_host: bool = False,
     ):
         super().__init__()
         if fp8:
@@ -77,6 +81,10 @@ class RewardEngine(nn.Module):
 
             quantize_fp8(backbone, adaln=fp8_adaln)
         self.fp8 = fp8
+        # adaLN linears in pinned host memory, streamed by condition(): the device keeps only per-latent weights
+        self.adaln_host_bytes = backbone.adaln_on_host() if adaln_on_host else 0
+        if self.adaln_host_bytes and torch.cuda.is_available():
+            torch.cuda.empty_cache()
         reward.check_against(backbone.cfg)
         if tuple(reward.layers) != backbone.layers:
             raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")

@@ -231,11 +231,38 @@ class FeedForward(nn.Module):
 
 
 class AdaLN(nn.Module):
-    """Holds the modulation linear (`norm1.linear`, `norm1_context.linear`); the norm itself is in `engine.ops`."""
+    """The modulation linear (`norm1.linear`, `norm1_context.linear`): temb -> n_out vectors Linear(SiLU(temb)). The
+    norm itself is in `engine.ops`.
+
+    These linears hold a third of SD3.5-L's weights, yet with the prompt-conditioning cache they serve only
+    `condition()`, once per prompt. `on_host()` keeps them in host memory (pinned when CUDA is present): each call
+    then copies them to the input's device, uses them and lets the copy go, so the device holds one block's at most."""
 
     def __init__(self, dim: int, n_out: int):
         super().__init__()
         self.linear = nn.Linear(dim, n_out * dim)
+        self.host_resident = False
+
+    def on_host(self) -> int:
+        """Move the weights to (pinned) host memory for good; returns the bytes moved off their device."""
+        tensors = [*self.linear.parameters(), *self.linear.buffers()]
+        moved = sum(t.numel() * t.element_size() for t in tensors if t.device.type != "cpu")
+        pin = torch.cuda.is_available()
+        for t in tensors:  # in place: the module keeps its parameters (names, requires_grad, state_dict)
+            host = t.data.cpu()
+            t.data = host.pin_memory() if pin else host
+        self.host_resident = True
+        return moved
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:  # [P, D] -> [P, n_out, D]
+        x = F.silu(temb)
+        if self.host_resident:  # (a CPU engine goes through the same path: copies to the same device are no-ops)
+            stream = dict(self.linear.named_parameters()) | dict(self.linear.named_buffers())
+            stream = {name: t.to(x.device, non_blocking=True) for name, t in stream.items()}
+            y = torch.func.functional_call(self.linear, stream, (x,))
+        else:
+            y = self.linear(x)
+        return y.unflatten(1, (-1, temb.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------------------- block
@@ -268,8 +295,7 @@ class JointBlock(nn.Module):
     def modulation(self, temb: torch.Tensor) -> torch.Tensor:
         """adaLN-Zero vectors Linear(SiLU(temb)) of both streams, [P, n, D]: image (shift, scale, gate) for attn, mlp
         [, attn2], then text (shift, scale[, gate]) for attn [and (shift, scale, gate) for mlp]."""
-        x = self.norm1.linear(F.silu(temb)).unflatten(1, (-1, temb.shape[-1]))
-        c = self.norm1_context.linear(F.silu(temb)).unflatten(1, (-1, temb.shape[-1]))
+        x, c = self.norm1(temb), self.norm1_context(temb)
         if self.context_pre_only:  # continuous adaLN stores (scale, shift)
             c = c.flip(1)
         elif self.deepest:  # the deepest block only needs the text stream's pre-attention shift and scale
@@ -336,6 +362,10 @@ class MMDiTReward(nn.Module):
         self.transformer_blocks = nn.ModuleList(JointBlock(cfg, i, deepest=i == depth - 1) for i in range(depth))
         # Recompute each block in backward instead of storing its activations (reward backprop, full fine-tuning).
         self.gradient_checkpointing = False
+
+    def adaln_on_host(self) -> int:
+        """Every block's adaLN linears to (pinned) host memory (see `AdaLN`); returns the bytes freed on the device."""
+        return sum(m.on_host() for m in self.modules() if isinstance(m, AdaLN))
 
     def set_attention_backend(self, backend: str) -> None:
         for m in self.modules():

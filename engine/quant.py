@@ -20,11 +20,19 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def linear_fp8_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """What `Float8Linear` computes, in plain torch: both operands rounded to e4m3 with rowwise scales."""
-    xq, xs = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]), backend="torch")
+def linear_fp8_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_only: bool = False
+) -> torch.Tensor:
+    """What `Float8Linear` computes, in plain fp32 torch: W rounded to e4m3 with rowwise scales, x too unless
+    `weight_only`."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if weight_only:
+        xd = x2.float()
+    else:
+        xq, xs = kernels.quantize_rowwise(x2, backend="torch")
+        xd = xq.float() * xs
     wq, ws = kernels.quantize_rowwise(weight, backend="torch")
-    out = (xq.float() * xs) @ (wq.float() * ws).t()
+    out = xd @ (wq.float() * ws).t()
     return (out + (bias.float() if bias is not None else 0)).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
@@ -52,8 +60,10 @@ class Float8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | Float8Activation) -> torch.Tensor:
         if self.weight_only:
-            weight = (self.weight_fp8.to(torch.float32) * self.weight_scale.t()).to(x.dtype)
-            return torch.nn.functional.linear(x, weight, self.bias)
+            # x (W_q * s)^T = (x W_q^T) * s: e4m3 -> bf16 is exact, so only the cast is materialised (2 B/weight, not
+            # an fp32 dequantised copy) and the per-output scale is applied to the small [P, out] result.
+            out = torch.nn.functional.linear(x, self.weight_fp8.to(x.dtype)) * self.weight_scale
+            return (out if self.bias is None else out + self.bias).to(x.dtype)
         if isinstance(x, Float8Activation):
             xq, xs, lead, dtype = x
         else:  # a [B, M, K] view (e.g. the image rows of the joint attention output) is quantised in place

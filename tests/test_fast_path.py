@@ -74,6 +74,23 @@ def test_float8_linear_matches_its_reference():
     assert float((out.float() - exact).norm() / exact.norm()) < 0.08
 
 
+def test_weight_only_float8_linear_matches_its_reference():
+    """The adaLN linears with `fp8_adaln`: e4m3 weights, bf16 activations; the scale applied to the output."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 6 * 32).to(torch.bfloat16)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    out = Float8Linear(linear, weight_only=True)(x)
+    ref = linear_fp8_ref(x, linear.weight, linear.bias, weight_only=True)
+    wq, ws = quantize_rowwise(linear.weight, backend="torch")
+    truth = x.double() @ (wq.double() * ws.double()).t() + linear.bias.double()  # exact math, same e4m3 weights
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 192)
+
+    def rel(a):
+        return float((a.double() - truth).norm() / truth.norm())
+
+    assert rel(out) <= 2 * rel(ref) and rel(ref) < 2**-8  # both within bf16 rounding of the result
+
+
 def test_quantize_rowwise_roundtrip():
     x = torch.randn(5, 33) * torch.logspace(-3, 3, 5)[:, None]
     q, s = quantize_rowwise(x)
@@ -178,3 +195,25 @@ def test_fp8_fused_kernels_end_to_end_equal_the_torch_path():
 
     assert rel(feats["triton"], feats["torch"]) <= 1e-5  # same e4m3 codes, fp32 summation order aside
     assert 1e-3 < rel(feats["torch"], exact) < 0.1  # and both really are quantised
+
+
+def test_adaln_on_host_gives_the_same_rewards_and_checkpoints(tmp_path):
+    """adaln_on_host=True: the adaLN linears stream from host memory in condition() (on a CPU engine, through the
+    same functional_call path), rewards and saved weights unchanged, gradients still reach them (fine-tuning)."""
+    from engine.mmdit import AdaLN
+
+    z0, pe, po, noise = random_inputs(batch=3, h=8, w=8, text_len=6, seed=12)
+    plain = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch")
+    host = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch", adaln_on_host=True)
+    adalns = [m for m in host.backbone.modules() if isinstance(m, AdaLN)]
+    assert adalns and all(m.host_resident for m in adalns)
+    assert all(p.device.type == "cpu" for m in adalns for p in m.parameters())
+    assert host.adaln_host_bytes == 0  # nothing left a device: a CPU engine's weights were in host memory already
+    assert torch.equal(host.score(z0, (pe, po), noise=noise), plain.score(z0, (pe, po), noise=noise))
+    assert host.backbone.state_dict().keys() == plain.backbone.state_dict().keys()
+    host.save_pretrained(tmp_path / "ckpt", include_backbone=True)
+    again = RewardEngine.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, kernels_backend="torch")
+    assert torch.equal(again.score(z0, (pe, po), noise=noise), plain.score(z0, (pe, po), noise=noise))
+    host.backbone.requires_grad_(True)
+    host.score(z0, (pe, po), noise=noise, grad=True).sum().backward()
+    assert adalns[0].linear.weight.grad is not None and adalns[0].linear.weight.grad.abs().sum() > 0
