@@ -127,6 +127,26 @@ def kernel_bench(with_compile: bool) -> dict:
             lambda: quant.quantize_rowwise_ref(hidden, gelu=True),
             hidden.numel() * 3 + hidden.shape[0] * 4,
         )
+        # FP8 producers: fused (one pass, e4m3 out) vs the bf16 op then a separate quantisation pass (run 3's path)
+        cases["layernorm_modulate_fp8 (vs LN + quantize)"] = (
+            lambda: kernels.layernorm_modulate_fp8(x, shift, scale, backend="triton"),
+            lambda: kernels.quantize_rowwise(kernels.layernorm_modulate(x, shift, scale, backend="triton")),
+            xb + xb // 2,
+        )
+        cases["gated_residual_layernorm_modulate_fp8 (vs unfused)"] = (
+            lambda: kernels.gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale, backend="triton")[1:],
+            lambda: kernels.quantize_rowwise(
+                kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton")[1]
+            ),
+            3 * xb + xb // 2,
+        )
+        joint_out = torch.randn(batch, tokens, d, device="cuda", dtype=torch.bfloat16)
+        image_rows = joint_out[:, : tokens - 333]
+        cases["quantize_rowwise(strided image rows) (vs copy + quantize)"] = (
+            lambda: kernels.quantize_rowwise(image_rows, backend="triton"),
+            lambda: kernels.quantize_rowwise(image_rows.reshape(-1, d), backend="triton"),
+            image_rows.numel() * 3,
+        )
         for name, (fast, ref, nbytes) in cases.items():
             with torch.no_grad():
                 got, want = fast(), ref()
@@ -171,6 +191,48 @@ def attention_bench() -> dict:
             except Exception as e:
                 rows.append({"backend": backend, "tokens": tokens, "error": str(e)[:200]})
     return {"rows": rows}
+
+
+def adaln_on_host() -> dict:
+    """adaln_on_host=True at full size (fp8): device memory freed (counted and measured), condition() cost when the
+    adaLN weights stream over PCIe, and the rewards it gives (must equal the on-device engine's)."""
+    import triton.testing
+
+    from engine import RewardEngine
+    from engine.mmdit import AdaLN
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    plain = RewardEngine.from_preset("sd35-large", device="cuda", dtype="fp8", seed=0)
+    mid = torch.cuda.memory_allocated()
+    host = RewardEngine.from_preset("sd35-large", device="cuda", dtype="fp8", seed=0, adaln_on_host=True)
+    end = torch.cuda.memory_allocated()
+    host_adaln = [p for m in host.backbone.modules() if isinstance(m, AdaLN) for p in m.parameters()]
+    g = torch.Generator(device="cuda").manual_seed(7)
+    z0, eps = (torch.randn(8, 16, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    emb = torch.randn(8, 333, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    pooled = torch.randn(8, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+    out = {
+        "device_gib_on_device_adaln": (mid - start) / 2**30,
+        "device_gib_host_adaln": (end - mid) / 2**30,
+        "adaln_host_bytes_counted_gib": host.adaln_host_bytes / 2**30,
+        "all_pinned": all(p.is_pinned() for p in host_adaln),
+        "rewards_equal": bool(
+            torch.equal(plain.score(z0, (emb, pooled), noise=eps), host.score(z0, (emb, pooled), noise=eps))
+        ),
+    }
+    for prompts in (1, 8):
+        for name, engine in (("on_device", plain), ("host", host)):
+            ms = triton.testing.do_bench(
+                lambda e=engine: e.condition(emb[:prompts], pooled[:prompts]), warmup=3, rep=50, return_mode="median"
+            )
+            out[f"condition_ms_{name}_p{prompts}"] = ms
+    log(f"adaLN on host: {out}")
+    del plain, host
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 def engine_parity() -> dict:
@@ -311,12 +373,13 @@ def main() -> None:
     rep.section("kernel_tests", kernel_tests, need_s=60)
     rep.section("gelu_epilogue_is_tanh", lambda: ops._gelu_epilogue_ok(torch.bfloat16))
     rep.section("engine_parity", engine_parity, need_s=60)
-    lat512 = ["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8", "fp8+adaln", "--baselines"]
+    lat512 = ["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8", "fp8+host-adaln", "--baselines"]
     rep.section("latency_512", lambda: latency([*lat512, "--json", str(out / "latency_512.json")]), need_s=120)
+    rep.section("adaln_on_host", adaln_on_host, need_s=40)
     lat1024 = ["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8"]
     rep.section("latency_1024", lambda: latency([*lat1024, "--json", str(out / "latency_1024.json")]), need_s=60)
-    rep.section("profile_bf16", lambda: profile("bf16"), need_s=40)
     rep.section("profile_fp8", lambda: profile("fp8"), need_s=40)
+    rep.section("profile_bf16", lambda: profile("bf16"), need_s=40)
     hps = ["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8"]
     rep.section("hpsv3", lambda: latency([*hps, "--json", str(out / "hpsv3.json")]), need_s=60)
     rep.section("fp8_fidelity", fp8_fidelity, need_s=45)

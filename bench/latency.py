@@ -45,9 +45,17 @@ FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hp
 }
 
 
+DTYPES = ("bf16", "fp8", "fp8+adaln", "fp8+host-adaln", "bf16+host-adaln", "fp32", "fp32+host-adaln")
+ADALN_VARIANTS = {"": {}, "adaln": {"fp8_adaln": True}, "host-adaln": {"adaln_on_host": True}}
+
+
 def dtype_kwargs(name: str) -> dict[str, Any]:
-    """Engine-constructor arguments for a benchmark dtype name ("fp8+adaln": fp8 with e4m3 adaLN weights too)."""
-    return {"dtype": "fp8", "fp8_adaln": True} if name == "fp8+adaln" else {"dtype": name}
+    """Engine-constructor arguments for a benchmark dtype name `<dtype>[+adaln|+host-adaln]`: "+adaln" stores the
+    adaLN weights e4m3 too (fp8 only), "+host-adaln" keeps them in pinned host memory (streamed by condition())."""
+    dtype, _, variant = name.partition("+")
+    if name not in DTYPES or variant not in ADALN_VARIANTS:
+        raise ValueError(f"benchmark dtype must be one of {DTYPES}, got {name!r}")
+    return {"dtype": dtype, **ADALN_VARIANTS[variant]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,10 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument(
         "--dtype",
-        choices=("bf16", "fp8", "fp8+adaln", "fp32"),
+        choices=DTYPES,
         nargs="+",
         default=None,
-        help="fp8: block linears e4m3; fp8+adaln: adaLN weights e4m3 too (weight-only)",
+        help="fp8: block linears e4m3; +adaln: adaLN weights e4m3 too (weight-only); +host-adaln: adaLN weights in "
+        "pinned host memory, streamed to the GPU by condition() (time the cached rows)",
     )
     p.add_argument("--text-len", type=int, default=333, help="text tokens: 333 = SD3 default, 205 = Flow-GRPO")
     p.add_argument("--baselines", action="store_true", help="also time diffusers eager+hooks and regional compile")
@@ -121,6 +130,12 @@ def latent_inputs(cfg: BackboneConfig, batch: int, side: int, text_len: int, dev
     return out
 
 
+def device_weight_bytes(engine: RewardEngine) -> int:
+    """Bytes of the engine's parameters and buffers that live on its device (host-resident adaLN weights excluded)."""
+    tensors = [*engine.parameters(), *engine.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == engine.device)
+
+
 def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
     args, device = b.args, b.device
     cfg = BackboneConfig.from_name(preset)
@@ -150,14 +165,24 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
                     resolution=side,
                     dtype=dtype,
                     flops_per_image=flops,
+                    weights_gib=round(device_weight_bytes(engine) / 2**30, 3),
                     random_weights=not args.checkpoint,
                 )
                 b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
+                # prompt-only work on its own (per prompt), and scoring against conditioning made beforehand: the
+                # GRPO pattern, one condition() per prompt batch serving its group of latents
+                prompt_only = {k: v for k, v in common.items() if k != "flops_per_image"}  # not the forward's FLOPs
+                b.run("condition() per prompt", lambda x: engine.condition(x[1], x[2]), inputs, batch, **prompt_only)
+                cached = [(x[0], engine.condition(x[1], x[2])) for x in inputs]
                 if graphed is not None:
                     row = b.run(
                         "engine cuda-graph", lambda x: graphed.score(x[0], (x[1], x[2])), inputs, batch, **common
                     )
                     row["first_call_s"] = round(max(graphed.capture_seconds.values()), 2)
+                    b.run("engine cuda-graph, cond cached", lambda x: graphed.score(*x), cached, batch, **common)
+                else:
+                    b.run("engine eager, cond cached", lambda x: engine.score(*x), cached, batch, **common)
+                cached = None
         engine = graphed = None  # free before the next dtype's model is built
         gc.collect()
         if device.type == "cuda":
@@ -273,7 +298,7 @@ def print_table(rows: list[dict]) -> None:
         if r["path"].startswith("diffusers"):
             base[(r["path"], r["resolution"], r["batch"])] = r["per_image_ms"]
     print(
-        f"\n{'interface':<9} {'path':<34} {'dtype':<5} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
+        f"\n{'interface':<9} {'path':<34} {'dtype':<15} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
         f"{'TFLOP/s':>8} {'vs eager':>9} {'vs compile':>10}"
     )
     for r in rows:
@@ -284,7 +309,7 @@ def print_table(rows: list[dict]) -> None:
             ref = base.get((name, r["resolution"], r["batch"]))
             ratios.append(f"{ref / r['per_image_ms']:.2f}x" if ref and r["interface"] == "latent" else "-")
         print(
-            f"{r['interface']:<9} {r['path']:<34} {r['dtype']:<5} {r['resolution']:>5} {r['batch']:>3} "
+            f"{r['interface']:<9} {r['path']:<34} {r['dtype']:<15} {r['resolution']:>5} {r['batch']:>3} "
             f"{r['per_image_ms']:>9.2f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "
             f"{r['tflop_s'] if r['tflop_s'] is not None else '-':>8} {ratios[0]:>9} {ratios[1]:>10}"
         )

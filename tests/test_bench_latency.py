@@ -32,3 +32,29 @@ def test_latency_cli_runs_on_cpu(interface, tmp_path):
     )
     assert rows and all(set(r) >= KEYS and r["per_image_ms"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_dtype_names_map_to_engine_arguments():
+    assert latency.dtype_kwargs("bf16") == {"dtype": "bf16"}
+    assert latency.dtype_kwargs("fp8+adaln") == {"dtype": "fp8", "fp8_adaln": True}
+    assert latency.dtype_kwargs("fp8+host-adaln") == {"dtype": "fp8", "adaln_on_host": True}
+    with pytest.raises(ValueError, match="benchmark dtype must be one of"):
+        latency.dtype_kwargs("fp8+cpu")
+
+
+def test_latent_rows_include_the_cached_path_and_device_weights(tmp_path):
+    """The GRPO pattern is timed on its own (condition() once, then scoring against it), and host-resident adaLN
+    weights are not counted as device weights (on the CPU: everything is host memory, so both count the same)."""
+    argv = ["--batch", "2", "--iters", "1", "--resolution", "128", "--dtype", "fp32", "fp32+host-adaln"]
+    rows = latency.main(argv)
+    paths = {(r["dtype"], r["path"]) for r in rows}
+    for dtype in ("fp32", "fp32+host-adaln"):
+        assert {
+            (dtype, "engine eager"),
+            (dtype, "condition() per prompt"),
+            (dtype, "engine eager, cond cached"),
+        } <= paths
+    cond = next(r for r in rows if r["path"] == "condition() per prompt")
+    assert "flops_per_image" not in cond  # the forward's FLOPs are not the prompt-only work's
+    weights = {r["dtype"]: r["weights_gib"] for r in rows if r["path"] == "engine eager"}
+    assert weights["fp32"] == weights["fp32+host-adaln"] > 0
