@@ -385,6 +385,10 @@ def main() -> None:
     rep.section("fp8_fidelity", fp8_fidelity, need_s=45)
     rep.section("attention", attention_bench, need_s=15)
     rep.section("kernel_bench", lambda: kernel_bench(with_compile=rep.left() > 120), need_s=20)
+    from bench.targets import evaluate, format_table
+
+    rep.data["targets"] = evaluate(rep.data)
+    log("targets (issue 5):\n" + format_table(rep.data["targets"]))
     log(f"done; skipped: {rep.data['skipped']}; errors: {list(rep.data['errors'])}")
     rep.save()
 
