@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,18 @@ class RewardEngine(nn.Module):
         with torch.enable_grad() if grad else torch.no_grad(), ops.use(self.kernels_backend):
             return self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
 
+    def _warn_streaming_per_call(self) -> None:
+        """With adaLN weights on the host, every uncached score() streams them over PCIe: say so, once."""
+        if self.adaln_host_bytes and not getattr(self, "_warned_streaming", False):
+            self._warned_streaming = True
+            warnings.warn(
+                f"adaln_on_host: scoring with raw prompt embeddings streams {self.adaln_host_bytes / 2**30:.1f} GiB "
+                f"of adaLN weights to the device on every call; make a Conditioning once per prompt batch with "
+                f"engine.condition(prompt_embeds, pooled) and score against it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def features(
         self,
         latents: torch.Tensor,
@@ -321,6 +334,7 @@ class RewardEngine(nn.Module):
                 "backward); build the engine with dtype='bf16' for reward backprop"
             )
         if not isinstance(prompt_emb, Conditioning):
+            self._warn_streaming_per_call()
             prompt_emb = self.condition(*self._as_pair(prompt_emb), grad=grad)
         cond = self._select(prompt_emb, latents.shape[0], prompt_index)
         context = torch.enable_grad() if grad else torch.inference_mode()

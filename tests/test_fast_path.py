@@ -217,3 +217,17 @@ def test_adaln_on_host_gives_the_same_rewards_and_checkpoints(tmp_path):
     host.backbone.requires_grad_(True)
     host.score(z0, (pe, po), noise=noise, grad=True).sum().backward()
     assert adalns[0].linear.weight.grad is not None and adalns[0].linear.weight.grad.abs().sum() > 0
+
+
+def test_adaln_on_host_warns_once_when_scoring_uncached():
+    engine = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch", adaln_on_host=True)
+    engine.adaln_host_bytes = 3 * 2**30  # what a GPU engine would have moved off its device
+    z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=13)
+    with pytest.warns(RuntimeWarning, match=r"streams 3.0 GiB .* engine.condition"):
+        engine.score(z0, (pe, po), noise=noise)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.score(z0, (pe, po), noise=noise)  # once only
+        engine.score(z0, engine.condition(pe, po), noise=noise)  # the cached path never warns
