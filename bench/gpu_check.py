@@ -1,10 +1,13 @@
 """One GPU session, one call: correctness of every fast path, then every timing, engine and baselines in one process.
 
     python -m bench.gpu_check --out DIR [--deadline-s 420]
+    python -m bench.gpu_check --out DIR --cpu-smoke      # every section on the tiny preset, on the CPU
 
 Sections run in priority order and the JSON is rewritten after each, so a run cut short still reports what it did;
 optional sections are skipped (and marked so) once the deadline nears. Random SD3.5-Large weights (latency and memory
-do not depend on the values).
+do not depend on the values). `--cpu-smoke` runs the same code on the `tiny` preset with small shapes, the FP8 path
+through torch._scaled_mm's CPU emulation and the Triton kernels interpreted: it proves the script before device time
+is spent on it (its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -12,17 +15,84 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import torch
+if "--cpu-smoke" in sys.argv:  # before anything imports triton: its CPU interpreter must be chosen at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.latency import dtype_kwargs
+import torch  # noqa: E402
+
+from bench.latency import dtype_kwargs  # noqa: E402
 
 T0 = time.perf_counter()
+
+
+class Setup:
+    """What the sections run on: the real thing, or (`--cpu-smoke`) the tiny preset at small shapes on the CPU."""
+
+    device = "cuda"
+    preset = "sd35-large"
+    side = 512  # image side for the model-level sections
+    text_len = 333
+    kernel_shapes = ((1, 1357), (8, 1357), (1, 4429))  # (batch, tokens) for the kernel micro-benchmarks
+    heads, head_dim, n_text = 38, 64, 333
+    fidelity_inputs = 256
+
+    @classmethod
+    def cpu_smoke(cls) -> None:
+        import engine.quant
+        from engine.config import BackboneConfig
+
+        cfg = BackboneConfig.from_name("tiny")
+        cls.device, cls.preset, cls.side, cls.text_len = "cpu", "tiny", 128, 9
+        cls.heads, cls.head_dim, cls.n_text = cfg.num_attention_heads, cfg.attention_head_dim, 5
+        cls.kernel_shapes = ((1, 21), (2, 13))
+        cls.fidelity_inputs = 16
+        engine.quant.fp8_supported = lambda device: True  # torch._scaled_mm's CPU emulation stands in for the GPU
+
+    @classmethod
+    def config(cls):
+        from engine.config import BackboneConfig
+
+        return BackboneConfig.from_name(cls.preset)
+
+    @classmethod
+    def prompt_inputs(cls, batch: int, text_len: int | None = None, generator=None, dtype=torch.bfloat16):
+        """latents, prompt embeddings, pooled embeddings, noise for `batch` images at `side`."""
+        cfg, side = cls.config(), cls.side // 8
+        kw = dict(device=cls.device, generator=generator, dtype=dtype)
+        return (
+            torch.randn(batch, cfg.in_channels, side, side, **kw),
+            torch.randn(batch, text_len or cls.text_len, cfg.joint_attention_dim, **kw),
+            torch.randn(batch, cfg.pooled_projection_dim, **kw),
+            torch.randn(batch, cfg.in_channels, side, side, **kw),
+        )
+
+
+def bench_ms(fn) -> float:
+    """Median ms of fn(): Triton's do_bench on CUDA (L2 flushed between calls), a short wall-clock timing elsewhere."""
+    if Setup.device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    from bench.harness import time_fn
+
+    return time_fn(lambda _: fn(), [None], warmup=1, iters=2, device="cpu").median_ms
+
+
+def free_memory() -> None:
+    gc.collect()
+    if Setup.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if Setup.device == "cuda" else 0
 
 
 def log(msg: str) -> None:
@@ -78,20 +148,17 @@ def kernel_tests() -> dict:
 @torch.no_grad()  # joint_qkv takes its reference path under autograd: time the inference path (run 3 did not)
 def kernel_bench(with_compile: bool) -> dict:
     """Each memory-bound kernel vs its eager torch reference (and torch.compile of it) at SD3.5-L shapes."""
-    import triton.testing
-
     import kernels
     from kernels import adaln, noise, pooling, qknorm, quant
 
+    dev, d, n_txt, heads = Setup.device, Setup.config().hidden_size, Setup.n_text, Setup.heads
     rows = []
-    for batch, tokens in ((1, 1357), (8, 1357), (1, 4429)):
-        d = 2432
-        x = torch.randn(batch, tokens, d, device="cuda", dtype=torch.bfloat16)
+    for batch, tokens in Setup.kernel_shapes:
+        x = torch.randn(batch, tokens, d, device=dev, dtype=torch.bfloat16)
         y = torch.randn_like(x)
-        shift, scale, gate = (torch.randn(batch, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        z0 = torch.randn(
-            batch, 16, 64 if tokens == 1357 else 128, 64 if tokens == 1357 else 128, device="cuda", dtype=torch.bfloat16
-        )
+        shift, scale, gate = (torch.randn(batch, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        side = int(round((tokens - n_txt) ** 0.5)) * 2  # latent side whose patches are the image tokens
+        z0 = torch.randn(batch, 16, side, side, device=dev, dtype=torch.bfloat16)
         eps = torch.randn_like(z0)
         xb = x.numel() * 2
         cases = {
@@ -113,13 +180,13 @@ def kernel_bench(with_compile: bool) -> dict:
                 3 * z0.numel() * 2,
             ),
         }
-        qkv = torch.randn(batch, tokens - 333, 3 * d, device="cuda", dtype=torch.bfloat16)
-        txt = torch.randn(batch, 333, 3 * d, device="cuda", dtype=torch.bfloat16)
-        norms = tuple(1 + 0.1 * torch.randn(64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        hidden = torch.randn(batch * tokens, 4 * d, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(batch, tokens - n_txt, 3 * d, device=dev, dtype=torch.bfloat16)
+        txt = torch.randn(batch, n_txt, 3 * d, device=dev, dtype=torch.bfloat16)
+        norms = tuple(1 + 0.1 * torch.randn(Setup.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        hidden = torch.randn(batch * tokens, 4 * d, device=dev, dtype=torch.bfloat16)
         cases["joint_qkv"] = (
-            lambda: kernels.joint_qkv(qkv, txt, 38, norms, backend="triton"),
-            lambda: qknorm.joint_qkv_ref(qkv, txt, 38, norms),
+            lambda: kernels.joint_qkv(qkv, txt, heads, norms, backend="triton"),
+            lambda: qknorm.joint_qkv_ref(qkv, txt, heads, norms),
             4 * 3 * x.numel(),
         )
         cases["quantize_rowwise+gelu"] = (
@@ -130,26 +197,27 @@ def kernel_bench(with_compile: bool) -> dict:
         # FP8 producers: fused (one pass, e4m3 out) vs the bf16 op then a separate quantisation pass (run 3's path)
         cases["layernorm_modulate_fp8 (vs LN + quantize)"] = (
             lambda: kernels.layernorm_modulate_fp8(x, shift, scale, backend="triton"),
-            lambda: kernels.quantize_rowwise(kernels.layernorm_modulate(x, shift, scale, backend="triton")),
+            lambda: kernels.quantize_rowwise(
+                kernels.layernorm_modulate(x, shift, scale, backend="triton"), backend="triton"
+            ),
             xb + xb // 2,
         )
         cases["gated_residual_layernorm_modulate_fp8 (vs unfused)"] = (
             lambda: kernels.gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale, backend="triton")[1:],
             lambda: kernels.quantize_rowwise(
-                kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton")[1]
+                kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton")[1],
+                backend="triton",
             ),
             3 * xb + xb // 2,
         )
-        joint_out = torch.randn(batch, tokens, d, device="cuda", dtype=torch.bfloat16)
-        image_rows = joint_out[:, : tokens - 333]
+        image_rows = torch.randn(batch, tokens, d, device=dev, dtype=torch.bfloat16)[:, : tokens - n_txt]
         cases["quantize_rowwise(strided image rows) (vs copy + quantize)"] = (
             lambda: kernels.quantize_rowwise(image_rows, backend="triton"),
             lambda: kernels.quantize_rowwise(image_rows.reshape(-1, d), backend="triton"),
             image_rows.numel() * 3,
         )
         for name, (fast, ref, nbytes) in cases.items():
-            with torch.no_grad():
-                got, want = fast(), ref()
+            got, want = fast(), ref()
             got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
             errs = [
                 float((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30))
@@ -157,11 +225,11 @@ def kernel_bench(with_compile: bool) -> dict:
             ]
             row = {"op": name, "batch": batch, "tokens": tokens, "dim": d, "bytes": nbytes, "max_rel_err": max(errs)}
             for label, fn in (("triton", fast), ("eager", ref)):
-                row[f"{label}_us"] = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                row[f"{label}_us"] = 1e3 * bench_ms(fn)
             if with_compile:
                 compiled = torch.compile(ref, dynamic=False)
                 compiled()
-                row["compile_us"] = 1e3 * triton.testing.do_bench(compiled, warmup=25, rep=100, return_mode="median")
+                row["compile_us"] = 1e3 * bench_ms(compiled)
             row["triton_gb_s"] = nbytes / row["triton_us"] / 1e3
             rows.append(row)
             log(
@@ -173,19 +241,16 @@ def kernel_bench(with_compile: bool) -> dict:
 
 
 def attention_bench() -> dict:
-    import triton.testing
-
     from engine.attention import attention
 
     rows = []
-    for tokens in (1357, 4429):
-        q, k, v = (torch.randn(1, tokens, 38, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        flops = 4 * tokens * tokens * 64 * 38
+    for tokens in sorted({n for _, n in Setup.kernel_shapes}):
+        shape = (1, tokens, Setup.heads, Setup.head_dim)
+        q, k, v = (torch.randn(shape, device=Setup.device, dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * tokens * tokens * Setup.head_dim * Setup.heads
         for backend in ("sdpa", "cudnn", "flash", "efficient"):
             try:
-                ms = triton.testing.do_bench(
-                    lambda b=backend: attention(q, k, v, b), warmup=25, rep=100, return_mode="median"
-                )
+                ms = bench_ms(lambda b=backend: attention(q, k, v, b))
                 rows.append({"backend": backend, "tokens": tokens, "ms": ms, "tflop_s": flops / ms / 1e9})
                 log(f"attention {backend:<9} n{tokens}: {ms * 1e3:.1f}us {flops / ms / 1e9:.0f} TFLOP/s")
             except Exception as e:
@@ -196,23 +261,18 @@ def attention_bench() -> dict:
 def adaln_on_host() -> dict:
     """adaln_on_host=True at full size (fp8): device memory freed (counted and measured), condition() cost when the
     adaLN weights stream over PCIe, and the rewards it gives (must equal the on-device engine's)."""
-    import triton.testing
-
     from engine import RewardEngine
     from engine.mmdit import AdaLN
 
-    gc.collect()
-    torch.cuda.empty_cache()
-    start = torch.cuda.memory_allocated()
-    plain = RewardEngine.from_preset("sd35-large", device="cuda", dtype="fp8", seed=0)
-    mid = torch.cuda.memory_allocated()
-    host = RewardEngine.from_preset("sd35-large", device="cuda", dtype="fp8", seed=0, adaln_on_host=True)
-    end = torch.cuda.memory_allocated()
+    free_memory()
+    start = allocated()
+    plain = RewardEngine.from_preset(Setup.preset, device=Setup.device, dtype="fp8", seed=0)
+    mid = allocated()
+    host = RewardEngine.from_preset(Setup.preset, device=Setup.device, dtype="fp8", seed=0, adaln_on_host=True)
+    end = allocated()
     host_adaln = [p for m in host.backbone.modules() if isinstance(m, AdaLN) for p in m.parameters()]
-    g = torch.Generator(device="cuda").manual_seed(7)
-    z0, eps = (torch.randn(8, 16, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-    emb = torch.randn(8, 333, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
-    pooled = torch.randn(8, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+    g = torch.Generator(device=Setup.device).manual_seed(7)
+    z0, emb, pooled, eps = Setup.prompt_inputs(8, generator=g)
     out = {
         "device_gib_on_device_adaln": (mid - start) / 2**30,
         "device_gib_host_adaln": (end - mid) / 2**30,
@@ -224,39 +284,33 @@ def adaln_on_host() -> dict:
     }
     for prompts in (1, 8):
         for name, engine in (("on_device", plain), ("host", host)):
-            ms = triton.testing.do_bench(
-                lambda e=engine: e.condition(emb[:prompts], pooled[:prompts]), warmup=3, rep=50, return_mode="median"
-            )
+            ms = bench_ms(lambda e=engine: e.condition(emb[:prompts], pooled[:prompts]))
             out[f"condition_ms_{name}_p{prompts}"] = ms
     log(f"adaLN on host: {out}")
     del plain, host
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return out
 
 
 def engine_parity() -> dict:
     """Full-size engine (Triton kernels, auto attention) vs diffusers' SD3Transformer2DModel on the same random
-    weights: features of layers (15, 23, 28, 37) in bf16, both against an fp32 diffusers reference."""
+    weights: features of the default layers in bf16 and fp8, all against an fp32 diffusers reference."""
     from bench.baselines import DiffusersHookReward, build_sd3_transformer
     from engine import RewardEngine
-    from engine.config import BackboneConfig
+    from engine.config import RewardConfig
 
-    cfg = BackboneConfig.from_name("sd35-large")
+    cfg = Setup.config()
     torch.manual_seed(0)
-    ref = build_sd3_transformer(cfg.to_dict(), torch.float32, "cuda")
-    z0 = torch.randn(2, 16, 64, 64, device="cuda")
-    emb = torch.randn(2, 333, 4096, device="cuda")
-    pooled = torch.randn(2, 2048, device="cuda")
-    eps = torch.randn_like(z0)
-    layers = (15, 23, 28, 37)
+    ref = build_sd3_transformer(cfg.to_dict(), torch.float32, Setup.device)
+    z0, emb, pooled, eps = Setup.prompt_inputs(2, dtype=torch.float32)
+    layers = RewardConfig.for_backbone(cfg).layers
     hooked = DiffusersHookReward(ref, layers, 0.1)
     f32 = hooked.features(z0, emb, pooled, eps)
     hooked.remove()
     out = {}
     for dtype in ("bf16", "fp8", "fp8+adaln"):
         kw = dtype_kwargs(dtype)
-        engine = RewardEngine.from_diffusers(ref, layers=layers, device="cuda", **kw)
+        engine = RewardEngine.from_diffusers(ref, layers=layers, device=Setup.device, **kw)
         ours = engine.features(z0, (emb, pooled), noise=eps)
         out[f"engine_{dtype}_rel_err"] = float((ours - f32).norm() / f32.norm())
         del engine
@@ -267,20 +321,26 @@ def engine_parity() -> dict:
     out["diffusers_bf16_rel_err"] = float((f16 - f32).norm() / f32.norm())
     log(f"parity vs fp32 diffusers: {out}")
     del ref, ref16, hooked
-    gc.collect()  # hooks hold reference cycles: without this 16 GB stayed allocated into the next section (run 1)
-    torch.cuda.empty_cache()
+    free_memory()  # hooks hold reference cycles: without gc 16 GB stayed allocated into the next section (run 1)
     return out
 
 
 def latency(argv: list[str]) -> dict:
     from bench import latency as lat
 
+    if Setup.device == "cpu":
+        argv = [*argv, "--iters", "1"]
+        for flag, value in (("--resolution", str(Setup.side)), ("--text-len", str(Setup.text_len))):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = value
+            elif flag == "--text-len":
+                argv += [flag, value]
     rows = lat.main(argv)
-    torch.cuda.empty_cache()
+    free_memory()
     return {"argv": argv, "rows": rows}
 
 
-def fp8_fidelity(n: int = 256) -> dict:
+def fp8_fidelity() -> dict:
     """Rewards of the same random full-size model in bf16 and fp8 on n random inputs: Spearman and pair order."""
     from engine import RewardEngine
 
@@ -288,19 +348,16 @@ def fp8_fidelity(n: int = 256) -> dict:
     scores = {}
     for dtype in ("bf16", "fp8", "fp8+adaln"):
         kw = dtype_kwargs(dtype)
-        engine = RewardEngine.from_preset("sd35-large", device="cuda", seed=0, **kw)
+        engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **kw)
         engine.check_finite = False
-        g = torch.Generator(device="cuda").manual_seed(123)
+        g = torch.Generator(device=Setup.device).manual_seed(123)
         rs = []
-        for _ in range(n // 8):
-            z0 = torch.randn(8, 16, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-            emb = torch.randn(8, 205, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
-            pooled = torch.randn(8, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
-            eps = torch.randn(8, 16, 64, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+        for _ in range(Setup.fidelity_inputs // 8):
+            z0, emb, pooled, eps = Setup.prompt_inputs(8, text_len=205 if Setup.device == "cuda" else None, generator=g)
             rs.append(engine.score(z0, (emb, pooled), noise=eps))
         scores[dtype] = torch.cat(rs).double().cpu()
         del engine
-        torch.cuda.empty_cache()
+        free_memory()
     a = scores["bf16"]
     out["reward_std_bf16"] = float(a.std())
     i, j = torch.triu_indices(len(a), len(a), 1)
@@ -319,48 +376,57 @@ def fp8_fidelity(n: int = 256) -> dict:
     return out
 
 
-def profile(dtype: str) -> dict:
-    """Where the time goes: device time per kernel over 3 eager forwards at 512², batch 8."""
+def profile(dtype: str, batch: int = 8) -> dict:
+    """Where the time goes: device time per kernel over 3 eager forwards at 512² (prompts conditioned in the call)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from engine import RewardEngine
 
-    kw = dtype_kwargs(dtype)
-    engine = RewardEngine.from_preset("sd35-large", device="cuda", **kw)
+    on_cuda = Setup.device == "cuda"
+    engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, **dtype_kwargs(dtype))
     engine.check_finite = False
-    z0 = torch.randn(8, 16, 64, 64, device="cuda", dtype=torch.bfloat16)
-    emb = torch.randn(8, 333, 4096, device="cuda", dtype=torch.bfloat16)
-    pooled = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    z0, emb, pooled, _ = Setup.prompt_inputs(batch)
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize()
+
     for _ in range(2):
         engine.score(z0, (emb, pooled))
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    with torch_profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             engine.score(z0, (emb, pooled))
-        torch.cuda.synchronize()
+        sync()
     rows = []
     for evt in prof.key_averages():
-        us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        us = getattr(evt, "self_device_time_total", 0) if on_cuda else evt.self_cpu_time_total
         if us > 0:
-            rows.append({"name": evt.key[:90], "ms_per_image": us / 1e3 / 24, "calls": evt.count})
+            rows.append({"name": evt.key[:90], "ms_per_image": us / 1e3 / (3 * batch), "calls": evt.count})
     rows.sort(key=lambda r: -r["ms_per_image"])
     total = sum(r["ms_per_image"] for r in rows)
     for r in rows[:16]:
         share = 100 * r["ms_per_image"] / total
-        log(f"{dtype:<5} {r['ms_per_image']:7.3f} ms/img {share:5.1f}% x{r['calls']:<5} {r['name']}")
+        log(f"{dtype:<5} b{batch} {r['ms_per_image']:7.3f} ms/img {share:5.1f}% x{r['calls']:<5} {r['name']}")
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return {"device_ms_per_image": total, "top": rows[:40]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--deadline-s", type=float, default=420)
     p.add_argument("--only", nargs="*", default=None, help="run just these sections")
-    args = p.parse_args()
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: check the script, not the GPU")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--cpu-smoke needs TRITON_INTERPRET=1 set before triton is imported")
+        Setup.cpu_smoke()
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_check needs a CUDA GPU (or --cpu-smoke to check the script on the CPU)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out, args.deadline_s)
@@ -368,29 +434,34 @@ def main() -> None:
     from bench.harness import ceilings, environment_info
     from engine import ops
 
-    rep.data["env"] = environment_info("cuda")
-    rep.section("ceilings", lambda: ceilings("cuda"))
+    on_cuda = Setup.device == "cuda"
+    rep.data["env"] = environment_info(Setup.device)
+    rep.data["cpu_smoke"] = args.cpu_smoke
+    rep.section("ceilings", lambda: ceilings(Setup.device))
     rep.section("kernel_tests", kernel_tests, need_s=60)
-    rep.section("gelu_epilogue_is_tanh", lambda: ops._gelu_epilogue_ok(torch.bfloat16))
+    if on_cuda:
+        rep.section("gelu_epilogue_is_tanh", lambda: ops._gelu_epilogue_ok(torch.bfloat16))
     rep.section("engine_parity", engine_parity, need_s=60)
     lat512 = ["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8", "fp8+host-adaln", "--baselines"]
     rep.section("latency_512", lambda: latency([*lat512, "--json", str(out / "latency_512.json")]), need_s=120)
     rep.section("adaln_on_host", adaln_on_host, need_s=40)
-    lat1024 = ["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8"]
-    rep.section("latency_1024", lambda: latency([*lat1024, "--json", str(out / "latency_1024.json")]), need_s=60)
-    rep.section("profile_fp8", lambda: profile("fp8"), need_s=40)
-    rep.section("profile_bf16", lambda: profile("bf16"), need_s=40)
     hps = ["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8"]
     rep.section("hpsv3", lambda: latency([*hps, "--json", str(out / "hpsv3.json")]), need_s=60)
     rep.section("fp8_fidelity", fp8_fidelity, need_s=45)
+    lat1024 = ["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8"]
+    rep.section("latency_1024", lambda: latency([*lat1024, "--json", str(out / "latency_1024.json")]), need_s=60)
+    rep.section("profile_fp8", lambda: profile("fp8"), need_s=40)
+    rep.section("profile_fp8_b1", lambda: profile("fp8", batch=1), need_s=40)
+    rep.section("profile_bf16", lambda: profile("bf16"), need_s=40)
+    rep.section("kernel_bench", lambda: kernel_bench(with_compile=on_cuda and rep.left() > 120), need_s=20)
     rep.section("attention", attention_bench, need_s=15)
-    rep.section("kernel_bench", lambda: kernel_bench(with_compile=rep.left() > 120), need_s=20)
     from bench.targets import evaluate, format_table
 
     rep.data["targets"] = evaluate(rep.data)
     log("targets (issue 5):\n" + format_table(rep.data["targets"]))
     log(f"done; skipped: {rep.data['skipped']}; errors: {list(rep.data['errors'])}")
     rep.save()
+    return rep.data
 
 
 if __name__ == "__main__":

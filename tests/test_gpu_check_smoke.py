@@ -1,0 +1,43 @@
+"""`python -m bench.gpu_check --cpu-smoke`: the one-call GPU script runs every section end to end on the tiny preset,
+so a GPU session never spends its device time discovering a broken section."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--cpu-smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert data["cpu_smoke"] and data["errors"] == {} and data["skipped"] == []
+    expected = {"latency_512", "adaln_on_host", "hpsv3", "fp8_fidelity", "latency_1024", "kernel_bench", "attention"}
+    assert expected <= set(data["sections"])
+    sections = data["sections"]
+    # the script's own checks hold on the tiny model: equal rewards with host adaLN, engine as close to fp32 as
+    # diffusers' bf16 (STYLE.md: at most 2x), fused FP8 producers equal to the unfused path's quantisation
+    assert sections["adaln_on_host"]["rewards_equal"]
+    parity = sections["engine_parity"]
+    assert parity["engine_bf16_rel_err"] <= 2 * parity["diffusers_bf16_rel_err"]
+    strided = [r for r in sections["kernel_bench"]["rows"] if r["op"].startswith("quantize_rowwise(strided")]
+    assert strided and all(r["max_rel_err"] == 0 for r in strided)
+    paths = {(r["path"], r["dtype"]) for r in sections["latency_512"]["rows"]}
+    assert ("engine eager, cond cached", "fp8+host-adaln") in paths and ("diffusers regional-compile", "fp32") in paths
+    assert [t["target"] for t in data["targets"]][:2] == ["512² b8 fp8 ms/img", "512² b8 bf16 ms/img"]
