@@ -340,29 +340,44 @@ def latency(argv: list[str]) -> dict:
     return {"argv": argv, "rows": rows}
 
 
+# FP8 variants whose fidelity is measured against bf16: engine arguments, and linears left in bf16 (block, name)
+FIDELITY_VARIANTS = {
+    "fp8": ("fp8", None),
+    "fp8+adaln": ("fp8+adaln", None),
+    "fp8, blocks 0-7 bf16": ("fp8", lambda block, name: block < 8),
+    "fp8, FFN out bf16": ("fp8", lambda block, name: name.endswith("net.2")),
+}
+
+
 def fp8_fidelity() -> dict:
-    """Rewards of the same random full-size model in bf16 and fp8 on n random inputs: Spearman and pair order."""
+    """Rewards of the same random full-size model in bf16 and FP8 variants on n random inputs: Spearman, pair order,
+    and the share of the bf16 model's GEMM FLOPs each variant still runs in bf16 (its speed cost)."""
     from engine import RewardEngine
+    from engine.quant import quantize_fp8
 
     out = {}
     scores = {}
-    for dtype in ("bf16", "fp8", "fp8+adaln"):
-        kw = dtype_kwargs(dtype)
-        engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **kw)
+    for name, (dtype, keep) in {"bf16": ("bf16", None), **FIDELITY_VARIANTS}.items():
+        if keep is None:
+            engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
+        else:  # the same bf16 weights, quantised except the chosen linears
+            engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, dtype="bf16")
+            quantize_fp8(engine.backbone, keep_bf16=keep)
+            out.setdefault("bf16_linear_share", {})[name] = _bf16_linear_share(engine)
         engine.check_finite = False
         g = torch.Generator(device=Setup.device).manual_seed(123)
         rs = []
         for _ in range(Setup.fidelity_inputs // 8):
             z0, emb, pooled, eps = Setup.prompt_inputs(8, text_len=205 if Setup.device == "cuda" else None, generator=g)
             rs.append(engine.score(z0, (emb, pooled), noise=eps))
-        scores[dtype] = torch.cat(rs).double().cpu()
+        scores[name] = torch.cat(rs).double().cpu()
         del engine
         free_memory()
     a = scores["bf16"]
     out["reward_std_bf16"] = float(a.std())
     i, j = torch.triu_indices(len(a), len(a), 1)
     clear = (a[i] - a[j]).abs() > 0.01 * a.std()  # pairs an RL update can act on (bf16 rewards differ by >1% std)
-    for name in ("fp8", "fp8+adaln"):
+    for name in FIDELITY_VARIANTS:
         b = scores[name]
         ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
         agree = (a[i] > a[j]) == (b[i] > b[j])
@@ -374,6 +389,22 @@ def fp8_fidelity() -> dict:
         }
     log(f"fp8 fidelity: {out}")
     return out
+
+
+def _bf16_linear_share(engine) -> float:
+    """Share of the per-token block-linear weights (∝ GEMM FLOPs) an FP8 engine still holds in bf16."""
+    from engine.quant import Float8Linear
+
+    blocks = engine.backbone.transformer_blocks
+    sizes = {"fp8": 0, "bf16": 0}
+    for name, m in blocks.named_modules():
+        if ".norm1" in f".{name}":
+            continue
+        if isinstance(m, Float8Linear):
+            sizes["fp8"] += m.in_features * m.out_features
+        elif isinstance(m, torch.nn.Linear):
+            sizes["bf16"] += m.in_features * m.out_features
+    return sizes["bf16"] / (sizes["fp8"] + sizes["bf16"])
 
 
 def profile(dtype: str, batch: int = 8) -> dict:

@@ -227,7 +227,7 @@ class FeedForward(nn.Module):
         return self.net[0].proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](ops.linear_gelu(x, self.proj_in))
+        return self.net[2](ops.linear_gelu(x, self.proj_in, into=self.net[2]))
 
 
 class AdaLN(nn.Module):

@@ -86,15 +86,17 @@ def joint_qkv(img_qkv: torch.Tensor, txt_qkv: torch.Tensor | None, heads: int, n
     return kernels.joint_qkv(img_qkv, txt_qkv, heads, norms, backend=_current)
 
 
-def linear_gelu(x: torch.Tensor, proj: torch.nn.Module):
-    """tanh-GELU(proj(x)). With an FP8 `proj` the GELU is fused into quantising its output for the next FP8 GEMM, so
-    the result is a `Float8Activation` (the FFN's second linear takes it as is)."""
+def linear_gelu(x, proj: torch.nn.Module, into: torch.nn.Module | None = None):
+    """tanh-GELU(proj(x)). `into` is the linear that consumes the result: an FP8 one gets the GELU fused into the
+    quantisation of its input, as a `Float8Activation`."""
     from engine.quant import Float8Activation, Float8Linear
 
-    if isinstance(proj, Float8Linear):
+    if _feeds_fp8(into):
         h = proj(x)
         q, scale = kernels.quantize_rowwise(h.reshape(-1, h.shape[-1]), gelu=True, backend=_current)
         return Float8Activation(q, scale, h.shape[:-1], h.dtype)
+    if isinstance(proj, Float8Linear):
+        return F.gelu(proj(x), approximate="tanh")
     if x.is_cuda and not torch.is_grad_enabled() and _gelu_epilogue_ok(x.dtype):
         # cuBLASLt's GELU epilogue: the activation is applied to the fp32 accumulator inside the GEMM, saving a read
         # and a write of the 4D-wide hidden state (the largest elementwise pass of a block).

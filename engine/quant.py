@@ -7,6 +7,7 @@ the conditioning cache), norms. Activations are quantised per token (row) on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -76,20 +77,27 @@ class Float8Linear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
 
-def quantize_fp8(backbone: nn.Module, adaln: bool = False, require_fp8_gpu: bool = True) -> nn.Module:
+def quantize_fp8(
+    backbone: nn.Module,
+    adaln: bool = False,
+    require_fp8_gpu: bool = True,
+    keep_bf16: Callable[[int, str], bool] | None = None,
+) -> nn.Module:
     """Swap every linear of every block for `Float8Linear`, in place. The adaLN linears (`norm1*.linear`, a third of
-    SD3.5-L's weights but prompt-only work) stay bf16 unless `adaln=True` stores them e4m3 too (weight-only)."""
+    SD3.5-L's weights but prompt-only work) stay bf16 unless `adaln=True` stores them e4m3 too (weight-only).
+    `keep_bf16(block_index, linear_name)` leaves chosen linears in bf16 (fidelity/speed trade-offs, e.g. the first
+    blocks or every `ff.net.2`)."""
     device = next(backbone.parameters()).device
     if require_fp8_gpu and not fp8_supported(device):  # (tests run the CPU emulation of torch._scaled_mm)
         raise ValueError(
             f"dtype='fp8' needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper "
             f"or newer); this engine is on {device}. Use dtype='bf16'."
         )
-    for block in backbone.transformer_blocks:
+    for index, block in enumerate(backbone.transformer_blocks):
         linears = [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
         for name in linears:
             is_adaln = name.startswith("norm1")
-            if is_adaln and not adaln:
+            if (is_adaln and not adaln) or (keep_bf16 is not None and keep_bf16(index, name)):
                 continue
             parent, _, child = name.rpartition(".")
             owner = block.get_submodule(parent)

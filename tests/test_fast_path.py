@@ -158,6 +158,26 @@ def test_fp8_forward_runs_and_tracks_bf16(adaln):
     assert 0 < err < 0.1, err
 
 
+@pytest.mark.parametrize("kept", ["net.2", "to_qkv", "net.0.proj"])
+def test_fp8_with_some_linears_kept_bf16(kept):
+    """`keep_bf16` mixes FP8 and bf16 linears: each producer quantises only for an FP8 consumer."""
+    from engine.quant import Float8Linear, quantize_fp8
+
+    bf16 = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
+    mixed = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
+    quantize_fp8(mixed.backbone, require_fp8_gpu=False, keep_bf16=lambda block, name: name.endswith(kept))
+    z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=14)
+    try:
+        a = bf16.features(z0, (pe, po), noise=noise)
+        b = mixed.features(z0, (pe, po), noise=noise)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm unavailable on CPU: {e}")
+    kept_modules = [n for n, m in mixed.backbone.named_modules() if n.endswith(kept)]
+    assert kept_modules and not any(isinstance(mixed.backbone.get_submodule(n), Float8Linear) for n in kept_modules)
+    assert any(isinstance(m, Float8Linear) for m in mixed.backbone.modules())
+    assert 0 < float((a - b).norm() / a.norm()) < 0.1
+
+
 def test_batch_buckets_pad_and_split():
     from engine.graphs import bucket_for, chunks
 
