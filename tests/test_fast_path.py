@@ -239,6 +239,24 @@ def test_adaln_on_host_gives_the_same_rewards_and_checkpoints(tmp_path):
     assert adalns[0].linear.weight.grad is not None and adalns[0].linear.weight.grad.abs().sum() > 0
 
 
+def test_fp8_adaln_weights_on_host():
+    """e4m3 adaLN weights (weight-only Float8Linear: buffers + bias) stream from the host the same way."""
+    from engine.quant import quantize_fp8
+
+    z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=15)
+    feats = []
+    for on_host in (False, True):
+        engine = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
+        quantize_fp8(engine.backbone, adaln=True, require_fp8_gpu=False)
+        if on_host:
+            engine.backbone.adaln_on_host()
+        try:
+            feats.append(engine.features(z0, (pe, po), noise=noise))
+        except (RuntimeError, NotImplementedError) as e:
+            pytest.skip(f"torch._scaled_mm unavailable on CPU: {e}")
+    assert torch.equal(feats[0], feats[1])
+
+
 def test_adaln_on_host_warns_once_when_scoring_uncached():
     engine = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch", adaln_on_host=True)
     engine.adaln_host_bytes = 3 * 2**30  # what a GPU engine would have moved off its device
