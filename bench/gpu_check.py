@@ -344,6 +344,7 @@ def latency(argv: list[str]) -> dict:
 FIDELITY_VARIANTS = {
     "fp8": ("fp8", None),
     "fp8+adaln": ("fp8+adaln", None),
+    "fp8+fast-accum": ("fp8+fast-accum", None),
     "fp8, blocks 0-7 bf16": ("fp8", lambda block, name: block < 8),
     "fp8, FFN out bf16": ("fp8", lambda block, name: name.endswith("net.2")),
 }
@@ -473,7 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
     if on_cuda:
         rep.section("gelu_epilogue_is_tanh", lambda: ops._gelu_epilogue_ok(torch.bfloat16))
     rep.section("engine_parity", engine_parity, need_s=60)
-    lat512 = ["--resolution", "512", "--batch", "1", "8", "--dtype", "bf16", "fp8", "fp8+host-adaln", "--baselines"]
+    lat512 = ["--resolution", "512", "--batch", "1", "8", "--baselines", "--dtype", "bf16", "fp8", "fp8+fast-accum"]
+    lat512 += ["fp8+host-adaln"]
     rep.section("latency_512", lambda: latency([*lat512, "--json", str(out / "latency_512.json")]), need_s=120)
     rep.section("adaln_on_host", adaln_on_host, need_s=40)
     hps = ["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8"]

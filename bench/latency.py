@@ -45,17 +45,37 @@ FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hp
 }
 
 
-DTYPES = ("bf16", "fp8", "fp8+adaln", "fp8+host-adaln", "bf16+host-adaln", "fp32", "fp32+host-adaln")
-ADALN_VARIANTS = {"": {}, "adaln": {"fp8_adaln": True}, "host-adaln": {"adaln_on_host": True}}
+BASE_DTYPES = ("bf16", "fp8", "fp32")
+VARIANTS = {  # "+<variant>" suffixes of a benchmark dtype name, and the engine arguments they set
+    "adaln": {"fp8_adaln": True},  # adaLN weights e4m3 too (fp8 only)
+    "fast-accum": {"fp8_fast_accum": True},  # Hopper's fast FP8 accumulation (fp8 only)
+    "host-adaln": {"adaln_on_host": True},  # adaLN weights in pinned host memory, streamed by condition()
+}
+FP8_ONLY = ("adaln", "fast-accum")
 
 
 def dtype_kwargs(name: str) -> dict[str, Any]:
-    """Engine-constructor arguments for a benchmark dtype name `<dtype>[+adaln|+host-adaln]`: "+adaln" stores the
-    adaLN weights e4m3 too (fp8 only), "+host-adaln" keeps them in pinned host memory (streamed by condition())."""
-    dtype, _, variant = name.partition("+")
-    if name not in DTYPES or variant not in ADALN_VARIANTS:
-        raise ValueError(f"benchmark dtype must be one of {DTYPES}, got {name!r}")
-    return {"dtype": dtype, **ADALN_VARIANTS[variant]}
+    """Engine-constructor arguments for a benchmark dtype name `<bf16|fp8|fp32>[+variant...]`, e.g.
+    "fp8+host-adaln+fast-accum" (variants: see `VARIANTS`)."""
+    base, *variants = name.split("+")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if base not in BASE_DTYPES or unknown or len(set(variants)) != len(variants):
+        raise ValueError(f"benchmark dtype must be <{'|'.join(BASE_DTYPES)}>[+{'|+'.join(VARIANTS)}...], got {name!r}")
+    if base != "fp8" and any(v in FP8_ONLY for v in variants):
+        raise ValueError(f"{name!r}: +{' / +'.join(FP8_ONLY)} apply to fp8 only")
+    kwargs: dict[str, Any] = {"dtype": base}
+    for v in variants:
+        kwargs |= VARIANTS[v]
+    return kwargs
+
+
+def _dtype_name(name: str) -> str:
+    """argparse type: a valid benchmark dtype name."""
+    try:
+        dtype_kwargs(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,11 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument(
         "--dtype",
-        choices=DTYPES,
+        type=_dtype_name,
         nargs="+",
         default=None,
-        help="fp8: block linears e4m3; +adaln: adaLN weights e4m3 too (weight-only); +host-adaln: adaLN weights in "
-        "pinned host memory, streamed to the GPU by condition() (time the cached rows)",
+        help="bf16|fp8|fp32, then optional +variants: +adaln (fp8 adaLN weights, weight-only), +fast-accum (Hopper "
+        "fast FP8 accumulation), +host-adaln (adaLN weights in pinned host memory, streamed by condition(): time "
+        "the cached rows)",
     )
     p.add_argument("--text-len", type=int, default=333, help="text tokens: 333 = SD3 default, 205 = Flow-GRPO")
     p.add_argument("--baselines", action="store_true", help="also time diffusers eager+hooks and regional compile")

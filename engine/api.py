@@ -60,8 +60,8 @@ class RewardEngine(nn.Module):
     Build with `from_pretrained` (a reward checkpoint + a local base model), `from_diffusers` (an in-memory diffusers
     `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default). Serving options,
     keywords of every constructor: dtype="fp8" (block linears e4m3, inference only), fp8_adaln=True (adaLN weights
-    e4m3 too, weight-only), adaln_on_host=True (adaLN weights in pinned host memory, streamed by `condition()`),
-    kernels_backend, attention, check_finite."""
+    e4m3 too, weight-only), fp8_fast_accum=True (Hopper's fast FP8 accumulation), adaln_on_host=True (adaLN weights
+    in pinned host memory, streamed by `condition()`), kernels_backend, attention, check_finite."""
 
     def __init__(
         self,
@@ -74,13 +74,14 @@ class RewardEngine(nn.Module):
         check_finite: bool = True,
         fp8: bool = False,
         fp8_adaln: bool = False,
+        fp8_fast_accum: bool = False,
         adaln_on_host: bool = False,
     ):
         super().__init__()
         if fp8:
             from engine.quant import quantize_fp8
 
-            quantize_fp8(backbone, adaln=fp8_adaln)
+            quantize_fp8(backbone, adaln=fp8_adaln, fast_accum=fp8_fast_accum)
         self.fp8 = fp8
         # adaLN linears in pinned host memory, streamed by condition(): the device keeps only per-latent weights
         self.adaln_host_bytes = backbone.adaln_on_host() if adaln_on_host else 0

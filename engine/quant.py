@@ -50,9 +50,12 @@ class Float8Activation(NamedTuple):
 class Float8Linear(nn.Module):
     """y = x W^T + b with W stored e4m3 [out, in] and scale [1, out]; x quantised per row (or given quantised)."""
 
-    def __init__(self, linear: nn.Linear, weight_only: bool = False):
+    def __init__(self, linear: nn.Linear, weight_only: bool = False, fast_accum: bool = False):
         super().__init__()
         self.weight_only = weight_only  # dequantise W and run a bf16 GEMM: for tiny-M prompt-only layers (adaLN)
+        # Hopper's fast FP8 accumulation: no periodic promotion of the partial sums to fp32 (torchao's inference
+        # default). Faster, slightly less exact; `bench.gpu_check` measures both.
+        self.fast_accum = fast_accum
         wq, ws = kernels.quantize_rowwise(linear.weight.detach(), backend="torch")  # once, at load
         self.register_buffer("weight_fp8", wq)
         self.register_buffer("weight_scale", ws.t().contiguous())  # [1, out], what _scaled_mm's scale_b wants
@@ -72,7 +75,13 @@ class Float8Linear(nn.Module):
             x = x if x.ndim in (2, 3) else x.reshape(-1, x.shape[-1])
             xq, xs = kernels.quantize_rowwise(x, backend=ops.current())
         out = torch._scaled_mm(
-            xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=self.bias, out_dtype=dtype
+            xq,
+            self.weight_fp8.t(),
+            scale_a=xs,
+            scale_b=self.weight_scale,
+            bias=self.bias,
+            out_dtype=dtype,
+            use_fast_accum=self.fast_accum,
         )
         return out.reshape(*lead, self.out_features)
 
@@ -82,11 +91,12 @@ def quantize_fp8(
     adaln: bool = False,
     require_fp8_gpu: bool = True,
     keep_bf16: Callable[[int, str], bool] | None = None,
+    fast_accum: bool = False,
 ) -> nn.Module:
     """Swap every linear of every block for `Float8Linear`, in place. The adaLN linears (`norm1*.linear`, a third of
     SD3.5-L's weights but prompt-only work) stay bf16 unless `adaln=True` stores them e4m3 too (weight-only).
     `keep_bf16(block_index, linear_name)` leaves chosen linears in bf16 (fidelity/speed trade-offs, e.g. the first
-    blocks or every `ff.net.2`)."""
+    blocks or every `ff.net.2`). `fast_accum`: see `Float8Linear`."""
     device = next(backbone.parameters()).device
     if require_fp8_gpu and not fp8_supported(device):  # (tests run the CPU emulation of torch._scaled_mm)
         raise ValueError(
@@ -101,5 +111,5 @@ def quantize_fp8(
                 continue
             parent, _, child = name.rpartition(".")
             owner = block.get_submodule(parent)
-            setattr(owner, child, Float8Linear(getattr(owner, child), weight_only=is_adaln))
+            setattr(owner, child, Float8Linear(getattr(owner, child), weight_only=is_adaln, fast_accum=fast_accum))
     return backbone

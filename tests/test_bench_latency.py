@@ -38,8 +38,18 @@ def test_dtype_names_map_to_engine_arguments():
     assert latency.dtype_kwargs("bf16") == {"dtype": "bf16"}
     assert latency.dtype_kwargs("fp8+adaln") == {"dtype": "fp8", "fp8_adaln": True}
     assert latency.dtype_kwargs("fp8+host-adaln") == {"dtype": "fp8", "adaln_on_host": True}
-    with pytest.raises(ValueError, match="benchmark dtype must be one of"):
-        latency.dtype_kwargs("fp8+cpu")
+    assert latency.dtype_kwargs("fp8+host-adaln+fast-accum") == {
+        "dtype": "fp8",
+        "adaln_on_host": True,
+        "fp8_fast_accum": True,
+    }
+    for bad in ("fp8+cpu", "fp16", "fp8+adaln+adaln"):
+        with pytest.raises(ValueError, match="benchmark dtype must be"):
+            latency.dtype_kwargs(bad)
+    with pytest.raises(ValueError, match="apply to fp8 only"):
+        latency.dtype_kwargs("bf16+fast-accum")
+    with pytest.raises(SystemExit):  # argparse refuses it before any model is built
+        latency.parse_args(["--dtype", "bf16+adaln"])
 
 
 def test_latent_rows_include_the_cached_path_and_device_weights(tmp_path):

@@ -91,6 +91,25 @@ def test_weight_only_float8_linear_matches_its_reference():
     assert rel(out) <= 2 * rel(ref) and rel(ref) < 2**-8  # both within bf16 rounding of the result
 
 
+def test_fast_accum_reaches_scaled_mm(monkeypatch):
+    """fp8_fast_accum is passed to every FP8 GEMM (on the CPU it only changes the call, not the numbers)."""
+    from engine.quant import quantize_fp8
+
+    seen = []
+    scaled_mm = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("use_fast_accum"))
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    engine = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
+    quantize_fp8(engine.backbone, require_fp8_gpu=False, fast_accum=True)
+    z0, pe, po, noise = random_inputs(batch=1, h=8, w=8, text_len=5, seed=16)
+    engine.features(z0, (pe, po), noise=noise)
+    assert seen and all(seen)
+
+
 def test_quantize_rowwise_roundtrip():
     x = torch.randn(5, 33) * torch.logspace(-3, 3, 5)[:, None]
     q, s = quantize_rowwise(x)
