@@ -2,7 +2,9 @@
 
 Checkpoints stay bf16; `quantize_fp8(backbone)` converts at load. Quantised: q/k/v, add_k/v (and add_q), the output
 projections and both FFNs of every block. Kept bf16: embedders, adaLN linears (prompt-only work, once per prompt with
-the conditioning cache), norms. Activations are quantised per token (row) on the fly.
+the conditioning cache; e4m3 weight-only with `adaln=True`), norms. Activations are quantised per token (row) by the
+op that produces them (LayerNorm-modulate, GELU: `engine.ops`), else by `Float8Linear` in one pass that reads the rows
+in place (the attention output). Inference only.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class Float8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, weight_only: bool = False, fast_accum: bool = False):
         super().__init__()
-        self.weight_only = weight_only  # dequantise W and run a bf16 GEMM: for tiny-M prompt-only layers (adaLN)
+        self.weight_only = weight_only  # e4m3 W, bf16 x and GEMM: for the tiny-M prompt-only layers (adaLN)
         # Hopper's fast FP8 accumulation: no periodic promotion of the partial sums to fp32 (torchao's inference
         # default). Faster, slightly less exact; `bench.gpu_check` measures both.
         self.fast_accum = fast_accum
