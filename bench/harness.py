@@ -248,8 +248,8 @@ def ceilings(device: str | torch.device) -> dict[str, Any]:
 
     copy_tb_s: a large device-to-device `copy_`, counting read + write bytes. matmul_tflop_s: an n³ matmul at
     2·n³ flop. On CUDA: 1 GiB copies and bf16 n=8192 (large enough to leave launch overhead and L2 out of the
-    figure). Elsewhere: small fp32 sizes so that a CPU run finishes in about a second; those are sanity numbers, not
-    ceilings to quote.
+    figure), and on FP8 hardware fp8_matmul_tflop_s (e4m3 `torch._scaled_mm`, rowwise scales). Elsewhere: small
+    fp32 sizes so that a CPU run finishes in about a second; those are sanity numbers, not ceilings to quote.
     """
     device = _as_device(device)
     on_cuda = device.type == "cuda"
@@ -269,13 +269,25 @@ def ceilings(device: str | torch.device) -> dict[str, Any]:
     mm = time_fn(lambda ab: ab[0] @ ab[1], operands, warmup=3, iters=iters, device=device)
     del operands
 
-    return {
+    out = {
         "copy_tb_s": 2 * copy_bytes / (copy.median_ms * 1e-3) / 1e12,
         "copy_bytes": copy_bytes,
         "matmul_tflop_s": 2 * n**3 / (mm.median_ms * 1e-3) / 1e12,
         "matmul_n": n,
         "matmul_dtype": str(dtype).removeprefix("torch."),
     }
+    if on_cuda and torch.cuda.get_device_capability(device) >= (8, 9):  # e4m3 GEMM, rowwise scales (as the engine)
+        a, b = (torch.randn(n, n, device=device, generator=gen).to(torch.float8_e4m3fn) for _ in range(2))
+        sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+        mm8 = time_fn(
+            lambda ab: torch._scaled_mm(ab[0], ab[1].t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+            [(a, b)],
+            warmup=3,
+            iters=iters,
+            device=device,
+        )
+        out["fp8_matmul_tflop_s"] = 2 * n**3 / (mm8.median_ms * 1e-3) / 1e12
+    return out
 
 
 __all__ = ["MemoryPeak", "Timing", "ceilings", "environment_info", "measure_peak", "time_fn"]

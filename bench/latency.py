@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from bench.costs import engine_costs
-from bench.harness import environment_info, measure_peak, time_fn
+from bench.harness import ceilings, environment_info, measure_peak, time_fn
 from engine import RewardEngine
 from engine.config import BackboneConfig
 
@@ -109,6 +110,19 @@ class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device, self.rows = args, device, []
         self.env = environment_info(device)
+        self.env["ceilings"] = ceilings(device)  # the FLOP floor's denominator (CPU: sanity numbers only)
+        self.start = time.perf_counter()
+
+    def progress(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def floor_pct(self, flops_per_image: float, per_image_ms: float, dtype: str) -> tuple[float, float]:
+        """Achieved TFLOP/s, and the FLOP floor (counted FLOPs at the measured matmul ceiling of this dtype: the fp8
+        GEMM ceiling for fp8 engines, bf16's otherwise) as a percentage of the measured time."""
+        c = self.env["ceilings"]
+        ceiling = c.get("fp8_matmul_tflop_s") if dtype.startswith("fp8") else None
+        tflop_s = flops_per_image / (per_image_ms * 1e-3) / 1e12
+        return tflop_s, 100 * tflop_s / (ceiling or c["matmul_tflop_s"])
 
     def run(self, label: str, fn: Callable[[Any], Any], inputs: list, batch: int, **fields: Any) -> dict:
         timing = time_fn(fn, inputs, warmup=3, iters=self.args.iters, device=self.device).per_image(batch)
@@ -127,12 +141,11 @@ class Bench:
             "commit": self.env["git_commit"],
             "date": self.env["date"],
         }
+        if fields.get("flops_per_image"):
+            tflop_s, pct = self.floor_pct(fields["flops_per_image"], timing.median_ms, fields.get("dtype", ""))
+            row.update(tflop_s=round(tflop_s, 1), floor_pct=round(pct, 1))
         self.rows.append(row)
-        print(
-            f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB",
-            file=sys.stderr,
-            flush=True,
-        )
+        self.progress(f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB")
         return row
 
 
@@ -162,6 +175,7 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
     cfg = BackboneConfig.from_name(preset)
     for dtype in dtypes:
         extra = dtype_kwargs(dtype)
+        b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
         if args.checkpoint:
             engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
         elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
@@ -320,11 +334,9 @@ def print_table(rows: list[dict]) -> None:
             base[(r["path"], r["resolution"], r["batch"])] = r["per_image_ms"]
     print(
         f"\n{'interface':<9} {'path':<34} {'dtype':<15} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
-        f"{'TFLOP/s':>8} {'vs eager':>9} {'vs compile':>10}"
+        f"{'TFLOP/s':>8} {'% floor':>8} {'vs eager':>9} {'vs compile':>10}"
     )
     for r in rows:
-        tflops = r.get("flops_per_image", 0) / (r["per_image_ms"] * 1e-3) / 1e12 if r.get("flops_per_image") else None
-        r["tflop_s"] = None if tflops is None else round(tflops, 1)
         ratios = []
         for name in ("diffusers eager+hooks", "diffusers regional-compile"):
             ref = base.get((name, r["resolution"], r["batch"]))
@@ -332,7 +344,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{r['interface']:<9} {r['path']:<34} {r['dtype']:<15} {r['resolution']:>5} {r['batch']:>3} "
             f"{r['per_image_ms']:>9.2f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "
-            f"{r['tflop_s'] if r['tflop_s'] is not None else '-':>8} {ratios[0]:>9} {ratios[1]:>10}"
+            f"{r.get('tflop_s', '-'):>8} {r.get('floor_pct', '-'):>8} {ratios[0]:>9} {ratios[1]:>10}"
         )
 
 

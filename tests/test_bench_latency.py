@@ -68,3 +68,8 @@ def test_latent_rows_include_the_cached_path_and_device_weights(tmp_path):
     assert "flops_per_image" not in cond  # the forward's FLOPs are not the prompt-only work's
     weights = {r["dtype"]: r["weights_gib"] for r in rows if r["path"] == "engine eager"}
     assert weights["fp32"] == weights["fp32+host-adaln"] > 0
+    # achieved TFLOP/s and the FLOP floor: counted FLOPs at the measured matmul ceiling, as a share of the time
+    forward = next(r for r in rows if r["path"] == "engine eager")
+    expected_tflop_s = forward["flops_per_image"] / (forward["per_image_ms"] * 1e-3) / 1e12
+    assert forward["tflop_s"] == pytest.approx(expected_tflop_s, abs=0.051)
+    assert forward["floor_pct"] > 0 and "floor_pct" not in cond
