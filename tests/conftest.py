@@ -67,6 +67,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def assert_e4m3_agreement(q, scale, q_ref, scale_ref) -> None:
+    """Same quantisation up to fp32 summation order: scales to ~1 ulp, and codes equal except where the two fp32 values
+    straddle a rounding boundary, which moves a code by one step of the e4m3 grid."""
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    a, b = q.float() * scale, q_ref.float() * scale_ref
+    differ = q.view(torch.uint8) != q_ref.view(torch.uint8)
+    assert float(differ.float().mean()) < 0.01
+    step = b.abs().clamp_min(2.0**-6 * scale_ref).div(8) * 1.001  # one e4m3 step (3 mantissa bits) at |b|
+    assert bool(((a - b).abs() <= step + 1e-30)[differ].all())
+
+
 def random_inputs(batch=3, h=12, w=8, text_len=11, seed=0, cfg=None):
     cfg = cfg or tiny_diffusers_config()
     g = torch.Generator().manual_seed(seed)

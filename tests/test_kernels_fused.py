@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from conftest import assert_e4m3_agreement
 
 from kernels.adaln import (
     gated_residual_layernorm_modulate,
@@ -104,17 +105,6 @@ def test_quantize_rowwise_rejects_bad_input():
         quantize_rowwise(torch.ones(2, 3, dtype=torch.int32))
 
 
-def _e4m3_agreement(q, scale, q_ref, scale_ref) -> None:
-    """Same quantisation up to fp32 summation order: scales to ~1 ulp, and codes equal except where the two fp32 values
-    straddle a rounding boundary, which moves a code by one step of the e4m3 grid."""
-    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
-    a, b = q.float() * scale, q_ref.float() * scale_ref
-    differ = q.view(torch.uint8) != q_ref.view(torch.uint8)
-    assert float(differ.float().mean()) < 0.01
-    step = b.abs().clamp_min(2.0**-6 * scale_ref).div(8) * 1.001  # one e4m3 step (3 mantissa bits) at |b|
-    assert bool(((a - b).abs() <= step + 1e-30)[differ].all())
-
-
 ADALN_FP8_SHAPES = [(1, 1, 48), (2, 7, 100), (3, 5, 257), (1, 3, 2048)]
 
 
@@ -138,7 +128,7 @@ def test_adaln_fp8_output_matches_reference(shape, dtype, residual):
         q_ref, s_ref = layernorm_modulate_fp8_ref(x, shift, scale)
         x_truth = x.double()
     assert q.dtype == torch.float8_e4m3fn and q.shape == (batch * tokens, dim) and s.shape == (batch * tokens, 1)
-    _e4m3_agreement(q, s, q_ref, s_ref)
+    assert_e4m3_agreement(q, s, q_ref, s_ref)
     # STYLE.md rule against the fp64 truth: the fused op's error at most twice its reference's
     truth = (
         torch.nn.functional.layer_norm(x_truth, (dim,), eps=1e-6) * (1 + scale.double()[:, None])

@@ -8,18 +8,24 @@ import math
 
 import pytest
 import torch
+from conftest import assert_e4m3_agreement
 
 from kernels import backend as kernel_backend
 from kernels.adaln import (
     gated_residual,
     gated_residual_layernorm_modulate,
+    gated_residual_layernorm_modulate_fp8,
+    gated_residual_layernorm_modulate_fp8_ref,
     gated_residual_layernorm_modulate_ref,
     gated_residual_ref,
     layernorm_modulate,
+    layernorm_modulate_fp8,
+    layernorm_modulate_fp8_ref,
     layernorm_modulate_ref,
 )
 from kernels.noise import near_clean, noise_ref
 from kernels.pooling import mean_pool, mean_pool_into, mean_pool_ref
+from kernels.quant import quantize_rowwise, quantize_rowwise_ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -98,3 +104,38 @@ def test_near_clean_cuda():
     assert (eps - noise_ref(z0.shape, 99, device="cuda").double()).abs().max() < 1e-4
     alone = near_clean(z0[3:], 0.5, seed=99, image_offset=3, backend="triton")
     assert torch.equal(alone, near_clean(z0, 0.5, seed=99, backend="triton")[3:])
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_quantize_rowwise_cuda(gelu):
+    """The compiled kernel (hardware e4m3 rounding) on the image rows of a joint tensor, read in place."""
+    torch.manual_seed(0)
+    width = 4 * D if gelu else D
+    joint = torch.randn(3, 1357, width, device="cuda", dtype=torch.bfloat16) * 4
+    rows = joint[:, :1024]
+    q, scale = quantize_rowwise(rows, gelu=gelu, backend="triton")
+    q_ref, scale_ref = quantize_rowwise_ref(rows.reshape(-1, width), gelu=gelu)
+    if not gelu:  # the same fp32 values: the same codes but for rare boundary cases
+        assert_e4m3_agreement(q, scale, q_ref, scale_ref)
+    # GELU: the kernel's sigmoid form is more exact than torch's 1 + tanh for negative inputs, so judge both against
+    # the fp64 truth (STYLE.md: at most twice the reference's error)
+    x = rows.reshape(-1, width).double()
+    truth = torch.nn.functional.gelu(x, approximate="tanh") if gelu else x
+    assert rel_err(q.double() * scale, truth) <= 2 * rel_err(q_ref.double() * scale_ref, truth) + 1e-6
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_adaln_fp8_cuda(residual):
+    torch.manual_seed(0)
+    b, n = 2, 1031
+    x, y = (torch.randn(b, n, D, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(2))
+    gate, shift, scale = (torch.randn(b, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if residual:
+        x_new, q, s = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale, backend="triton")
+        x_new_ref, q_ref, s_ref = gated_residual_layernorm_modulate_fp8_ref(x, y, gate, shift, scale)
+        assert torch.equal(x_new, gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton")[0])
+        assert rel_err(x_new, x_new_ref) <= 1e-5 + 2 * rel_err(x_new_ref, x.double() + gate.double()[:, None] * y)
+    else:
+        q, s = layernorm_modulate_fp8(x, shift, scale, backend="triton")
+        q_ref, s_ref = layernorm_modulate_fp8_ref(x, shift, scale)
+    assert_e4m3_agreement(q, s, q_ref, s_ref)
