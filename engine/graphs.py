@@ -17,6 +17,9 @@ from engine import ops
 from engine.api import PromptEmb, RewardEngine
 from engine.mmdit import Conditioning
 
+# Powers of two plus the GRPO group sizes 12 and 24 (a group of 24 padded to 32 would be a third wasted work).
+DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)
+
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket holding `batch` (batches beyond the largest are scored in chunks of the largest)."""
@@ -48,7 +51,7 @@ class GraphedScorer:
     Seeded noise is not offered here: fresh noise comes from torch's CUDA generator (seed it with
     `torch.cuda.manual_seed`), or pass `noise` explicitly."""
 
-    def __init__(self, engine: RewardEngine, buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)):
+    def __init__(self, engine: RewardEngine, buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         if engine.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA engine, this one is on {engine.device}")
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:

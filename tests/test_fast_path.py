@@ -205,6 +205,10 @@ def test_batch_buckets_pad_and_split():
     assert chunks(24, buckets) == [(0, 24, 32)]  # a GRPO group of 24: one graph, 8 padding rows dropped
     assert chunks(70, buckets) == [(0, 32, 32), (32, 64, 32), (64, 70, 8)]
     assert sum(hi - lo for lo, hi, _ in chunks(70, buckets)) == 70
+    from engine.graphs import DEFAULT_BUCKETS
+
+    # GRPO groups of 12, 16 and 24 latents run unpadded with the default buckets
+    assert [bucket_for(b, DEFAULT_BUCKETS) for b in (12, 16, 24, 20)] == [12, 16, 24, 24]
 
 
 def test_fp8_fused_kernels_end_to_end_equal_the_torch_path():
