@@ -483,6 +483,8 @@ def main(argv: list[str] | None = None) -> dict:
     rep.section("fp8_fidelity", fp8_fidelity, need_s=45)
     lat1024 = ["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8"]
     rep.section("latency_1024", lambda: latency([*lat1024, "--json", str(out / "latency_1024.json")]), need_s=60)
+    grpo = ["--resolution", "512", "--batch", "24", "--iters", "5", "--dtype", "fp8"]  # one GRPO group per call
+    rep.section("latency_512_b24", lambda: latency([*grpo, "--json", str(out / "latency_512_b24.json")]), need_s=40)
     rep.section("profile_fp8", lambda: profile("fp8"), need_s=40)
     rep.section("profile_fp8_b1", lambda: profile("fp8", batch=1), need_s=40)
     rep.section("profile_bf16", lambda: profile("bf16"), need_s=40)
