@@ -236,7 +236,9 @@ class AdaLN(nn.Module):
 
     These linears hold a third of SD3.5-L's weights, yet with the prompt-conditioning cache they serve only
     `condition()`, once per prompt. `on_host()` keeps them in host memory (pinned when CUDA is present): each call
-    then copies them to the input's device, uses them and lets the copy go, so the device holds one block's at most."""
+    then copies them to the input's device, uses them and lets the copy go, so the device holds one block's at most.
+    They stay on the host through `.to()` / `.cuda()` of the model; their floating-point parameters are cast to the
+    input's dtype as they are copied."""
 
     def __init__(self, dim: int, n_out: int):
         super().__init__()
@@ -254,11 +256,15 @@ class AdaLN(nn.Module):
         self.host_resident = True
         return moved
 
+    def _apply(self, fn, recurse=True):
+        return self if self.host_resident else super()._apply(fn, recurse)
+
     def forward(self, temb: torch.Tensor) -> torch.Tensor:  # [P, D] -> [P, n_out, D]
         x = F.silu(temb)
         if self.host_resident:  # (a CPU engine goes through the same path: copies to the same device are no-ops)
-            stream = dict(self.linear.named_parameters()) | dict(self.linear.named_buffers())
-            stream = {name: t.to(x.device, non_blocking=True) for name, t in stream.items()}
+            # parameters follow x's dtype; buffers (e4m3 weights and their fp32 scales) keep theirs
+            stream = {n: t.to(x.device, x.dtype, non_blocking=True) for n, t in self.linear.named_parameters()}
+            stream |= {n: t.to(x.device, non_blocking=True) for n, t in self.linear.named_buffers()}
             y = torch.func.functional_call(self.linear, stream, (x,))
         else:
             y = self.linear(x)

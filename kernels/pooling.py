@@ -112,19 +112,21 @@ def mean_pool_into(h: torch.Tensor, out: torch.Tensor, slot: int, *, backend: st
 
     Args:
         h: hidden states ``[B, N, D]`` (bf16/fp16/fp32; the token dim may be strided, e.g. a slice of [image | text]).
-        out: float32 feature buffer ``[B, L, D]`` (its last dim contiguous); other slots are left untouched.
+        out: float32 feature buffer ``[B, L, D]`` (float64 for float64 h; its last dim contiguous); other slots are
+            left untouched.
         slot: layer index in ``[0, L)``.
     """
     _check_tokens(h)
-    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.dtype != torch.float32:
-        raise TypeError(f"out must be a float32 tensor [B, L, D], got {describe(out)}")
+    accumulate = accumulation_dtype(h.dtype)
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.dtype != accumulate:
+        raise TypeError(f"out must be a {accumulate} tensor [B, L, D] for {h.dtype} h, got {describe(out)}")
     if out.shape[0] != h.shape[0] or out.shape[2] != h.shape[2]:
         raise ValueError(f"out must be [B={h.shape[0]}, L, D={h.shape[2]}] to match h, got {tuple(out.shape)}")
     if out.device != h.device:
         raise ValueError(f"out must be on h's device {h.device}, got {out.device}")
     if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < out.shape[1]:
         raise ValueError(f"slot must be an int in [0, {out.shape[1]}), got {slot!r}")
-    if resolve(backend, h.device) == "torch":
+    if resolve(backend, h.device) == "torch" or accumulate == torch.float64:  # (fp64: gradient checks, reference)
         out[:, slot] = mean_pool_ref(h, upcast=True)
         return
     if out.stride(2) != 1:

@@ -29,6 +29,18 @@ def test_conditioning_cache_is_bit_identical(engine):
     assert torch.equal(single, engine.score(z0[:3], (pe[[0, 0, 0]], po[[0, 0, 0]]), noise=noise[:3]))
 
 
+def test_fp64_engine_scores_without_grad():
+    """fp64 (gradient checks) also on the inference path, whose pooling writes into a preallocated feature buffer."""
+    fp64 = RewardEngine.from_preset("tiny", dtype="fp64", kernels_backend="torch")
+    fp32 = RewardEngine.from_preset("tiny", dtype="fp32", kernels_backend="torch")
+    z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=17)
+    r64 = fp64.score(z0.double(), (pe.double(), po.double()), noise=noise.double())
+    assert r64.dtype == torch.float64
+    torch.testing.assert_close(r64.float(), fp32.score(z0, (pe, po), noise=noise), rtol=1e-4, atol=1e-5)
+    with torch.enable_grad():  # and the grad path agrees with it
+        assert torch.equal(r64, fp64.score(z0.double(), (pe.double(), po.double()), noise=noise.double(), grad=True))
+
+
 def test_reward_gradient_reaches_latents(engine):
     z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=3)
     z0 = z0.clone().requires_grad_(True)
@@ -260,6 +272,14 @@ def test_adaln_on_host_gives_the_same_rewards_and_checkpoints(tmp_path):
     host.backbone.requires_grad_(True)
     host.score(z0, (pe, po), noise=noise, grad=True).sum().backward()
     assert adalns[0].linear.weight.grad is not None and adalns[0].linear.weight.grad.abs().sum() > 0
+    # .to() moves and casts the rest of the model; the host-resident weights stay put and are cast as they stream
+    host.to(torch.float64)
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for m in adalns for p in m.parameters())
+    assert host.backbone.context_embedder.weight.dtype == torch.float64
+    plain.to(torch.float64)
+    with torch.no_grad():
+        args = (z0.double(), (pe.double(), po.double()))
+        assert torch.equal(host.score(*args, noise=noise.double()), plain.score(*args, noise=noise.double()))
 
 
 def test_fp8_adaln_weights_on_host():
