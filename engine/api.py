@@ -26,6 +26,7 @@ from engine.loading import (
 )
 from engine.mmdit import Conditioning, MMDiTReward, diffusers_state_dict
 from kernels.backend import accumulation_dtype
+from kernels.noise import noise_ref
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
 
@@ -267,18 +268,22 @@ class RewardEngine(nn.Module):
         """The pixel interface: images (PIL, paths, uint8 HWC arrays or float NCHW in [0, 1]) and one prompt each ->
         rewards [B] float32 in input order. Images are resized to multiples of 16 (see `engine.pixel.load_images`),
         VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
-        and scored on the latent path; images of different sizes are scored in separate groups."""
+        and scored on the latent path; images of different sizes are scored in separate groups. With `seed`, image i
+        of the call uses noise stream i whatever the sizes of the others (its reward does not depend on them)."""
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress)
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
+            latents = g.latents.to(self.device, self.dtype)
+            noise = None
+            if seed is not None:  # the streams of the images' positions in the call, not in their size group
+                noise = noise_ref(latents.shape, seed, streams=g.index, device=self.device).to(self.dtype)
             rewards[g.index.to(self.device)] = self.score(
-                g.latents.to(self.device, self.dtype),
+                latents,
                 (g.prompt_embeds, g.pooled),
-                seed=seed,
+                noise=noise,
                 prompt_index=g.prompt_index.to(self.device),
-                image_offset=0,
                 normalize=normalize,
             )
         return rewards

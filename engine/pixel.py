@@ -319,7 +319,23 @@ def _from_uint8_array(array: np.ndarray, what: str) -> torch.Tensor:
     return _rgb_from_channels(chw, what).float().div_(255.0)
 
 
+_HIGH_BIT_DEPTH = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
 def _from_pil(image: Image.Image) -> torch.Tensor:
+    if image.mode in _HIGH_BIT_DEPTH:
+        # 16-bit grayscale (PNG opens as I;16 or I) and float (F) images: PIL's convert("RGB") would clip them at 255
+        # (white) or truncate floats to 0, so scale them here instead.
+        full_scale = _HIGH_BIT_DEPTH[image.mode]
+        array = np.asarray(image).astype(np.float32) / full_scale
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if not (low >= 0.0 and high <= 1.0):
+            expected = "floats in [0, 1]" if image.mode == "F" else "16-bit values in [0, 65535]"
+            raise ValueError(
+                f"PIL image of mode {image.mode} has values in [{low * full_scale:g}, {high * full_scale:g}]; "
+                f"expected {expected} (convert it to 8-bit RGB first)"
+            )
+        return torch.from_numpy(array)[None].expand(3, -1, -1).contiguous()
     if image.mode != "RGB":
         image = image.convert("RGB")  # L, LA, P, RGBA, CMYK, ...: PIL's own conversion (alpha dropped)
     return _from_uint8_array(np.asarray(image), "PIL image")

@@ -211,19 +211,28 @@ def noise_ref(
     seed: int,
     *,
     image_offset: int = 0,
+    streams: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The seeded noise of ``near_clean``: float32 ``shape`` = ``[B, ...]``, same Philox stream as the kernel.
 
     Element ``e`` (flat index within an image) of image ``b`` is ``randn(seed, counter=(e, b + image_offset))``
-    (triton's ``tl.randn``: Philox4x32-10, then Box-Muller on the first two words).
+    (triton's ``tl.randn``: Philox4x32-10, then Box-Muller on the first two words). ``streams`` (``[B]`` integers)
+    gives image ``b`` the stream ``streams[b]`` instead: images of one call scored in groups keep their call index.
     """
     n_batch, per_image = shape[0], shape[1:]
     n_elem = 1
     for size in per_image:
         n_elem *= size
     element = torch.arange(n_elem, device=device, dtype=torch.int64)[None, :]
-    image = torch.arange(image_offset, image_offset + n_batch, device=device, dtype=torch.int64)[:, None]
+    if streams is None:
+        image = torch.arange(image_offset, image_offset + n_batch, device=device, dtype=torch.int64)[:, None]
+    else:
+        if streams.shape != (n_batch,) or streams.dtype not in (torch.int32, torch.int64) or streams.min() < 0:
+            raise ValueError(
+                f"streams must be {n_batch} non-negative integers, got {streams.dtype} {list(streams.shape)}"
+            )
+        image = streams.to(device=device, dtype=torch.int64)[:, None]
     word1, word2 = philox_ref(seed, element, image)
     u1 = _uint32_to_uniform(word1).clamp_min(1.0e-7)
     u2 = _uint32_to_uniform(word2)

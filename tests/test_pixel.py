@@ -13,6 +13,7 @@ from PIL import Image
 
 from engine.pixel import ImageEncoder, PixelFrontEnd, PromptEncoder, _progress, load_images
 from engine.tiny_base import make_tiny_base
+from kernels.noise import noise_ref
 
 PROMPTS = ["a photo of a cat", "two dogs running on the beach at sunset, oil painting", "zebra! 42"]
 
@@ -251,6 +252,21 @@ def test_color_conversion(front: PixelFrontEnd) -> None:
     assert torch.equal(load_images([palette])[0], load_images([palette.convert("RGB")])[0])
 
 
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """16-bit grayscale PNGs and float (mode F) images: PIL's convert("RGB") would clip them to white / black."""
+    ramp = np.arange(24 * 32, dtype=np.float64).reshape(24, 32) / (24 * 32 - 1)
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "f32.tiff")
+    for name in ("g16.png", "f32.tiff"):
+        (x,) = load_images([tmp_path / name], size_multiple=8)
+        assert x.shape == (3, 24, 32)
+        torch.testing.assert_close(x[0].double(), torch.from_numpy(ramp), rtol=0, atol=1e-4, msg=name)
+        assert torch.equal(x[0], x[2])
+    Image.fromarray(np.full((8, 8), 2.0, np.float32), mode="F").save(tmp_path / "bright.tiff")
+    with pytest.raises(ValueError, match=r"mode F has values in \[2, 2\]; expected floats in \[0, 1\]"):
+        load_images([tmp_path / "bright.tiff"], size_multiple=8)
+
+
 def test_bad_image_inputs(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
@@ -340,13 +356,19 @@ def pixel_engine(tiny_dir: Path):
     return engine
 
 
-def _expected_rewards(engine, images: list[torch.Tensor], prompts: list[str], seed: int) -> torch.Tensor:
+def _expected_rewards(
+    engine, images: list[torch.Tensor], prompts: list[str], seed: int, streams: list[int] | None = None
+) -> torch.Tensor:
     """The pixel path from first principles: diffusers VAE posterior mean of 2x - 1, (z - shift) * scale, the SD3
-    prompt embeddings, then the latent path with the same seed. ``images`` are [3, H, W] in [0, 1], one size."""
+    prompt embeddings, then the latent path with the same seed. ``images`` are [3, H, W] in [0, 1], one size;
+    ``streams``: the images' positions in the `score_images` call (their noise streams), default 0, 1, ..."""
     with torch.no_grad():
         z = engine.pixel.image_encoder.vae.encode(torch.stack(images) * 2 - 1).latent_dist.mean
     embeds, pooled = engine.pixel.prompt_encoder(prompts)
-    return engine.score((z - 0.0609) * 1.5305, (embeds, pooled), seed=seed)
+    z = (z - 0.0609) * 1.5305
+    if streams is None:
+        return engine.score(z, (embeds, pooled), seed=seed)
+    return engine.score(z, (embeds, pooled), noise=noise_ref(z.shape, seed, streams=torch.tensor(streams)))
 
 
 def test_score_images_equals_vae_encode_and_score(pixel_engine, tmp_path: Path) -> None:
@@ -381,10 +403,14 @@ def test_score_images_resizes_and_keeps_input_order(pixel_engine) -> None:
     x = torch.from_numpy(odd).permute(2, 0, 1).float()[None] / 255
     resized = F.interpolate(x, size=(48, 48), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)[0]
     as_tensor = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in (small0, small1)]
-    expected_small = _expected_rewards(pixel_engine, as_tensor, [prompts[1], prompts[2]], seed=3)
-    expected_odd = _expected_rewards(pixel_engine, [resized], [prompts[0]], seed=3)
+    # image i of the call uses noise stream i, whichever size group it is scored in
+    expected_small = _expected_rewards(pixel_engine, as_tensor, [prompts[1], prompts[2]], seed=3, streams=[0, 2])
+    expected_odd = _expected_rewards(pixel_engine, [resized], [prompts[0]], seed=3, streams=[1])
     torch.testing.assert_close(rewards[[0, 2]], expected_small, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(rewards[1:2], expected_odd, rtol=1e-6, atol=1e-7)
+    # so an image's reward does not depend on the sizes of the other images in the call
+    same_sizes = pixel_engine.score_images([small0, small0, small1], [prompts[1], prompts[0], prompts[2]], seed=3)
+    torch.testing.assert_close(same_sizes[2], rewards[2], rtol=1e-5, atol=1e-6)
 
 
 def test_score_images_converts_grayscale_and_rgba(pixel_engine) -> None:
