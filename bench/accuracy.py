@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bench.harness import positive_int
 from engine.api import RewardEngine
 from engine.loading import read_reward_config
 from training.cache import encode_image_files
@@ -31,7 +32,11 @@ def evaluate_file(
     engine: RewardEngine, front: Any, path: str | Path, seed: int, batch_size: int = 32, max_side: int | None = None
 ) -> dict[str, Any]:
     """Accuracy and reward statistics of every pair in one file (no confidence filter: a benchmark counts all)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pairs = read_file(path, confidence_threshold=None, on_bad_image="error")
+    if not pairs:
+        raise ValueError(f"test file {path} holds no preference pairs")
     rewards = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="backbone dtype")
-    parser.add_argument("--batch-size", type=int, default=32, help="pairs per forward")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="pairs per forward")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval seed)")
     args = parser.parse_args(argv)
     report = run(args.test_json, args.checkpoint, args.base, args.device, args.dtype, args.batch_size, args.seed)

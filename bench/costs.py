@@ -33,11 +33,16 @@ def _inputs(cfg: BackboneConfig, resolution: int, text_len: int, batch: int, dty
 
 
 def engine_costs(
-    preset: str, resolution: int = 512, text_len: int = 333, batch: int = 1, layers: tuple[int, ...] | None = None
+    preset: str | BackboneConfig,
+    resolution: int = 512,
+    text_len: int = 333,
+    batch: int = 1,
+    layers: tuple[int, ...] | None = None,
 ) -> dict[str, float]:
     """FLOPs per image of the engine's reward forward (conditioning included), parameter bytes (bf16) and the
-    number of dispatched aten ops, counted on fake tensors."""
-    cfg = BackboneConfig.from_name(preset)
+    number of dispatched aten ops, counted on fake tensors. `preset`: a preset name or a config (a checkpoint's);
+    `layers`: the pooled layers (default: the backbone's default)."""
+    cfg = preset if isinstance(preset, BackboneConfig) else BackboneConfig.from_name(preset)
     reward = RewardConfig.for_backbone(cfg, **({"layers": layers} if layers else {}))
     ops_seen: Counter[str] = Counter()
     with torch.device("meta"):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import importlib.metadata
@@ -290,4 +291,15 @@ def ceilings(device: str | torch.device) -> dict[str, Any]:
     return out
 
 
-__all__ = ["MemoryPeak", "Timing", "ceilings", "environment_info", "measure_peak", "time_fn"]
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, iteration counts, token counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+__all__ = ["MemoryPeak", "Timing", "ceilings", "environment_info", "measure_peak", "positive_int", "time_fn"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from bench.costs import engine_costs
-from bench.harness import ceilings, environment_info, measure_peak, time_fn
+from bench.harness import ceilings, environment_info, measure_peak, positive_int, time_fn
 from engine import RewardEngine
 from engine.config import BackboneConfig
 
@@ -79,12 +79,20 @@ def _dtype_name(name: str) -> str:
     return name
 
 
+def _side(text: str) -> int:
+    """argparse type: an image side in pixels, a positive multiple of 16 (VAE 8 x patch 2)."""
+    value = positive_int(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"image side must be a multiple of 16 pixels (VAE 8 x patch 2), got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
     p.add_argument("--interface", choices=("latent", "pixel", "hpsv3"), default="latent")
     p.add_argument("--preset", default=None, help="backbone preset (default: sd35-large on GPU, tiny on CPU)")
-    p.add_argument("--resolution", type=int, nargs="+", default=None, help="image side(s) in pixels (default 512)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--resolution", type=_side, nargs="+", default=None, help="image side(s) in pixels (default 512)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument(
         "--dtype",
         type=_dtype_name,
@@ -94,14 +102,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fast FP8 accumulation), +host-adaln (adaLN weights in pinned host memory, streamed by condition(): time "
         "the cached rows)",
     )
-    p.add_argument("--text-len", type=int, default=333, help="text tokens: 333 = SD3 default, 205 = Flow-GRPO")
+    p.add_argument(
+        "--text-len",
+        type=positive_int,
+        default=333,
+        help="text tokens: 77 CLIP + T5 tokens; 333 = SD3 default, 205 = Flow-GRPO",
+    )
     p.add_argument("--baselines", action="store_true", help="also time diffusers eager+hooks and regional compile")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph engine path")
-    p.add_argument("--checkpoint", default=None, help="reward checkpoint dir (real weights; needs --base)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="reward checkpoint dir (real weights; needs --base unless it carries every backbone weight)",
+    )
     p.add_argument("--base", default=None, help="SD3.5 diffusers dir or single file for --checkpoint")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.interface == "pixel" and args.text_len <= 77:
+        p.error(
+            f"--text-len must exceed 77 for the pixel interface (77 CLIP tokens + at least one T5), got {args.text_len}"
+        )
+    return args
 
 
 class Bench:
@@ -172,7 +194,6 @@ def device_weight_bytes(engine: RewardEngine) -> int:
 
 def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
     args, device = b.args, b.device
-    cfg = BackboneConfig.from_name(preset)
     for dtype in dtypes:
         extra = dtype_kwargs(dtype)
         b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
@@ -185,18 +206,22 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
         else:
             engine = RewardEngine.from_preset(preset, device=device, **extra)
         engine.check_finite = False  # the RL-loop setting: no host syncs
+        # what was built (a checkpoint brings its own config and layers): shapes, FLOPs and labels follow it
+        cfg, layers = engine.config, engine.reward_config.layers
+        model = cfg.preset_name() or "custom"
         graphed = None
         if device.type == "cuda" and not args.no_graphs:
             from engine.graphs import GraphedScorer
 
             graphed = GraphedScorer(engine)
         for side in resolutions:
-            flops = engine_costs(preset, side, args.text_len)["flops_per_image"]
+            flops = engine_costs(cfg, side, args.text_len, layers=layers)["flops_per_image"]
             for batch in args.batch:
                 inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
                 common = dict(
                     interface="latent",
-                    preset=preset,
+                    preset=model,
+                    layers=list(layers),
                     resolution=side,
                     dtype=dtype,
                     flops_per_image=flops,
@@ -257,24 +282,30 @@ def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
 
 
 def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
-    """Pixel path as a policy would use it: VAE decode its latents, then VAE encode + text encoders + engine."""
+    """Pixel path as a policy would use it: VAE decode its latents, then VAE encode + text encoders + engine. The VAE
+    and text encoders run in bf16 on GPU (fp32 on CPU), the engine in each requested dtype; rows say which."""
     from engine.pixel import PixelFrontEnd
     from engine.tiny_base import default_tiny_base
 
     device = b.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    front_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
     base = b.args.base or default_tiny_base()
     front = PixelFrontEnd.from_pretrained(base, device=device, dtype=dtype, max_sequence_length=b.args.text_len - 77)
-    engine = (
-        RewardEngine.from_base(base, dtype=dtype, device=device)
-        if preset == "tiny"
-        else RewardEngine.from_preset(preset, dtype=dtypes[0], device=device)
-    )
-    engine.check_finite = False
-    cfg = engine.config
+    engines = {}
+    for name in dtypes:
+        kwargs = dtype_kwargs(name)
+        engine = (
+            RewardEngine.from_base(base, device=device, **kwargs)
+            if preset == "tiny"
+            else RewardEngine.from_preset(preset, device=device, **kwargs)
+        )
+        engine.check_finite = False
+        engines[name] = engine
+    cfg = next(iter(engines.values())).config
     for side in resolutions:
         for batch in b.args.batch:
-            common = dict(interface="pixel", preset=preset, resolution=side, dtype=dtypes[0], random_weights=True)
+            common = dict(interface="pixel", preset=preset, resolution=side, dtype=front_dtype, random_weights=True)
             latents = [x[0] for x in latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)]
             images = [front.vae_decode(z) for z in latents]
             prompts = [[f"a photo number {i} of a cat, variant {j}" for j in range(batch)] for i in range(3)]
@@ -289,7 +320,16 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
             )
             b.run("text encoders (cached)", front.encode_prompts, prompts, batch, **common)
             embs = [front.encode_prompts(p) for p in prompts]
-            b.run("engine on encoded", lambda i: engine.score(latents[i], embs[i]), [0, 1, 2], batch, **common)
+            for name, engine in engines.items():
+                z = [x.to(engine.dtype) for x in latents]
+                e = [tuple(t.to(engine.dtype) for t in emb) for emb in embs]
+                b.run(
+                    "engine on encoded",
+                    lambda i, engine=engine, z=z, e=e: engine.score(z[i], e[i]),
+                    [0, 1, 2],
+                    batch,
+                    **{**common, "dtype": name},
+                )
 
 
 def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:

@@ -76,6 +76,11 @@ def _rows(data: dict) -> list[Row]:
 
 def evaluate(data: dict) -> list[dict[str, Any]]:
     """One line per target: bound, best measured value (uncached / cached conditioning), which row, met or not."""
+    if not isinstance(data, dict) or not isinstance(data.get("sections"), dict):
+        raise ValueError(
+            "not a bench.gpu_check results file (expected {'sections': {...}}); a bench.latency --json file lacks "
+            "the baselines and fidelity sections the targets need"
+        )
     rows = _rows(data)
     baselines = {(r["path"], r["resolution"], r["batch"]): r["per_image_ms"] for r in rows}
     engine = [r for r in rows if r["path"].startswith("engine") and r.get("preset", "sd35-large") == "sd35-large"]

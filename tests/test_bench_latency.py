@@ -73,3 +73,44 @@ def test_latent_rows_include_the_cached_path_and_device_weights(tmp_path):
     expected_tflop_s = forward["flops_per_image"] / (forward["per_image_ms"] * 1e-3) / 1e12
     assert forward["tflop_s"] == pytest.approx(expected_tflop_s, abs=0.051)
     assert forward["floor_pct"] > 0 and "floor_pct" not in cond
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resolution", "100"], "multiple of 16"),
+        (["--resolution", "0"], "integer >= 1"),
+        (["--batch", "0"], "integer >= 1"),
+        (["--iters", "0"], "integer >= 1"),
+        (["--interface", "pixel", "--text-len", "50"], "must exceed 77"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        latency.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_checkpoint_rows_count_the_checkpoints_layers(tmp_path):
+    """FLOPs (hence TFLOP/s and % floor) and labels follow the loaded checkpoint, not the preset's defaults."""
+    import torch
+
+    from bench.costs import engine_costs
+    from engine import RewardEngine
+
+    RewardEngine.from_preset("tiny", layers=(0,), dtype=torch.float32).save_pretrained(
+        tmp_path / "ckpt", include_backbone=True
+    )
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--batch", "1", "--iters", "1", "--resolution", "128"]
+    rows = [r for r in latency.main(argv) if r["path"] == "engine eager"]
+    assert rows and rows[0]["layers"] == [0] and rows[0]["preset"] == "tiny"
+    assert rows[0]["flops_per_image"] == engine_costs("tiny", 128, 333, layers=(0,))["flops_per_image"]
+    assert rows[0]["flops_per_image"] < engine_costs("tiny", 128, 333)["flops_per_image"] / 2
+
+
+def test_pixel_rows_say_which_dtype_ran():
+    rows = latency.main(
+        ["--interface", "pixel", "--batch", "1", "--iters", "1", "--resolution", "64", "--dtype", "fp32"]
+    )
+    assert {r["dtype"] for r in rows if r["path"] != "engine on encoded"} == {"fp32"}  # the CPU front end's dtype
+    assert [r["dtype"] for r in rows if r["path"] == "engine on encoded"] == ["fp32"]

@@ -55,3 +55,8 @@ def test_cached_rows_are_scored_separately(run3):
     assert line["cached"] == {"value": 8.5, "row": "engine cuda-graph, cond cached fp8", "met": True}
     assert not line["uncached"]["met"]
     assert "8.5 MET" in targets.format_table([line])
+
+
+def test_refuses_files_that_are_not_gpu_check_results():
+    with pytest.raises(ValueError, match="not a bench.gpu_check results file"):
+        targets.evaluate({"env": {}, "rows": []})
