@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--base", default=None, help="SD3/SD3.5 diffusers dir (default: the tiny random base)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    for name in ("steps", "group_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.manual_seed(0)
 
     if args.base is None:

@@ -78,6 +78,8 @@ def run_probe(
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
 ) -> dict[str, Any]:
     """Per-block and per-group-pair probe accuracies on the validation pairs."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:  # before the feature pass
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     cfg, _ = base_source(base)
     engine = RewardEngine.from_base(base, layers=tuple(range(cfg.num_layers)), t=t, dtype=dtype, device=device)
     cache = LatentCache(cache_dir)
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
+    if args.group_size < 1:  # refused before the (expensive) feature extraction
+        parser.error(f"--group-size must be >= 1, got {args.group_size}")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     result = run_probe(
         args.cache, args.train_json, args.val_json, args.base, args.t, args.group_size, device=args.device, dtype=dtype
