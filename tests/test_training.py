@@ -154,6 +154,49 @@ def test_config_validation_and_schedule(tmp_path: Path) -> None:
     assert get_lr(50, TrainConfig(steps=100, schedule="constant")) == 1.0
 
 
+def test_config_fields_are_type_checked_and_finite(task: dict, tmp_path: Path) -> None:
+    required = ["cache=c", "base=b", "val_json=v.json"]
+    # One path for a list of files, as the command line naturally gives it; Python-style literals parse.
+    cfg = load_config(None, [*required, "train_json=/data/train.json:0.5", "grad_checkpointing=False"])
+    assert cfg.train_json == ["/data/train.json:0.5"] and cfg.val_json == ["v.json"]
+    assert cfg.grad_checkpointing is False
+    cfg = load_config(None, [*required, "train_json=t.json", "confidence_threshold=None", "out_dir=2024"])
+    assert cfg.confidence_threshold is None and cfg.out_dir == "2024"
+    assert TrainConfig(train_json=tmp_path / "t.json").train_json == [str(tmp_path / "t.json")]
+
+    required.append("train_json=t.json")
+    overrides = {
+        "lr_head": "NaN",
+        "lr_backbone": "Infinity",
+        "grad_clip": "NaN",
+        "weight_decay": "-Infinity",
+        "peak_flops": "NaN",
+        "betas": "[0.9]",
+        "layers": "3",
+        "steps": "0",
+        "eval_every": "true",
+        "grad_checkpointing": "yes",
+        "t": "0",
+        "seed": "-1",
+        "confidence_threshold": "2",
+    }
+    for key, raw in overrides.items():
+        with pytest.raises(ValueError, match=rf"\b{key}\b"):
+            load_config(None, [*required, f"{key}={raw}"])
+    path = tmp_path / "c.json"
+    for key, value in {"head_hidden": "64", "betas": "0.9", "warmup_ratio": "0.1", "cache": 123, "layers": []}.items():
+        path.write_text(json.dumps({"cache": "c", "base": "b", "train_json": ["t"], "val_json": ["v"], key: value}))
+        with pytest.raises(ValueError, match=rf"\b{key}\b"):
+            load_config(path)
+    # train() checks before it does any work.
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="lr_head"):
+        train(TrainConfig(cache="c", base="b", train_json="t", val_json="v", lr_head=float("nan"), out_dir=str(out)))
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"layers \[9\] out of range"):  # against the base, before the data
+        train(config(task, out, layers=[1, 9], train_json=[str(tmp_path / "not-read.json")]))
+
+
 # -------------------------------------------------------------------------------------------------------- training
 
 

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +39,8 @@ from torch.utils.checkpoint import checkpoint
 
 from engine import ops
 from engine.api import RewardEngine
+from engine.config import RewardConfig
+from engine.loading import base_source
 from training.cache import LatentCache
 from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs, read_file
 
@@ -79,9 +83,54 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda (this rank's GPU) if available, else cpu
     peak_flops: float = 0.0  # per-device peak for MFU; 0: detect on known GPUs, else MFU is not reported
 
+    def __post_init__(self) -> None:
+        # One path for a list of paths ("train_json=/data/train.json" on the command line, as for a single file);
+        # tuples and path objects from Python become what the JSON round trip of a checkpoint gives back.
+        for name in ("cache", "base", "out_dir"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        for name in ("train_json", "val_json"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                value = [value]
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
+        for name in ("layers", "head_hidden", "betas"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}  # what a Python user types on the command line
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    """isinstance against a field annotation (bool, int, float, str, list[X], X | None). A bool is no number here and
+    an int is a float (JSON writes 1.0 as 1)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_instance(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_is_instance(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, (int, float)) if hint is float else isinstance(value, hint)
+
+
+def _parse_override(key: str, raw: str) -> Any:
+    """A command-line value: JSON (``steps=100``, ``betas=[0.9,0.95]``, ``lr_head=NaN``), Python's True/False/None,
+    else the text. Text fields (paths, modes) keep the text unless it is a JSON string: ``out_dir=2024`` is a path."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = _PYTHON_LITERALS.get(raw, raw)
+    takes_text = _FIELD_TYPES.get(key) in (str, list[str])
+    return raw if takes_text and not isinstance(value, (str, list)) else value
+
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then a JSON file, then ``key=value`` overrides (values parsed as JSON, else taken as strings)."""
+    """Defaults, then a JSON file, then ``key=value`` overrides (see `_parse_override`)."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -94,46 +143,70 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+        values[key] = _parse_override(key, raw)
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(_FIELD_TYPES)}")
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    """ValueError/TypeError for a config that cannot run, naming the field and the fix."""
-    for name in ("cache", "base"):
+    """ValueError, naming the field and the fix, for a config that cannot run: checked before any work."""
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if not _is_instance(value, _FIELD_TYPES[f.name]):
+            raise ValueError(f"config field {f.name!r} must be {f.type}, got {value!r} ({type(value).__name__})")
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"config field {f.name!r} must be finite, got {value!r}")
+    for name in ("cache", "base", "out_dir"):
         if not getattr(cfg, name):
             raise ValueError(f"config field {name!r} is required")
-    if not cfg.train_json or not cfg.val_json:
-        raise ValueError("config needs train_json and val_json (lists of HPSv3-format JSON files)")
+    for name in ("train_json", "val_json"):
+        if not getattr(cfg, name) or not all(getattr(cfg, name)):
+            raise ValueError(
+                f"config field {name!r} needs one or more HPSv3-format JSON files, got {getattr(cfg, name)}"
+            )
     if cfg.mode not in ("full", "frozen"):
         raise ValueError(f"mode must be 'full' or 'frozen', got {cfg.mode!r}")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
     if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {cfg.on_bad_image!r}")
+    if cfg.confidence_threshold is not None and not 0.0 <= cfg.confidence_threshold <= 1.0:
+        raise ValueError(
+            f"confidence_threshold must lie in [0, 1] (HPSv3: {HPSV3_CONFIDENCE}) or be null, "
+            f"got {cfg.confidence_threshold}"
+        )
+    try:  # the engine's own rules for the pooled blocks, t and the head (the blocks' range is checked against the base)
+        RewardConfig(
+            **({"layers": tuple(cfg.layers)} if cfg.layers is not None else {}),
+            t=cfg.t,
+            head_hidden=tuple(cfg.head_hidden),
+        )
+    except ValueError as e:
+        raise ValueError(f"config fields layers/t/head_hidden: {e}") from e
     for name in ("steps", "batch_size", "eval_batch_size", "log_every", "keep_checkpoints"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise TypeError(f"{name} must be a positive int, got {value!r}")
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
     for name in ("eval_every", "checkpoint_every"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 0:
-            raise TypeError(f"{name} must be an int >= 0 (0: only at the end), got {getattr(cfg, name)!r}")
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be an int >= 0 (0: only at the end), got {getattr(cfg, name)!r}")
     for name in ("lr_backbone", "lr_head", "weight_decay", "grad_clip", "peak_flops"):
-        if not isinstance(getattr(cfg, name), (int, float)) or getattr(cfg, name) < 0:
+        if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be a number >= 0, got {getattr(cfg, name)!r}")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ValueError(f"betas must be two AdamW coefficients in [0, 1) (default [0.9, 0.999]), got {cfg.betas}")
     if not 0.0 <= cfg.warmup_ratio < 1.0 or not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(
             f"warmup_ratio must lie in [0, 1) and min_lr_ratio in [0, 1], got {cfg.warmup_ratio} and {cfg.min_lr_ratio}"
         )
+    if not 0 <= cfg.seed < 2**32:  # per-epoch and per-step generator seeds are derived from it (batch_indices)
+        raise ValueError(f"seed must be an int in [0, 2**32), got {cfg.seed}")
+    if not 0 <= cfg.eval_seed < 2**63:  # the noise kernel's seed range (bench.accuracy reuses it)
+        raise ValueError(f"eval_seed must be an int in [0, 2**63), got {cfg.eval_seed}")
 
 
 # ----------------------------------------------------------------------------------------------------- schedule
@@ -446,10 +519,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     log = print if d.main else (lambda *a, **k: None)
 
+    # Cheap checks of the base and the cache first: reading and verifying the images is the slow part.
+    if cfg.layers is not None:
+        RewardConfig(layers=tuple(cfg.layers)).check_against(base_source(cfg.base)[0])
+    cache = LatentCache(cfg.cache)
+
     # Data: pairs from the JSON files, tensors from the cache.
     pairs, report = load_pairs(cfg.train_json, cfg.confidence_threshold, cfg.on_bad_image, cfg.seed)
     val_sets = {str(p): read_file(p, None, cfg.on_bad_image) for p in cfg.val_json}  # every held-out pair counts
-    cache = LatentCache(cfg.cache)
     cache.check(pairs + [p for v in val_sets.values() for p in v])
     log(f"train pairs: {len(pairs)}\n{report}\nval pairs: {sum(map(len, val_sets.values()))}")
 
