@@ -244,6 +244,15 @@ def test_frozen_backbone_learns(task: dict, tmp_path: Path) -> None:
     assert not (out / "reward" / "backbone.safetensors").exists()  # head-only checkpoint
 
 
+def test_empty_validation_file_is_named(task: dict, tmp_path: Path) -> None:
+    empty, skipped = tmp_path / "empty.json", tmp_path / "skipped.json"
+    empty.write_text("[]")
+    skipped.write_text(json.dumps([{"prompt": "p", "path1": "gone.png", "path2": "gone2.png"}]))
+    val_json = [str(task["val"]), str(empty), str(skipped)]
+    with pytest.raises(ValueError, match=r"empty\.json', '.*skipped\.json'\] hold no pairs"):
+        train(config(task, tmp_path / "run", mode="frozen", val_json=val_json, on_bad_image="skip"))
+
+
 def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
     common = {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1}
     train(config(task, tmp_path / "straight", **common))

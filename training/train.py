@@ -527,6 +527,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     # Data: pairs from the JSON files, tensors from the cache.
     pairs, report = load_pairs(cfg.train_json, cfg.confidence_threshold, cfg.on_bad_image, cfg.seed)
     val_sets = {str(p): read_file(p, None, cfg.on_bad_image) for p in cfg.val_json}  # every held-out pair counts
+    empty = [name for name, val_pairs in val_sets.items() if not val_pairs]
+    if empty:
+        raise ValueError(
+            f"validation file(s) {empty} hold no pairs (no records, or every record skipped by on_bad_image='skip'): "
+            "each val_json file needs at least one pair"
+        )
     cache.check(pairs + [p for v in val_sets.values() for p in v])
     log(f"train pairs: {len(pairs)}\n{report}\nval pairs: {sum(map(len, val_sets.values()))}")
 
