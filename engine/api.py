@@ -79,6 +79,8 @@ class RewardEngine(nn.Module):
         adaln_on_host: bool = False,
     ):
         super().__init__()
+        if not fp8 and (fp8_adaln or fp8_fast_accum):
+            raise ValueError("fp8_adaln and fp8_fast_accum refine dtype='fp8'; this engine is not fp8")
         if fp8:
             from engine.quant import quantize_fp8
 
@@ -93,7 +95,8 @@ class RewardEngine(nn.Module):
             raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
         # the head runs in fp32 (fp64 for an fp64 backbone: gradient checks), features arrive in that dtype
         head_dtype = accumulation_dtype(backbone.context_embedder.weight.dtype)
-        self.backbone, self.head, self.reward_config = backbone, head.to(head_dtype), reward
+        device = backbone.context_embedder.weight.device  # a fresh head is built on the CPU: it follows the backbone
+        self.backbone, self.head, self.reward_config = backbone, head.to(device, head_dtype), reward
         self.check_finite = check_finite
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
@@ -116,9 +119,11 @@ class RewardEngine(nn.Module):
         return self.backbone.context_embedder.weight.dtype
 
     def set_backends(self, kernels_backend: str | None = None, attention: str | None = None) -> None:
-        """Kernel backend (`auto`|`triton`|`torch`, default $DITREWARD_KERNELS) and attention backend (see
-        `engine.attention`)."""
+        """Kernel backend (`auto`|`triton`|`torch`, default $DITREWARD_KERNELS; an fp64 engine always uses the torch
+        references) and attention backend (see `engine.attention`)."""
         self.kernels_backend = kernels.resolve(kernels_backend, self.device)
+        if self.dtype == torch.float64:  # fp64 is for gradient checks; the Triton kernels compute in fp32
+            self.kernels_backend = "torch"
         self.attention_backend = resolve_backend(attention, self.device)
         self.backbone.set_attention_backend(self.attention_backend)
 
@@ -290,6 +295,11 @@ class RewardEngine(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = False, **extra: Any) -> Path:
         """Write a reward checkpoint atomically (head always; the used backbone blocks if `include_backbone`)."""
+        if include_backbone and self.fp8:
+            raise ValueError(
+                "include_backbone=True needs the bf16 weights, but this fp8 engine holds block linears quantised to "
+                "e4m3 at load: save the backbone from an engine built with dtype='bf16' (checkpoints stay bf16)"
+            )
         state = diffusers_state_dict(self.backbone) if include_backbone else None
         return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, extra or None)
 
@@ -345,7 +355,8 @@ class RewardEngine(nn.Module):
         cond = self._select(prompt_emb, latents.shape[0], prompt_index)
         context = torch.enable_grad() if grad else torch.inference_mode()
         with context, ops.use(self.kernels_backend):
-            return self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
+            feats = self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
+        return feats if grad else feats.clone()  # a normal tensor: callers may edit it in place or train a head on it
 
     def score(
         self,
@@ -365,7 +376,7 @@ class RewardEngine(nn.Module):
         feats = self.features(
             latents, prompt_emb, noise, seed, grad=grad, prompt_index=prompt_index, image_offset=image_offset
         )
-        with torch.enable_grad() if grad else torch.inference_mode():
+        with torch.enable_grad() if grad else torch.no_grad():
             reward = self.head(feats)
             if normalize:
                 reward = (reward - self.reward_config.reward_mean) / self.reward_config.reward_std
@@ -428,6 +439,8 @@ class RewardEngine(nn.Module):
             raise ValueError("empty batch: latents has batch size 0")
         p, limit = cfg.patch_size, cfg.patch_size * cfg.pos_embed_max_size
         h, w = latents.shape[-2:]
+        if h == 0 or w == 0:
+            raise ValueError(f"latents have no pixels: {h}x{w}")
         if h % p or w % p:
             raise ValueError(f"latent height and width must be multiples of the patch size {p}, got {h}x{w}")
         if h > limit or w > limit:
@@ -456,7 +469,31 @@ class RewardEngine(nn.Module):
         if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
 
+    def _check_conditioning(self, cond: Conditioning) -> None:
+        """A Conditioning from this engine's `condition()` (same model, dtype, device and t); shapes only, no sync."""
+        dim = self.config.hidden_size
+        n_vectors = sum(block.num_modulation_vectors for block in self.backbone.transformer_blocks)
+        context, modulation = cond.context, cond.modulation
+        if (
+            modulation.ndim != 3
+            or modulation.shape[1:] != (n_vectors, dim)
+            or context.ndim != 3
+            or context.shape[0] != modulation.shape[0]
+            or context.shape[-1] != dim
+        ):
+            raise ValueError(
+                f"this Conditioning does not fit the engine (context {list(context.shape)}, modulation "
+                f"{list(modulation.shape)}; expected [P, L, {dim}] and [P, {n_vectors}, {dim}]): make it with this "
+                f"engine's condition()"
+            )
+        if context.dtype != self.dtype or modulation.dtype != self.dtype:
+            raise ValueError(f"Conditioning is {modulation.dtype}, the engine computes in {self.dtype}: re-condition")
+        if cond.t != self.reward_config.t:
+            raise ValueError(f"Conditioning was made at t={cond.t}, the engine scores at t={self.reward_config.t}")
+        self._check_device("Conditioning", context)
+
     def _select(self, cond: Conditioning, batch: int, prompt_index: Any) -> Conditioning:
+        self._check_conditioning(cond)
         if prompt_index is not None:
             index = torch.as_tensor(prompt_index, device=cond.context.device)
             if index.dtype not in (torch.int32, torch.int64) or index.shape != (batch,):

@@ -8,6 +8,8 @@ blocks are pooled, the noise level `t`, and the head's hidden sizes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +135,16 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(num_layers - 1, round(f * num_layers) - 1) for f in fractions if f * num_layers >= 1}))
 
 
+def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    """A sequence of integers (numpy ints included; not a string, not bools) as a tuple of ints."""
+    try:
+        if isinstance(value, (str, bytes)) or any(isinstance(i, bool) for i in value):
+            raise TypeError
+        return tuple(operator.index(i) for i in value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """What DiT-Reward adds to the backbone: pooled blocks (0-based), noise level t (Eq. 1), head sizes (Eq. 5)."""
@@ -145,8 +157,13 @@ class RewardConfig:
     reward_std: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        object.__setattr__(self, "head_hidden", tuple(int(i) for i in self.head_hidden))
+        for name in ("layers", "head_hidden"):
+            object.__setattr__(self, name, _int_tuple(f"RewardConfig.{name}", getattr(self, name)))
+        for name in ("t", "reward_mean", "reward_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"RewardConfig.{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
         if not self.layers:
             raise ValueError("RewardConfig.layers must name at least one block")
         if list(self.layers) != sorted(set(self.layers)):

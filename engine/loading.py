@@ -26,6 +26,7 @@ REWARD_FORMAT = "dit-reward/1"
 REWARD_CONFIG = "reward_config.json"
 HEAD_FILE = "head.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
+CHECKPOINT_FILES = frozenset({REWARD_CONFIG, HEAD_FILE, BACKBONE_FILE})
 
 
 # ------------------------------------------------------------------------------------------------ tensor sources
@@ -354,7 +355,9 @@ def load_backbone(
                 f"shape mismatch for {key!r} in {_describe(source)}: checkpoint {list(tensor.shape)}, "
                 f"model {list(meta.shape)}"
             )
-        state[key] = tensor.to(device=device, dtype=dtype)
+        # an in-memory model's tensors are copied, never adopted: the engine must not change when that model is
+        # trained further (e.g. the policy's own transformer). Files are read into fresh tensors anyway.
+        state[key] = tensor.to(device=device, dtype=dtype, copy=not isinstance(source, TensorSource))
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -376,8 +379,19 @@ def save_reward_checkpoint(
 ) -> Path:
     """Write `reward_config.json`, `head.safetensors` and optionally `backbone.safetensors` atomically: everything is
     written and fsynced in a sibling temp dir that then replaces `directory`, so a reader sees the old or the new
-    checkpoint, never a half-written one."""
-    directory = Path(directory)
+    checkpoint, never a half-written one. An existing `directory` is replaced only if it is a reward checkpoint (holds
+    nothing but checkpoint files): anything else there would be deleted, so that is a ValueError."""
+    directory = Path(directory).resolve()  # ("." has no name to build the sibling temp dir from)
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"{directory} exists and is not a directory: save the reward checkpoint elsewhere")
+        strangers = sorted(p.name for p in directory.iterdir() if p.name not in CHECKPOINT_FILES)
+        if strangers:
+            shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
+            raise ValueError(
+                f"{directory} holds files that are not part of a reward checkpoint ({shown}); saving would replace "
+                f"the whole directory: save into a new directory or an existing reward checkpoint"
+            )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:

@@ -12,6 +12,8 @@ transcendental implementations).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels.backend import accumulation_dtype, cdiv, describe, resolve, triton_kernel
@@ -149,11 +151,15 @@ def _check_near_clean_args(
             raise ValueError(f"noise must be on z0's device {z0.device}, got {noise.device}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    n_images = image_offset + (z0.shape[0] if z0.dim() else 0)
-    if not isinstance(image_offset, int) or image_offset < 0 or n_images > _MAX_COUNTER:
+    if (
+        isinstance(image_offset, bool)
+        or not isinstance(image_offset, int)
+        or image_offset < 0
+        or image_offset + z0.shape[0] > _MAX_COUNTER
+    ):
         raise ValueError(f"image_offset must be an int in [0, 2**32 - B), got {image_offset!r}")
-    if z0.dim() == 4 and z0[0].numel() > _MAX_COUNTER:
-        raise ValueError(f"at most 2**32 elements per image are supported, got {z0[0].numel()}")
+    if math.prod(z0.shape[1:]) > _MAX_COUNTER:
+        raise ValueError(f"at most 2**32 elements per image are supported, got {math.prod(z0.shape[1:])}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

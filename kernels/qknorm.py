@@ -90,11 +90,12 @@ def joint_qkv(
     txt_has_q = txt_qkv is not None and txt_qkv.shape[-1] == 3 * dim
     if txt_qkv is not None and not (txt_has_q or txt_qkv.shape[-1] == 2 * dim):
         raise ValueError(f"txt_qkv must be [B, N, 3D] or [B, N, 2D] with D = {dim}, got {list(txt_qkv.shape)}")
-    if torch.is_grad_enabled() or resolve(backend, img_qkv.device) == "torch":
+    head_dim = dim // heads
+    pow2 = head_dim & (head_dim - 1) == 0  # the kernel's head axis is one power-of-two block (every SD3 model: 64)
+    if torch.is_grad_enabled() or not pow2 or resolve(backend, img_qkv.device) == "torch":
         return joint_qkv_ref(img_qkv, txt_qkv, heads, norms, eps)
     batch, n_img, _ = img_qkv.shape
     n_txt = 0 if txt_qkv is None else txt_qkv.shape[1]
-    head_dim = dim // heads
     q = img_qkv.new_empty(batch, n_img + (n_txt if txt_has_q else 0), heads, head_dim)
     k = img_qkv.new_empty(batch, n_img + n_txt, heads, head_dim)
     v = torch.empty_like(k)

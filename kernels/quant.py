@@ -105,6 +105,8 @@ def quantize_rowwise(
     hidden activation)."""
     if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or not x.is_floating_point():
         raise TypeError(f"quantize_rowwise expects a floating-point [M, K] or [B, M, K] tensor, got {describe(x)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"quantize_rowwise needs rows of at least one element, got shape {tuple(x.shape)}")
     if resolve(backend, x.device) == "torch":
         return quantize_rowwise_ref(x.reshape(-1, x.shape[-1]), gelu=gelu)
     if x.stride(-1) != 1:

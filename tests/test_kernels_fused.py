@@ -152,3 +152,19 @@ def test_joint_qkv_rejects_bad_shapes():
         joint_qkv(torch.randn(1, 4, 50), None, 3, None)
     with pytest.raises(ValueError, match="txt_qkv must be"):
         joint_qkv(torch.randn(1, 4, 48), torch.randn(1, 2, 20), 1, None)
+
+
+def test_joint_qkv_with_a_head_size_that_is_not_a_power_of_two():
+    """The kernel's head axis is one power-of-two block; other head sizes take the reference path."""
+    g = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(2, 5, 3 * 2 * 24, generator=g), torch.randn(2, 3, 3 * 2 * 24, generator=g)
+    norms = tuple(1 + 0.1 * torch.randn(24, generator=g) for _ in range(4))
+    with torch.no_grad():
+        fast = joint_qkv(img, txt, 2, norms, backend="triton")
+    for a, b in zip(fast, joint_qkv_ref(img, txt, 2, norms), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_quantize_rowwise_refuses_empty_rows():
+    with pytest.raises(ValueError, match="at least one element"):
+        quantize_rowwise(torch.ones(3, 0), backend="triton")

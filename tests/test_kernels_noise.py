@@ -156,6 +156,8 @@ def test_unseeded_noise_follows_torch_global_rng():
         ({"seed": -1}, ValueError, "seed"),
         ({"seed": 1.5}, ValueError, "seed"),
         ({"seed": 1, "image_offset": -2}, ValueError, "image_offset"),
+        ({"seed": 1, "image_offset": "a"}, ValueError, "image_offset must be an int"),
+        ({"seed": 1, "image_offset": True}, ValueError, "image_offset must be an int"),
         ({"z0": torch.randn(4, 3, 3)}, TypeError, r"\[B, C, H, W\]"),
         ({"noise": torch.randn(2, 4, 3, 3, device="meta")}, ValueError, "device"),
     ],
@@ -164,3 +166,8 @@ def test_near_clean_rejects_bad_arguments(kwargs, error, match):
     args = {"z0": torch.randn(2, 4, 3, 3), "t": T, **kwargs}
     with pytest.raises(error, match=match):
         near_clean(args.pop("z0"), args.pop("t"), backend="triton", **args)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_near_clean_of_an_empty_batch_is_empty(backend):
+    assert near_clean(torch.zeros(0, 4, 3, 3), T, seed=1, backend=backend).shape == (0, 4, 3, 3)

@@ -147,3 +147,54 @@ def test_unused_blocks_are_not_loaded(diffusers_dir):
     )
     assert "transformer_blocks.1.attn.add_q_proj.weight" not in names
     assert "transformer_blocks.1.ff_context.net.2.weight" not in names
+
+
+def test_from_diffusers_copies_the_weights(model, inputs):
+    """The engine must not follow later edits of the model it was built from (e.g. the policy being trained)."""
+    engine = RewardEngine.from_diffusers(model, layers=LAYERS, kernels_backend="torch")
+    own = {p.data_ptr() for p in engine.backbone.parameters()} | {b.data_ptr() for b in engine.backbone.buffers()}
+    theirs = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    assert not own & theirs
+    before = features(engine, inputs)
+    with torch.no_grad():
+        model.context_embedder.weight.mul_(3)
+    try:
+        assert torch.equal(features(engine, inputs), before)
+    finally:
+        with torch.no_grad():
+            model.context_embedder.weight.div_(3)
+
+
+def test_new_head_follows_the_backbone_device(diffusers_dir):
+    engine = RewardEngine.from_base(diffusers_dir, layers=LAYERS, dtype=torch.float32, device="meta")
+    assert {p.device.type for p in engine.parameters()} == {"meta"}
+
+
+def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path, monkeypatch):
+    engine = RewardEngine.from_preset("tiny", dtype=torch.float32)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "train_log.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"not part of a reward checkpoint \(train_log.txt\)"):
+        engine.save_pretrained(tmp_path / "outputs")
+    assert (tmp_path / "outputs" / "train_log.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        engine.save_pretrained(tmp_path / "file")
+    # "." (a path with no name of its own) works; an existing checkpoint is replaced
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt")
+    engine.save_pretrained(".")
+    monkeypatch.chdir(tmp_path)  # (the save swapped the directory the process stood in)
+    engine.save_pretrained("ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["head.safetensors", "reward_config.json"]
+
+
+def test_fp8_engine_does_not_save_its_e4m3_backbone(tmp_path):
+    from engine.quant import quantize_fp8
+
+    engine = RewardEngine.from_preset("tiny", dtype="bf16")
+    quantize_fp8(engine.backbone, require_fp8_gpu=False)
+    engine.fp8 = True  # what dtype="fp8" sets on a capable GPU
+    with pytest.raises(ValueError, match="save the backbone from an engine built with dtype='bf16'"):
+        engine.save_pretrained(tmp_path / "r", include_backbone=True)
+    engine.save_pretrained(tmp_path / "r")  # the head alone is fine

@@ -34,6 +34,7 @@ BAD = {
     "odd size": (lambda z, e, n: (z[..., :7], e, None), ValueError, "multiples of the patch size 2"),
     "too large": (lambda z, e, n: (torch.randn(2, 16, 8, 66), e, None), ValueError, "exceeds this model's positional"),
     "empty batch": (lambda z, e, n: (z[:0], e, None), ValueError, "empty batch"),
+    "no pixels": (lambda z, e, n: (z[..., :0], e, None), ValueError, "latents have no pixels: 8x0"),
     "NaN latents": (
         lambda z, e, n: (z.clone().index_fill_(0, torch.tensor([1]), float("nan")), e, None),
         ValueError,
@@ -92,6 +93,11 @@ def test_bad_prompt_index(engine, good):
         (dict(layers=(1, 1)), "strictly increasing without duplicates"),
         (dict(layers=()), "at least one block"),
         (dict(head_hidden=(0,)), "head_hidden sizes must be positive"),
+        (dict(head_hidden="64"), "head_hidden must be a sequence of ints"),
+        (dict(layers=(1.5, 2)), "layers must be a sequence of ints"),
+        (dict(t="0.1"), "t must be a finite number"),
+        (dict(reward_mean=float("nan")), "reward_mean must be a finite number"),
+        (dict(reward_std=float("inf")), "reward_std must be a finite number"),
     ],
 )
 def test_bad_reward_config(kwargs, pattern):
@@ -120,3 +126,39 @@ def test_bad_dtype_and_backends():
         RewardEngine.from_preset("tiny", kernels_backend="cuda")
     with pytest.raises(ValueError, match="attention backend must be one of"):
         RewardEngine.from_preset("tiny", attention="xformers")
+
+
+def test_fp8_options_need_fp8():
+    with pytest.raises(ValueError, match="refine dtype='fp8'"):
+        RewardEngine.from_preset("tiny", dtype="bf16", fp8_adaln=True)
+    with pytest.raises(ValueError, match="refine dtype='fp8'"):
+        RewardEngine.from_preset("tiny", dtype="bf16", fp8_fast_accum=True)
+
+
+def test_conditioning_from_another_engine_is_refused(engine, good):
+    z0, (pe, po), _ = good
+    bf16 = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
+    with pytest.raises(ValueError, match="Conditioning is torch.bfloat16, the engine computes in torch.float32"):
+        engine.score(z0, bf16.condition(pe, po))
+    shallow = RewardEngine.from_preset("tiny", layers=(0, 1), dtype=torch.float32, kernels_backend="torch")
+    with pytest.raises(ValueError, match="does not fit the engine"):
+        engine.score(z0, shallow.condition(pe, po))
+    other_t = RewardEngine.from_preset("tiny", t=0.2, dtype=torch.float32, kernels_backend="torch")
+    with pytest.raises(ValueError, match="made at t=0.2"):
+        engine.score(z0, other_t.condition(pe, po))
+
+
+def test_outputs_are_ordinary_tensors(engine, good):
+    """Rewards and features come out of inference mode as normal tensors: editable in place, usable in autograd."""
+    z0, emb, noise = good
+    r = engine.score(z0, emb, noise=noise)
+    r -= r.mean()
+    f = engine.features(z0, emb, noise=noise)
+    f[0] = 0
+    probe = torch.nn.Linear(f[0].numel(), 1)
+    probe(f.flatten(1)).sum().backward()
+    assert probe.weight.grad is not None
+
+
+def test_fp64_engine_uses_the_torch_kernels():
+    assert RewardEngine.from_preset("tiny", dtype="fp64", kernels_backend="triton").kernels_backend == "torch"
