@@ -273,7 +273,7 @@ def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
     (checkpoints / "step_00000006.pt").write_bytes((checkpoints / "step_00000004.pt").read_bytes()[:1000])
     path, payload = latest_checkpoint(out)
     assert path.name == "step_00000004.pt" and payload["data_position"] == 4 * 8
-    train(config(task, out, **common))
+    train(config(task, out, **common, eval_batch_size=16))  # validation batching is free to change in full mode
 
     final = lambda d: torch.load(d / "checkpoints" / "step_00000008.pt", weights_only=False)
     a, b = final(tmp_path / "straight"), final(out)
@@ -283,6 +283,15 @@ def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
     straight_losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight") if "loss" in r}
     resumed_losses = {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}  # step 5: logged twice, equal
     assert resumed_losses == straight_losses
+
+
+def test_frozen_resume_keeps_the_feature_batching(task: dict, tmp_path: Path) -> None:
+    # Frozen mode extracts the training features in eval_batch_size batches: resuming with another size would not
+    # reproduce them bit for bit, so it is refused like any other change that makes a different run.
+    common = {"mode": "frozen", "steps": 2, "batch_size": 8}
+    train(config(task, tmp_path, **common))
+    with pytest.raises(ValueError, match=r"\['eval_batch_size'\] differ"):
+        train(config(task, tmp_path, **common, eval_batch_size=16))
 
 
 def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:

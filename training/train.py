@@ -440,7 +440,10 @@ _RESUME_FREE = {
 
 def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     current = asdict(cfg)
-    changed = sorted(k for k in current if k not in _RESUME_FREE and saved.get(k) != current[k])
+    free = _RESUME_FREE
+    if cfg.mode == "frozen":  # the training features are extracted in eval_batch_size batches too: another batching
+        free = free - {"eval_batch_size"}  # changes them in the last bit, and the resumed head would differ
+    changed = sorted(k for k in current if k not in free and saved.get(k) != current[k])
     if changed:
         raise ValueError(
             f"cannot resume from {path}: config fields {changed} differ from the checkpoint's "
