@@ -145,7 +145,7 @@ def _group_labels(
     if group_index is None:
         return None
     group = torch.as_tensor(group_index, device=device)
-    if group.dtype not in (torch.int32, torch.int64) or group.shape != (batch,):
+    if group.dtype.is_floating_point or group.dtype.is_complex or group.dtype == torch.bool or group.shape != (batch,):
         raise ValueError(f"group_index must be {batch} integers (one group label per latent), got "
                          f"{group.dtype} {list(group.shape)}")  # fmt: skip
     return group.long()
@@ -250,6 +250,9 @@ def group_advantages(
         raise ValueError(f"rewards must be a non-empty [B] vector, got shape {list(r.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if r.is_floating_point() and not bool(torch.isfinite(r).all()):  # would make its whole group's advantages NaN
+        bad = torch.nonzero(~torch.isfinite(r)).flatten().tolist()
+        raise ValueError(f"rewards contain NaN or Inf at indices {bad}")
     if not isinstance(group_index, torch.Tensor) and len(group_index) and isinstance(group_index[0], str):
         slot: dict[str, int] = {}
         group_index = [slot.setdefault(p, len(slot)) for p in group_index]

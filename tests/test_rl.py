@@ -72,6 +72,8 @@ def test_group_advantages_bad_inputs() -> None:
         group_advantages(torch.zeros(2), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="eps"):
         group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=0)
+    with pytest.raises(ValueError, match=r"rewards contain NaN or Inf at indices \[1\]"):
+        group_advantages(torch.tensor([0.5, float("nan"), 0.2]), torch.tensor([0, 0, 1]))
 
 
 # ------------------------------------------------------------------------------------------------ latent form
@@ -94,6 +96,8 @@ def test_latent_reward_groups_share_one_conditioning(engine: RewardEngine, monke
     assert conditioned == [2]  # once per group, not per latent
     assert by_group.shape == (6,) and by_group.dtype == torch.float32
     torch.testing.assert_close(by_group, expected, rtol=1e-5, atol=1e-6)
+    for dtype in (torch.uint8, torch.int16, torch.int32):  # any integer labels, as group_advantages takes
+        torch.testing.assert_close(fn(z0, *per_latent, group_index=group.to(dtype)), by_group, rtol=0, atol=0)
     by_prompt = fn(z0, *per_latent, prompts=["dog" if g == 2 else "cat" for g in group.tolist()])
     torch.testing.assert_close(by_prompt, expected, rtol=1e-5, atol=1e-6)
     # distinct rows + prompt_index (the engine's convention) gives the same rewards
