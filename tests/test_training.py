@@ -90,6 +90,20 @@ def read_log(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
+class Killed(Exception):
+    pass
+
+
+def kill_at(step: int):
+    """An `on_step` that stops training after `step`, as a kill would (the checkpoint of that step is written)."""
+
+    def on_step(current: int, metrics: dict) -> None:
+        if current == step:
+            raise Killed
+
+    return on_step
+
+
 # ------------------------------------------------------------------------------------------------------------ data
 
 
@@ -256,17 +270,9 @@ def test_empty_validation_file_is_named(task: dict, tmp_path: Path) -> None:
 def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
     common = {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1}
     train(config(task, tmp_path / "straight", **common))
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_5(step: int, metrics: dict) -> None:
-        if step == 5:
-            raise Killed
-
     out = tmp_path / "resumed"
     with pytest.raises(Killed):
-        train(config(task, out, **common), on_step=kill_after_5)
+        train(config(task, out, **common), on_step=kill_at(5))
     checkpoints = out / "checkpoints"
     # A writer killed mid-write leaves its temp file; a damaged file at a final name is skipped as well.
     (checkpoints / ".step_00000006.pt.tmp-4242").write_bytes(b"\x80half a pickle")
@@ -274,6 +280,7 @@ def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
     path, payload = latest_checkpoint(out)
     assert path.name == "step_00000004.pt" and payload["data_position"] == 4 * 8
     train(config(task, out, **common, eval_batch_size=16))  # validation batching is free to change in full mode
+    assert not list(checkpoints.glob(".*.tmp-*"))  # the crashed writer's temp file is cleaned up at start
 
     final = lambda d: torch.load(d / "checkpoints" / "step_00000008.pt", weights_only=False)
     a, b = final(tmp_path / "straight"), final(out)
@@ -292,6 +299,23 @@ def test_frozen_resume_keeps_the_feature_batching(task: dict, tmp_path: Path) ->
     train(config(task, tmp_path, **common))
     with pytest.raises(ValueError, match=r"\['eval_batch_size'\] differ"):
         train(config(task, tmp_path, **common, eval_batch_size=16))
+
+
+def test_pruning_keeps_the_newest_valid_checkpoint(task: dict, tmp_path: Path) -> None:
+    common = {"mode": "frozen", "steps": 6, "batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1}
+    checkpoints = tmp_path / "checkpoints"
+    names = lambda: sorted(p.name for p in checkpoints.glob("step_*.pt"))
+    with pytest.raises(Killed):
+        train(config(task, tmp_path, **common), on_step=kill_at(3))
+    assert names() == ["step_00000003.pt"]
+    # A damaged file at a later name (resume skips it) must not count as the one to keep.
+    (checkpoints / "step_00000005.pt").write_bytes((checkpoints / "step_00000003.pt").read_bytes()[:1000])
+    with pytest.raises(Killed):
+        train(config(task, tmp_path, **common), on_step=kill_at(4))
+    assert names() == ["step_00000004.pt", "step_00000005.pt"]
+    assert latest_checkpoint(tmp_path)[0].name == "step_00000004.pt"
+    train(config(task, tmp_path, **common))
+    assert names() == ["step_00000006.pt"]
 
 
 def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:

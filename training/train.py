@@ -406,16 +406,26 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        for old in sorted(directory.glob("step_*.pt"))[: -cfg.keep_checkpoints]:
+        # Prune among the checkpoints up to this step, so the one just written is always kept. A later step's file
+        # is one that resume skipped as unreadable (else it would have resumed from it): it never counts as kept, and
+        # is replaced or pruned once the run gets there.
+        for old in [path for s, path in checkpoint_files(directory) if s <= step][: -cfg.keep_checkpoints]:
             old.unlink()
     if d.world > 1:
         dist.barrier()  # no rank runs ahead of a checkpoint another rank might resume from
 
 
+def checkpoint_files(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the ``step_N.pt`` files in `directory`, oldest first: ordered by step, not by name. Temp files
+    (".step_N.pt.tmp-PID") never match."""
+    found = [(path.stem[len("step_") :], path) for path in directory.glob("step_*.pt")]
+    return sorted((int(digits), path) for digits, path in found if digits.isdigit())
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint under out_dir/checkpoints that loads completely; temp files (".step_*.pt.tmp-*") are never
-    considered and a damaged file is skipped with a warning."""
-    for path in sorted((Path(out_dir) / "checkpoints").glob("step_*.pt"), reverse=True):
+    """The newest checkpoint under out_dir/checkpoints that loads completely; temp files are never considered and a
+    damaged file is skipped with a warning."""
+    for _, path in reversed(checkpoint_files(Path(out_dir) / "checkpoints")):
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
             if {"step", "model", "optimizer"} <= set(payload):
@@ -620,6 +630,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
     step = 0
+    if d.main:  # a crashed writer's temp checkpoints: never read, each as large as a checkpoint
+        for stale in (out_dir / "checkpoints").glob(".step_*.pt.tmp-*"):
+            stale.unlink(missing_ok=True)
     found = latest_checkpoint(out_dir)
     if found is not None:
         path, payload = found
