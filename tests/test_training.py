@@ -154,6 +154,19 @@ def test_cache_resumes_and_rejects_other_inputs(task: dict, tmp_path: Path) -> N
         build_cache([task["val"]], task["base"], out, max_sequence_length=32, shard_size=16, progress=False)
 
 
+def test_cache_holds_every_pair_a_fractional_weight_can_draw(task: dict, tmp_path: Path) -> None:
+    records = json.loads(task["val"].read_text())[:8]
+    for record in records:
+        record["path1"], record["path2"] = (str(task["root"] / record[k]) for k in ("path1", "path2"))
+    half = f"{tmp_path / 'part.json'}:0.5"
+    (tmp_path / "part.json").write_text(json.dumps(records))
+    cache = LatentCache(build_cache([half], task["base"], tmp_path / "cache", max_sequence_length=16, progress=False))
+    for seed in range(4):  # the trainer draws the half with its own seed
+        pairs, _ = load_pairs([half], seed=seed)
+        assert len(pairs) == 4
+        cache.check(pairs)
+
+
 def test_config_validation_and_schedule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(None, ["cache=x", "stepz=3"])

@@ -4,6 +4,9 @@ encoders.
 
     python -m training.cache --json train.json val.json --base SD35_DIR --out CACHE_DIR [--max-sequence-length 256]
 
+Mixing weights (``train.json:0.5``) do not change what is cached: every pair of a file that passes the filters is,
+so whatever subset the trainer's seed draws is there.
+
 Resumable: the plan (which item goes to which shard) is a pure function of the inputs and is written first; each shard
 is written to a temp file and ``os.replace``d into place, so a shard file that exists is complete, and a rerun after
 an interruption skips those and encodes the rest.
@@ -24,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs
+from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs, parse_sources
 
 CACHE_FORMAT = "dit-reward-cache/1"
 INDEX = "index.json"
@@ -104,7 +107,10 @@ def build_cache(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs, report = load_pairs(json_files, confidence_threshold, on_bad_image)
+    # Every kept pair of each file, whatever its mixing weight: the trainer draws a fractional weight's subset with its
+    # own seed, so the cache must hold all the pairs that draw can pick.
+    files = [path for path, _ in parse_sources(json_files)]
+    pairs, report = load_pairs(files, confidence_threshold, on_bad_image)
     if progress:
         print(report)
     settings = {
@@ -195,7 +201,7 @@ class LatentCache:
                 if str(image) not in self.images:
                     raise ValueError(
                         f"image {image} ({p.source} record {p.index}) is not in cache {self.directory}: "
-                        "cache the same JSON files with the same filters"
+                        "build the cache from the same JSON files with the same confidence threshold and on_bad_image"
                     )
             if p.prompt not in self.prompts:
                 raise ValueError(
