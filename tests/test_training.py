@@ -167,6 +167,20 @@ def test_cache_holds_every_pair_a_fractional_weight_can_draw(task: dict, tmp_pat
         cache.check(pairs)
 
 
+def test_cache_holds_every_validation_pair(task: dict, tmp_path: Path) -> None:
+    from training.cache import main
+
+    records = json.loads(task["val"].read_text())[:6]
+    for record in records:  # held out, but below the training confidence threshold
+        record["path1"], record["path2"] = (str(task["root"] / record[k]) for k in ("path1", "path2"))
+        record["confidence"] = 0.5
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps(records))
+    args = ["--json", task["val"], "--val-json", held_out, "--base", task["base"], "--out", tmp_path / "cache"]
+    main([*map(str, args), "--max-sequence-length", "16"])
+    LatentCache(tmp_path / "cache").check(read_file(held_out, None))  # what the trainer reads
+
+
 def test_config_validation_and_schedule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(None, ["cache=x", "stepz=3"])

@@ -2,10 +2,12 @@
 text encoders) into safetensors shards plus ``index.json``; training and probing then never touch the VAE or text
 encoders.
 
-    python -m training.cache --json train.json val.json --base SD35_DIR --out CACHE_DIR [--max-sequence-length 256]
+    python -m training.cache --json train.json --val-json val.json --base SD35_DIR --out CACHE_DIR \
+        [--max-sequence-length 256]
 
-Mixing weights (``train.json:0.5``) do not change what is cached: every pair of a file that passes the filters is,
-so whatever subset the trainer's seed draws is there.
+Validation files go under ``--val-json``: the confidence filter applies to the training files only, since the trainer
+scores every held-out pair. Mixing weights (``train.json:0.5``) do not change what is cached: every pair of a file
+that passes the filters is, so whatever subset the trainer's seed draws is there.
 
 Resumable: the plan (which item goes to which shard) is a pure function of the inputs and is written first; each shard
 is written to a temp file and ``os.replace``d into place, so a shard file that exists is complete, and a rerun after
@@ -27,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs, parse_sources
+from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs, parse_sources, read_file
 
 CACHE_FORMAT = "dit-reward-cache/1"
 INDEX = "index.json"
@@ -97,8 +99,11 @@ def build_cache(
     device: str | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    val_json: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Encode the images and prompts of `json_files` into `out` (see the module docstring). Returns `out`."""
+    """Encode the images and prompts of `json_files` and `val_json` into `out` (see the module docstring). Returns
+    `out`. Held-out files (`val_json`) skip the confidence filter, as the trainer, the probe and bench.accuracy read
+    them: every held-out pair counts."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
@@ -111,6 +116,10 @@ def build_cache(
     # own seed, so the cache must hold all the pairs that draw can pick.
     files = [path for path, _ in parse_sources(json_files)]
     pairs, report = load_pairs(files, confidence_threshold, on_bad_image)
+    for path in val_json:
+        held_out = read_file(path, None, on_bad_image, report)
+        report.weighted[str(Path(path).resolve())] += len(held_out)
+        pairs += held_out
     if progress:
         print(report)
     settings = {
@@ -201,7 +210,8 @@ class LatentCache:
                 if str(image) not in self.images:
                     raise ValueError(
                         f"image {image} ({p.source} record {p.index}) is not in cache {self.directory}: "
-                        "build the cache from the same JSON files with the same confidence threshold and on_bad_image"
+                        "build the cache from the same JSON files with the same confidence threshold and on_bad_image "
+                        "(validation files under --val-json)"
                     )
             if p.prompt not in self.prompts:
                 raise ValueError(
@@ -239,7 +249,13 @@ class LatentCache:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", nargs="+", required=True, help="HPSv3-format JSON files (train and validation)")
+    parser.add_argument("--json", nargs="+", required=True, help="HPSv3-format training files (file.json:w as well)")
+    parser.add_argument(
+        "--val-json",
+        nargs="+",
+        default=[],
+        help="held-out HPSv3-format files: every pair is cached (no confidence filter)",
+    )
     parser.add_argument("--base", required=True, help="local SD3/SD3.5 diffusers directory (VAE + text encoders)")
     parser.add_argument("--out", required=True, help="cache directory (created; rerun with the same args resumes)")
     parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (SD3: 256, Flow-GRPO: 128)")
@@ -269,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         args.dtype,
         args.device,
         args.batch_size,
+        val_json=args.val_json,
     )
     print(f"cache ready: {out}")
 
