@@ -136,6 +136,27 @@ def test_data_filtering_weights_and_bad_images(tmp_path: Path) -> None:
         load_pairs([(good, 0.0)])
 
 
+def test_data_rejects_malformed_records_and_reads_weights(tmp_path: Path) -> None:
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    rec = lambda **kw: {"prompt": "p", "path1": "a.png", "path2": "a.png", "confidence": None, **kw}
+    path = tmp_path / "f.json"
+    for bad, error, match in [
+        (rec(path2=None), TypeError, "record 1: path2 must be a string"),
+        (rec(path1=3), TypeError, "record 1: path1 must be a string"),
+        (rec(confidence=float("nan")), ValueError, "record 1: confidence must be finite"),
+        (rec(confidence=True), TypeError, "record 1: confidence must be a number"),
+    ]:
+        path.write_text(json.dumps([rec(), bad]))
+        with pytest.raises(error, match=match):
+            read_file(path)
+    path.write_text(json.dumps([rec()] * 10))
+    assert len(load_pairs([f"{path}:1e-1"])[0]) == 1
+    path.write_text(json.dumps([rec()] * 5))
+    assert len(load_pairs([f"{path}:1.5"])[0]) == 5 + 2  # one whole copy + round(0.5 * 5), as documented
+    with pytest.raises(ValueError, match="mixing weight"):
+        load_pairs([f"{path}:-1"])
+
+
 def test_cache_resumes_and_rejects_other_inputs(task: dict, tmp_path: Path) -> None:
     out = tmp_path / "cache"
     build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, progress=False)

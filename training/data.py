@@ -130,11 +130,14 @@ def read_file(
         missing = [k for k in ("prompt", "path1", "path2") if not isinstance(record, dict) or k not in record]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}; HPSv3 records need prompt, path1, path2")
-        if not isinstance(record["prompt"], str):
-            raise TypeError(f"{where}: prompt must be a string, got {type(record['prompt']).__name__}")
+        for key in ("prompt", "path1", "path2"):
+            if not isinstance(record[key], str):
+                raise TypeError(f"{where}: {key} must be a string, got {record[key]!r}")
         confidence = record.get("confidence")
-        if confidence is not None and not isinstance(confidence, (int, float)):
+        if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))):
             raise TypeError(f"{where}: confidence must be a number or null, got {confidence!r}")
+        if confidence is not None and not math.isfinite(confidence):  # Python's json reads NaN, which passes any filter
+            raise ValueError(f"{where}: confidence must be finite or null, got {confidence!r}")
         if confidence_threshold is not None and confidence is not None and confidence < confidence_threshold:
             report.drop(source, "low_confidence", f"{where}: confidence {confidence} < {confidence_threshold}")
             continue
@@ -165,7 +168,8 @@ def read_file(
 
 
 def parse_sources(sources: Iterable[str | os.PathLike | tuple[str | os.PathLike, float]]) -> list[tuple[Path, float]]:
-    """`["a.json", ("b.json", 2.0), "c.json:0.5"]` -> [(path, weight), ...]; weight 1 when not given."""
+    """`["a.json", ("b.json", 2.0), "c.json:0.5"]` -> [(path, weight), ...]; weight 1 when not given. Whatever follows
+    the last colon is the weight if it reads as a number (``:1e-1``, ``:-1`` too, which then fails the check)."""
     out = []
     for item in sources:
         if isinstance(item, (tuple, list)):
@@ -173,7 +177,10 @@ def parse_sources(sources: Iterable[str | os.PathLike | tuple[str | os.PathLike,
         else:
             text = str(item)
             head, sep, tail = text.rpartition(":")
-            path, weight = (head, tail) if sep and tail.replace(".", "", 1).isdigit() else (text, 1.0)
+            try:
+                path, weight = (head, float(tail)) if sep else (text, 1.0)
+            except ValueError:
+                path, weight = text, 1.0
         weight = float(weight)
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"mixing weight of {path} must be a positive number, got {weight}")
@@ -190,9 +197,9 @@ def load_pairs(
     seed: int = 0,
     check_images: bool = True,
 ) -> tuple[list[PreferencePair], FilterReport]:
-    """Read and mix several files. A file of weight w contributes round(w * kept) pairs: whole copies of its pairs
-    plus a seeded random subset for the fractional part (so weight 0.5 halves a file, 2 doubles it). The order is
-    file by file; the trainer shuffles."""
+    """Read and mix several files. A file of weight w with `kept` pairs contributes int(w) whole copies of them plus
+    round(frac(w) * kept) of them drawn at random, seeded by `seed` and the file (so weight 0.5 halves a file, 2
+    doubles it, 1.5 on 5 pairs gives 5 + round(2.5) = 7). The order is file by file; the trainer shuffles."""
     report, mixed = FilterReport(), []
     for path, weight in parse_sources(sources):
         pairs = read_file(path, confidence_threshold, on_bad_image, report, check_images)
