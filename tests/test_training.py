@@ -335,9 +335,9 @@ def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    straight_losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight") if "loss" in r}
-    resumed_losses = {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}  # step 5: logged twice, equal
-    assert resumed_losses == straight_losses
+    # The log reads as the uninterrupted run's: step 5, logged before the kill, is not logged twice.
+    straight_losses = [(r["step"], r.get("loss")) for r in read_log(tmp_path / "straight")]
+    assert [(r["step"], r.get("loss")) for r in read_log(out)] == straight_losses
 
 
 def test_frozen_resume_keeps_the_feature_batching(task: dict, tmp_path: Path) -> None:

@@ -435,6 +435,25 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     return None
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Cut log.jsonl back to what a run resumed at `step` does not write again: the lines up to `step`, none when the
+    run starts over (step 0 is evaluated again). A line torn by a kill goes too. The first line after a resume still
+    averages loss/accuracy over the steps since the resume only, not over the whole log window."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            logged = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if step > 0 and isinstance(logged, int) and logged <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 # Fields that only change bookkeeping; any other difference would make the resumed run a different run.
 _RESUME_FREE = {
     "out_dir",
@@ -650,6 +669,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             "reward_std": float(everything.std()),
         }
 
+    if d.main:
+        truncate_log(out_dir / "log.jsonl", step)
     log_file = open(out_dir / "log.jsonl", "a") if d.main else None  # noqa: SIM115 (open for the whole run)
     metrics: dict[str, Any] = {}
     if step == 0:  # the untrained baseline (~50%), logged as step 0
