@@ -9,7 +9,8 @@ the backbone once per image (fixed, seeded noise), caches the pooled features an
 Everything a step consumes is a pure function of (config, step): the pairs (a seeded permutation per epoch), the noise
 (a generator seeded from the step) and the learning rate (`get_lr`). A checkpoint therefore needs only the trainable
 weights, the optimizer state and the step, and a resumed run equals an uninterrupted one. Checkpoints are written to a
-temp file and ``os.replace``d; resume takes the newest one that loads and never sees a half-written file.
+temp file and ``os.replace``d; resume takes the newest one that loads and never sees a half-written file (a crashed
+writer's temp file is removed at the next start), and log.jsonl is cut back to the resumed step.
 
 Not implemented: HPSv3's uncertainty loss (it needs a head that predicts a variance, which the engine's head and
 checkpoint format do not have); gradient accumulation (the per-rank batch is the micro-batch).
@@ -550,6 +551,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = print if d.main else (lambda *a, **k: None)
+    if d.main:  # a crashed writer's temp checkpoints: never read, each as large as a checkpoint
+        for stale in (out_dir / "checkpoints").glob(".step_*.pt.tmp-*"):
+            stale.unlink(missing_ok=True)
 
     # Cheap checks of the base and the cache first: reading and verifying the images is the slow part.
     if cfg.layers is not None:
@@ -649,9 +653,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
     step = 0
-    if d.main:  # a crashed writer's temp checkpoints: never read, each as large as a checkpoint
-        for stale in (out_dir / "checkpoints").glob(".step_*.pt.tmp-*"):
-            stale.unlink(missing_ok=True)
     found = latest_checkpoint(out_dir)
     if found is not None:
         path, payload = found
