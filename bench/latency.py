@@ -165,7 +165,7 @@ class Bench:
         }
         if fields.get("flops_per_image"):
             tflop_s, pct = self.floor_pct(fields["flops_per_image"], timing.median_ms, fields.get("dtype", ""))
-            row.update(tflop_s=round(tflop_s, 1), floor_pct=round(pct, 1))
+            row.update(tflop_s=float(f"{tflop_s:.3g}"), floor_pct=round(pct, 1))  # (3 digits: CPU runs are tiny)
         self.rows.append(row)
         self.progress(f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB")
         return row
