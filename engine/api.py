@@ -313,18 +313,6 @@ class RewardEngine(nn.Module):
         with torch.enable_grad() if grad else torch.no_grad(), ops.use(self.kernels_backend):
             return self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
 
-    def _warn_streaming_per_call(self) -> None:
-        """With adaLN weights on the host, every uncached score() streams them over PCIe: say so, once."""
-        if self.adaln_host_bytes and not getattr(self, "_warned_streaming", False):
-            self._warned_streaming = True
-            warnings.warn(
-                f"adaln_on_host: scoring with raw prompt embeddings streams {self.adaln_host_bytes / 2**30:.1f} GiB "
-                f"of adaLN weights to the device on every call; make a Conditioning once per prompt batch with "
-                f"engine.condition(prompt_embeds, pooled) and score against it",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
     def features(
         self,
         latents: torch.Tensor,
@@ -343,20 +331,38 @@ class RewardEngine(nn.Module):
         `Conditioning`; P == B, or P == 1 (one prompt for all), or `prompt_index` [B] picks a prompt per latent.
         noise: explicit eps [B, C, H, W]; seed: reproducible eps (image b uses stream b + image_offset); neither:
         fresh noise. grad=True keeps the graph so rewards backpropagate to the latents."""
+        feats = self._features(latents, prompt_emb, noise, seed, grad, prompt_index, image_offset)
+        return feats if grad else feats.clone()  # a normal tensor: callers may edit it in place or train a head on it
+
+    def _features(self, latents, prompt_emb, noise, seed, grad, prompt_index, image_offset) -> torch.Tensor:
+        """`features` without the final copy: inference-mode tensors when grad=False (`score` reads them under
+        no_grad, which hands back an ordinary tensor)."""
         self._check_latents(latents, noise)
         if grad and self.fp8:
             raise ValueError(
                 "grad=True needs a bf16/fp32 engine: the FP8 path is inference-only (its quantised GEMMs have no "
                 "backward); build the engine with dtype='bf16' for reward backprop"
             )
-        if not isinstance(prompt_emb, Conditioning):
-            self._warn_streaming_per_call()
-            prompt_emb = self.condition(*self._as_pair(prompt_emb), grad=grad)
-        cond = self._select(prompt_emb, latents.shape[0], prompt_index)
+        cond = self._select(self._conditioning(prompt_emb, grad), latents.shape[0], prompt_index)
         context = torch.enable_grad() if grad else torch.inference_mode()
         with context, ops.use(self.kernels_backend):
-            feats = self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
-        return feats if grad else feats.clone()  # a normal tensor: callers may edit it in place or train a head on it
+            return self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
+
+    def _conditioning(self, prompt_emb: PromptEmb, grad: bool = False) -> Conditioning:
+        """A Conditioning as given, or made from the SD3 pair. With host adaLN weights that streams them on every
+        call: say so, once."""
+        if isinstance(prompt_emb, Conditioning):
+            return prompt_emb
+        if self.adaln_host_bytes and not getattr(self, "_warned_streaming", False):
+            self._warned_streaming = True
+            warnings.warn(
+                f"adaln_on_host: scoring with raw prompt embeddings streams {self.adaln_host_bytes / 2**30:.1f} GiB "
+                f"of adaLN weights to the device on every call; make a Conditioning once per prompt batch with "
+                f"engine.condition(prompt_embeds, pooled) and score against it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return self.condition(*self._as_pair(prompt_emb), grad=grad)
 
     def score(
         self,
@@ -373,9 +379,7 @@ class RewardEngine(nn.Module):
         """Rewards [B] float32 (float64 for a float64 engine) (Eq. 5) — see `features` for the arguments.
         `normalize=True` returns (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise
         unbounded)."""
-        feats = self.features(
-            latents, prompt_emb, noise, seed, grad=grad, prompt_index=prompt_index, image_offset=image_offset
-        )
+        feats = self._features(latents, prompt_emb, noise, seed, grad, prompt_index, image_offset)
         with torch.enable_grad() if grad else torch.no_grad():
             reward = self.head(feats)
             if normalize:

@@ -104,10 +104,7 @@ class GraphedScorer:
         """Rewards [B] float32; arguments as `RewardEngine.score` (inputs validated the same way)."""
         engine = self.engine
         engine._check_latents(latents, noise)
-        if not isinstance(prompt_emb, Conditioning):
-            engine._warn_streaming_per_call()
-            prompt_emb = engine.condition(*engine._as_pair(prompt_emb))
-        cond = engine._select(prompt_emb, latents.shape[0], prompt_index)
+        cond = engine._select(engine._conditioning(prompt_emb), latents.shape[0], prompt_index)
         return torch.cat(
             [
                 self._score_chunk(latents[lo:hi], cond, lo, hi, noise)
