@@ -476,7 +476,7 @@ class RewardEngine(nn.Module):
     def _check_conditioning(self, cond: Conditioning) -> None:
         """A Conditioning from this engine's `condition()` (same model, dtype, device and t); shapes only, no sync."""
         dim = self.config.hidden_size
-        n_vectors = sum(block.num_modulation_vectors for block in self.backbone.transformer_blocks)
+        n_vectors = sum(self.backbone.modulation_sizes)
         context, modulation = cond.context, cond.modulation
         if (
             modulation.ndim != 3

@@ -369,6 +369,11 @@ class MMDiTReward(nn.Module):
         # Recompute each block in backward instead of storing its activations (reward backprop, full fine-tuning).
         self.gradient_checkpointing = False
 
+    @property
+    def modulation_sizes(self) -> list[int]:
+        """Vectors per block in `Conditioning.modulation` (packed block after block)."""
+        return [block.num_modulation_vectors for block in self.transformer_blocks]
+
     def adaln_on_host(self) -> int:
         """Every block's adaLN linears to (pinned) host memory (see `AdaLN`); returns the bytes freed on the device."""
         return sum(m.on_host() for m in self.modules() if isinstance(m, AdaLN))
@@ -399,9 +404,8 @@ class MMDiTReward(nn.Module):
         # fp32 accumulation (fp64 for an fp64 model: gradient checks)
         features = x.new_empty(x.shape[0], len(self.layers), x.shape[-1], dtype=accumulation_dtype(x.dtype))
         pooled = []
-        sizes = [block.num_modulation_vectors for block in self.transformer_blocks]
         for index, (block, mod) in enumerate(
-            zip(self.transformer_blocks, cond.modulation.split(sizes, 1), strict=True)
+            zip(self.transformer_blocks, cond.modulation.split(self.modulation_sizes, 1), strict=True)
         ):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, c = checkpoint(_run_block, block, ops.current(), x, c, mod, use_reentrant=False)
