@@ -169,15 +169,14 @@ def test_prompt_dtype_and_bad_prompts(tiny_dir: Path, encoder: PromptEncoder) ->
 # -------------------------------------------------------------------------------------------------- images
 
 
-def test_every_input_type_gives_the_sd3_latents(front: PixelFrontEnd, vae, tmp_path: Path) -> None:
-    arrays = [_rgb(32, 48, seed=0), _rgb(32, 48, seed=1)]
-    expected = _expected_latents(vae, arrays)
+def _every_input_form(arrays: list[np.ndarray], tmp_path: Path) -> dict:
+    """The same uint8 HWC images in every form the pixel interface takes, by name."""
     paths = []
     for i, a in enumerate(arrays):
         paths.append(tmp_path / f"{i}.png")  # PNG: lossless, so the file decodes to the same pixels
         Image.fromarray(a).save(paths[-1])
     tensors = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
-    inputs = {
+    return {
         "pil": [Image.fromarray(a) for a in arrays],
         "str paths": [str(p) for p in paths],
         "Path paths": paths,
@@ -186,7 +185,12 @@ def test_every_input_type_gives_the_sd3_latents(front: PixelFrontEnd, vae, tmp_p
         "float NCHW tensor": torch.stack(tensors),
         "CHW tensors": tensors,
     }
-    for name, images in inputs.items():
+
+
+def test_every_input_type_gives_the_sd3_latents(front: PixelFrontEnd, vae, tmp_path: Path) -> None:
+    arrays = [_rgb(32, 48, seed=0), _rgb(32, 48, seed=1)]
+    expected = _expected_latents(vae, arrays)
+    for name, images in _every_input_form(arrays, tmp_path).items():
         groups = front.encode_images(images)
         assert len(groups) == 1, name
         index, latents = groups[0]
@@ -376,20 +380,7 @@ def test_score_images_equals_vae_encode_and_score(pixel_engine, tmp_path: Path) 
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]  # a repeated prompt: encoded once, shared by two images
     tensors = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
     expected = _expected_rewards(pixel_engine, tensors, prompts, seed=7)
-    paths = []
-    for i, a in enumerate(arrays):
-        paths.append(tmp_path / f"{i}.png")
-        Image.fromarray(a).save(paths[-1])
-    inputs = {
-        "pil": [Image.fromarray(a) for a in arrays],
-        "str paths": [str(p) for p in paths],
-        "Path paths": paths,
-        "uint8 arrays": arrays,
-        "uint8 NHWC array": np.stack(arrays),
-        "float NCHW tensor": torch.stack(tensors),
-        "CHW tensors": tensors,
-    }
-    for name, images in inputs.items():
+    for name, images in _every_input_form(arrays, tmp_path).items():
         rewards = pixel_engine.score_images(images, prompts, seed=7)
         assert rewards.shape == (3,) and rewards.dtype == torch.float32, name
         torch.testing.assert_close(rewards, expected, rtol=1e-6, atol=1e-7, msg=name)
