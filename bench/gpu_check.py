@@ -27,7 +27,7 @@ if "--cpu-smoke" in sys.argv:  # before anything imports triton: its CPU interpr
 
 import torch  # noqa: E402
 
-from bench.latency import dtype_kwargs  # noqa: E402
+from bench.latency import dtype_kwargs, random_inputs  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -64,14 +64,9 @@ class Setup:
     @classmethod
     def prompt_inputs(cls, batch: int, text_len: int | None = None, generator=None, dtype=torch.bfloat16):
         """latents, prompt embeddings, pooled embeddings, noise for `batch` images at `side`."""
-        cfg, side = cls.config(), cls.side // 8
-        kw = dict(device=cls.device, generator=generator, dtype=dtype)
-        return (
-            torch.randn(batch, cfg.in_channels, side, side, **kw),
-            torch.randn(batch, text_len or cls.text_len, cfg.joint_attention_dim, **kw),
-            torch.randn(batch, cfg.pooled_projection_dim, **kw),
-            torch.randn(batch, cfg.in_channels, side, side, **kw),
-        )
+        kw = dict(generator=generator, device=cls.device, dtype=dtype)
+        z0, emb, pooled = random_inputs(cls.config(), batch, cls.side, text_len or cls.text_len, **kw)
+        return z0, emb, pooled, torch.randn(z0.shape, **kw)
 
 
 def bench_ms(fn) -> float:

@@ -171,19 +171,32 @@ class Bench:
         return row
 
 
+def random_inputs(
+    cfg: BackboneConfig, batch: int, side: int, text_len: int, *, generator, device, dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random latents [B, C, side/8, side/8], prompt embeddings [B, text_len, joint_dim] and pooled [B, pooled_dim]."""
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    return (
+        torch.randn(batch, cfg.in_channels, side // 8, side // 8, **kw),
+        torch.randn(batch, text_len, cfg.joint_attention_dim, **kw),
+        torch.randn(batch, cfg.pooled_projection_dim, **kw),
+    )
+
+
 def latent_inputs(cfg: BackboneConfig, batch: int, side: int, text_len: int, device, dtype, n: int = 3) -> list:
     """`n` distinct input sets (rotated by the timer so no call re-reads the previous one from L2)."""
-    out = []
-    for i in range(n):
-        g = torch.Generator(device=device).manual_seed(i)
-        out.append(
-            (
-                torch.randn(batch, cfg.in_channels, side // 8, side // 8, generator=g, device=device, dtype=dtype),
-                torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g, device=device, dtype=dtype),
-                torch.randn(batch, cfg.pooled_projection_dim, generator=g, device=device, dtype=dtype),
-            )
-        )
-    return out
+    return [
+        random_inputs(
+            cfg,
+            batch,
+            side,
+            text_len,
+            generator=torch.Generator(device=device).manual_seed(i),
+            device=device,
+            dtype=dtype,
+        )  # fmt: skip
+        for i in range(n)
+    ]
 
 
 def device_weight_bytes(engine: RewardEngine) -> int:
