@@ -81,6 +81,10 @@ class RewardEngine(nn.Module):
         super().__init__()
         if not fp8 and (fp8_adaln or fp8_fast_accum):
             raise ValueError("fp8_adaln and fp8_fast_accum refine dtype='fp8'; this engine is not fp8")
+        reward.check_against(backbone.cfg)
+        if tuple(reward.layers) != backbone.layers:
+            raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
+        self.backbone, self.reward_config = backbone, reward
         if fp8:
             from engine.quant import quantize_fp8
 
@@ -90,13 +94,9 @@ class RewardEngine(nn.Module):
         self.adaln_host_bytes = backbone.adaln_on_host() if adaln_on_host else 0
         if self.adaln_host_bytes and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        reward.check_against(backbone.cfg)
-        if tuple(reward.layers) != backbone.layers:
-            raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
-        # the head runs in fp32 (fp64 for an fp64 backbone: gradient checks), features arrive in that dtype
-        head_dtype = accumulation_dtype(backbone.context_embedder.weight.dtype)
-        device = backbone.context_embedder.weight.device  # a fresh head is built on the CPU: it follows the backbone
-        self.backbone, self.head, self.reward_config = backbone, head.to(device, head_dtype), reward
+        # the head runs in fp32 (fp64 for an fp64 backbone: gradient checks), features arrive in that dtype; a fresh
+        # head is built on the CPU and follows the backbone's device
+        self.head = head.to(self.device, accumulation_dtype(self.dtype))
         self.check_finite = check_finite
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
