@@ -67,6 +67,44 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+FP32_REL_TOL = 1e-5
+
+
+def outputs_and_grads(fn, inputs, cotangents):
+    """Outputs and input gradients of fn(*inputs) under the given (random) cotangents."""
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents, strict=True))
+    grads = torch.autograd.grad(loss, inputs)
+    return [o.detach() for o in outs], list(grads)
+
+
+def assert_within_rule(kernel_out, lowp_out, truth, dtype, what=""):
+    """STYLE.md: err(kernel vs truth) <= 2 * err(torch-in-low-precision vs truth) + eps."""
+    for i, (k, low, ref) in enumerate(zip(kernel_out, lowp_out, truth, strict=True)):
+        bound = FP32_REL_TOL if dtype == torch.float32 else 2 * rel_err(low, ref) + FP32_REL_TOL
+        err = rel_err(k, ref)
+        assert err <= bound, f"{what}[{i}] ({dtype}): rel err {err:.3g} > bound {bound:.3g}"
+
+
+def check_against_reference(op, ref, inputs, n_outputs, dtype, what=""):
+    """A Triton op vs its torch reference, forward and backward: outputs and gradients keep the inputs' dtype and
+    shape, and both obey the STYLE.md rule against the fp64 reference."""
+    torch.manual_seed(1)
+    out_shape = inputs[0].shape
+    cotangents = [torch.randn(out_shape, dtype=torch.float64, device=inputs[0].device) for _ in range(n_outputs)]
+    k_out, k_grad = outputs_and_grads(lambda *a: op(*a, backend="triton"), inputs, cotangents)
+    low_out, low_grad = outputs_and_grads(ref, inputs, cotangents)
+    truth_out, truth_grad = outputs_and_grads(ref, [t.detach().double() for t in inputs], cotangents)
+    for o, i in zip(k_out, [inputs[0]] * n_outputs, strict=True):
+        assert o.dtype == i.dtype and o.shape == i.shape
+    for g, i in zip(k_grad, inputs, strict=True):
+        assert g.dtype == i.dtype and g.shape == i.shape
+    assert_within_rule(k_out, low_out, truth_out, dtype, f"{what} forward")
+    assert_within_rule(k_grad, low_grad, truth_grad, dtype, f"{what} backward")
+
+
 def assert_e4m3_agreement(q, scale, q_ref, scale_ref) -> None:
     """Same quantisation up to fp32 summation order: scales to ~1 ulp, and codes equal except where the two fp32 values
     straddle a rounding boundary, which moves a code by one step of the e4m3 grid."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FP32_REL_TOL, assert_within_rule, check_against_reference, outputs_and_grads, rel_err
 
 import kernels
 from kernels import backend as kernel_backend
@@ -31,20 +32,6 @@ pytestmark = pytest.mark.skipif(not kernel_backend.triton_available(), reason="t
 
 SHAPES = [(2, 37, 48), (1, 1, 152), (5, 3, 64)]  # odd token counts, D not a power of two, batch 1 and 5
 DTYPES = [torch.float32, torch.bfloat16]
-FP32_REL_TOL = 1e-5
-
-
-def rel_err(actual: torch.Tensor, truth: torch.Tensor) -> float:
-    """Relative Frobenius error."""
-    return ((actual.double() - truth.double()).norm() / truth.double().norm().clamp_min(1e-30)).item()
-
-
-def assert_within_rule(kernel_out, lowp_out, truth, dtype, what=""):
-    """STYLE.md: err(kernel vs truth) <= 2 * err(torch-in-low-precision vs truth) + eps."""
-    for i, (k, low, ref) in enumerate(zip(kernel_out, lowp_out, truth, strict=True)):
-        bound = FP32_REL_TOL if dtype == torch.float32 else 2 * rel_err(low, ref) + FP32_REL_TOL
-        err = rel_err(k, ref)
-        assert err <= bound, f"{what}[{i}] ({dtype}): rel err {err:.3g} > bound {bound:.3g}"
 
 
 @pytest.fixture
@@ -62,31 +49,6 @@ def poisoned_alloc(monkeypatch):
 
 def make(shape, dtype, requires_grad=True):
     return torch.randn(shape).to(dtype).requires_grad_(requires_grad)
-
-
-def run(fn, inputs, cotangents):
-    """Outputs and input gradients of fn(*inputs) under a random cotangent."""
-    inputs = [t.detach().requires_grad_(True) for t in inputs]
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents, strict=True))
-    grads = torch.autograd.grad(loss, inputs)
-    return [o.detach() for o in outs], list(grads)
-
-
-def check_against_reference(op, ref, inputs, n_outputs, dtype, what):
-    torch.manual_seed(1)
-    out_shape = inputs[0].shape
-    cotangents = [torch.randn(out_shape, dtype=torch.float64) for _ in range(n_outputs)]
-    k_out, k_grad = run(lambda *a: op(*a, backend="triton"), inputs, cotangents)
-    low_out, low_grad = run(ref, inputs, cotangents)
-    truth_out, truth_grad = run(ref, [t.detach().double() for t in inputs], cotangents)
-    for o, i in zip(k_out, [inputs[0]] * n_outputs, strict=True):
-        assert o.dtype == i.dtype and o.shape == i.shape
-    for g, i in zip(k_grad, inputs, strict=True):
-        assert g.dtype == i.dtype and g.shape == i.shape
-    assert_within_rule(k_out, low_out, truth_out, dtype, f"{what} forward")
-    assert_within_rule(k_grad, low_grad, truth_grad, dtype, f"{what} backward")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -189,9 +151,9 @@ def test_mean_pool(shape, dtype, poisoned_alloc):
     torch.manual_seed(0)
     h = make(shape, dtype)
     cotangent = torch.randn(shape[0], shape[2], dtype=torch.float64)
-    (k_out,), (k_grad,) = run(lambda a: mean_pool(a, backend="triton"), [h], [cotangent])
-    (low_out,), (low_grad,) = run(mean_pool_ref, [h], [cotangent])
-    (truth_out,), (truth_grad,) = run(mean_pool_ref, [h.detach().double()], [cotangent])
+    (k_out,), (k_grad,) = outputs_and_grads(lambda a: mean_pool(a, backend="triton"), [h], [cotangent])
+    (low_out,), (low_grad,) = outputs_and_grads(mean_pool_ref, [h], [cotangent])
+    (truth_out,), (truth_grad,) = outputs_and_grads(mean_pool_ref, [h.detach().double()], [cotangent])
     assert k_out.dtype == torch.float32 and k_out.shape == (shape[0], shape[2])
     assert k_grad.dtype == dtype and k_grad.shape == shape
     assert_within_rule([k_out], [low_out], [truth_out], torch.float32, "mean_pool forward")  # fp32 accumulation

@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from conftest import assert_e4m3_agreement
+from conftest import assert_e4m3_agreement, rel_err
 
 from kernels.adaln import (
     gated_residual_layernorm_modulate,
@@ -20,10 +20,6 @@ from kernels.adaln import (
 )
 from kernels.qknorm import joint_qkv, joint_qkv_ref
 from kernels.quant import quantize_rowwise, quantize_rowwise_ref
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,7 +57,7 @@ def test_joint_qkv_matches_reference(dtype, text, norm, batch, n_img, n_txt, hea
     ]
     for f, e, lo in zip(fast, exact, low, strict=True):
         assert f.dtype == dtype and torch.isfinite(f).all()
-        assert rel(f, e) <= 2 * rel(lo, e) + (1e-6 if dtype == torch.float32 else 1e-3)
+        assert rel_err(f, e) <= 2 * rel_err(lo, e) + (1e-6 if dtype == torch.float32 else 1e-3)
 
 
 @pytest.mark.parametrize("gelu", [False, True])
@@ -78,8 +74,8 @@ def test_quantize_rowwise_matches_reference(gelu, dtype, rows, cols):
     if not gelu:  # same fp32 math, explicit RNE onto the e4m3 grid: identical bits
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     target = torch.nn.functional.gelu(x.double(), approximate="tanh") if gelu else x.double()
-    err_fast = rel(q.double() * scale.double(), target)
-    err_ref = rel(q_ref.double() * scale_ref.double(), target)
+    err_fast = rel_err(q.double() * scale.double(), target)
+    err_ref = rel_err(q_ref.double() * scale_ref.double(), target)
     assert err_fast <= 2 * err_ref + 1e-6 and err_ref < 0.05  # e4m3: 3 mantissa bits
     assert (q.float()[0, :3] == 0).all()
 
@@ -134,7 +130,7 @@ def test_adaln_fp8_output_matches_reference(shape, dtype, residual):
         torch.nn.functional.layer_norm(x_truth, (dim,), eps=1e-6) * (1 + scale.double()[:, None])
     ) + shift.double()[:, None]
     truth = truth.reshape(-1, dim)
-    err_fast, err_ref = rel(q.double() * s.double(), truth), rel(q_ref.double() * s_ref.double(), truth)
+    err_fast, err_ref = rel_err(q.double() * s.double(), truth), rel_err(q_ref.double() * s_ref.double(), truth)
     assert err_fast <= 2 * err_ref + 1e-6 and err_ref < 0.05
 
 

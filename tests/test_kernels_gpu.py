@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_e4m3_agreement
+from conftest import assert_e4m3_agreement, check_against_reference, rel_err
 
 from kernels import backend as kernel_backend
 from kernels.adaln import (
@@ -36,28 +36,6 @@ pytestmark = [
 D = 2432
 
 
-def rel_err(actual: torch.Tensor, truth: torch.Tensor) -> float:
-    return ((actual.double() - truth.double()).norm() / truth.double().norm()).item()
-
-
-def run(fn, inputs, cotangents):
-    inputs = [t.detach().requires_grad_(True) for t in inputs]
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents, strict=True))
-    return [o.detach() for o in outs], list(torch.autograd.grad(loss, inputs))
-
-
-def check(op, ref, inputs, n_outputs, dtype):
-    cotangents = [torch.randn(inputs[0].shape, dtype=torch.float64, device="cuda") for _ in range(n_outputs)]
-    k_out, k_grad = run(lambda *a: op(*a, backend="triton"), inputs, cotangents)
-    low_out, low_grad = run(ref, inputs, cotangents)
-    truth_out, truth_grad = run(ref, [t.detach().double() for t in inputs], cotangents)
-    for k, low, truth in zip(k_out + k_grad, low_out + low_grad, truth_out + truth_grad, strict=True):
-        bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(low, truth) + 1e-5
-        assert rel_err(k, truth) <= bound
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate", "gated_residual"])
 def test_adaln_cuda(op, dtype):
@@ -68,12 +46,18 @@ def test_adaln_cuda(op, dtype):
         return torch.randn(*shape, device="cuda").to(dtype)
 
     if op == "layernorm_modulate":
-        check(layernorm_modulate, layernorm_modulate_ref, [make(b, n, D), make(b, D), make(b, D)], 1, dtype)
+        check_against_reference(
+            layernorm_modulate, layernorm_modulate_ref, [make(b, n, D), make(b, D), make(b, D)], 1, dtype, op
+        )
     elif op == "gated_residual":
-        check(gated_residual, gated_residual_ref, [make(b, n, D), make(b, n, D), make(b, D)], 1, dtype)
+        check_against_reference(
+            gated_residual, gated_residual_ref, [make(b, n, D), make(b, n, D), make(b, D)], 1, dtype, op
+        )
     else:
         inputs = [make(b, n, D), make(b, n, D), make(b, D), make(b, D), make(b, D)]
-        check(gated_residual_layernorm_modulate, gated_residual_layernorm_modulate_ref, inputs, 2, dtype)
+        check_against_reference(
+            gated_residual_layernorm_modulate, gated_residual_layernorm_modulate_ref, inputs, 2, dtype, op
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 4096, D), (1, 16384, D), (8, 1024, 1536), (3, 37, 48)])

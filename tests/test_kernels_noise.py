@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 
 from kernels import backend as kernel_backend
 from kernels.noise import near_clean, near_clean_ref, noise_ref, philox_ref
@@ -16,10 +17,6 @@ pytestmark = pytest.mark.skipif(not kernel_backend.triton_available(), reason="t
 
 T = 0.1
 SHAPES = [(2, 16, 8, 8), (1, 3, 5, 7), (5, 1, 1, 1)]
-
-
-def rel_err(actual: torch.Tensor, truth: torch.Tensor) -> float:
-    return ((actual.double() - truth.double()).norm() / truth.double().norm()).item()
 
 
 def recovered_noise(z0: torch.Tensor, t: float, seed: int, **kwargs) -> torch.Tensor:
