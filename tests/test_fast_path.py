@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_inputs
+from conftest import random_inputs, rel_err
 
 from engine import RewardEngine
 from engine.quant import Float8Linear, linear_fp8_ref
@@ -96,11 +96,8 @@ def test_weight_only_float8_linear_matches_its_reference():
     wq, ws = quantize_rowwise(linear.weight, backend="torch")
     truth = x.double() @ (wq.double() * ws.double()).t() + linear.bias.double()  # exact math, same e4m3 weights
     assert out.dtype == torch.bfloat16 and out.shape == (3, 192)
-
-    def rel(a):
-        return float((a.double() - truth).norm() / truth.norm())
-
-    assert rel(out) <= 2 * rel(ref) and rel(ref) < 2**-8  # both within bf16 rounding of the result
+    # both within bf16 rounding of the result
+    assert rel_err(out, truth) <= 2 * rel_err(ref, truth) and rel_err(ref, truth) < 2**-8
 
 
 def test_fast_accum_reaches_scaled_mm(monkeypatch):
@@ -245,11 +242,8 @@ def test_fp8_fused_kernels_end_to_end_equal_the_torch_path():
         except (RuntimeError, NotImplementedError) as e:
             pytest.skip(f"torch._scaled_mm unavailable on CPU: {e}")
 
-    def rel(a, b):
-        return float((a.double() - b.double()).norm() / b.double().norm())
-
-    assert rel(feats["triton"], feats["torch"]) <= 1e-5  # same e4m3 codes, fp32 summation order aside
-    assert 1e-3 < rel(feats["torch"], exact) < 0.1  # and both really are quantised
+    assert rel_err(feats["triton"], feats["torch"]) <= 1e-5  # same e4m3 codes, fp32 summation order aside
+    assert 1e-3 < rel_err(feats["torch"], exact) < 0.1  # and both really are quantised
 
 
 def test_adaln_on_host_gives_the_same_rewards_and_checkpoints(tmp_path):
