@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +37,25 @@ def near_clean(z0: torch.Tensor, t: float, **kw) -> torch.Tensor:
     return kernels.near_clean(z0, t, backend=_current, **kw)
 
 
-def _feeds_fp8(into: torch.nn.Module | None) -> bool:
-    from engine.quant import Float8Linear
+class Float8Activation(NamedTuple):
+    """An activation quantised by the op that produced it, for an FP8 linear (`engine.quant.Float8Linear`): rows
+    [M, K] e4m3, scales [M, 1], the leading shape to restore and the dtype to compute the output in."""
 
-    return isinstance(into, Float8Linear) and not into.weight_only
+    data: torch.Tensor
+    scale: torch.Tensor
+    lead_shape: torch.Size
+    dtype: torch.dtype
+
+
+def _feeds_fp8(into: torch.nn.Module | None) -> bool:
+    """Whether `into` (the consuming linear) takes a `Float8Activation`."""
+    return getattr(into, "takes_fp8_input", False)
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, into: torch.nn.Module | None = None):
     """LN(x) * (1 + scale) + shift. `into` is the linear that consumes the result: an FP8 one gets it quantised in
     the same pass, as a `Float8Activation` (never written in bf16)."""
     if _feeds_fp8(into):
-        from engine.quant import Float8Activation
-
         q, row_scale = kernels.layernorm_modulate_fp8(x, shift, scale, backend=_current)
         return Float8Activation(q, row_scale, x.shape[:-1], x.dtype)
     return kernels.layernorm_modulate(x, shift, scale, backend=_current)
@@ -67,8 +75,6 @@ def gated_residual_layernorm_modulate(
 ):
     """(x + gate * y, its `layernorm_modulate`); `into` as in `layernorm_modulate`."""
     if _feeds_fp8(into):
-        from engine.quant import Float8Activation
-
         x_new, q, row_scale = kernels.gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale, backend=_current)
         return x_new, Float8Activation(q, row_scale, x.shape[:-1], x.dtype)
     return kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend=_current)
@@ -89,15 +95,11 @@ def joint_qkv(img_qkv: torch.Tensor, txt_qkv: torch.Tensor | None, heads: int, n
 def linear_gelu(x, proj: torch.nn.Module, into: torch.nn.Module | None = None):
     """tanh-GELU(proj(x)). `into` is the linear that consumes the result: an FP8 one gets the GELU fused into the
     quantisation of its input, as a `Float8Activation`."""
-    from engine.quant import Float8Activation, Float8Linear
-
     if _feeds_fp8(into):
         h = proj(x)
         q, scale = kernels.quantize_rowwise(h.reshape(-1, h.shape[-1]), gelu=True, backend=_current)
         return Float8Activation(q, scale, h.shape[:-1], h.dtype)
-    if isinstance(proj, Float8Linear):
-        return F.gelu(proj(x), approximate="tanh")
-    if x.is_cuda and not torch.is_grad_enabled() and _gelu_epilogue_ok(x.dtype):
+    if isinstance(proj, torch.nn.Linear) and x.is_cuda and not torch.is_grad_enabled() and _gelu_epilogue_ok(x.dtype):
         # cuBLASLt's GELU epilogue: the activation is applied to the fp32 accumulator inside the GEMM, saving a read
         # and a write of the 4D-wide hidden state (the largest elementwise pass of a block).
         out = torch._addmm_activation(proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True)

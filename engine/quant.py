@@ -10,7 +10,6 @@ in place (the attention output). Inference only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,16 +38,6 @@ def linear_fp8_ref(
     return (out + (bias.float() if bias is not None else 0)).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-class Float8Activation(NamedTuple):
-    """An activation already quantised by its producer (e.g. GELU fused with quantisation): rows [M, K] e4m3,
-    scales [M, 1], the leading shape to restore and the dtype to compute the output in."""
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    lead_shape: torch.Size
-    dtype: torch.dtype
-
-
 class Float8Linear(nn.Module):
     """y = x W^T + b with W stored e4m3 [out, in] and scale [1, out]; x quantised per row (or given quantised)."""
 
@@ -64,13 +53,18 @@ class Float8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def forward(self, x: torch.Tensor | Float8Activation) -> torch.Tensor:
+    @property
+    def takes_fp8_input(self) -> bool:
+        """Producers (`engine.ops`) hand this linear its input already quantised; weight-only layers take bf16."""
+        return not self.weight_only
+
+    def forward(self, x: torch.Tensor | ops.Float8Activation) -> torch.Tensor:
         if self.weight_only:
             # x (W_q * s)^T = (x W_q^T) * s: e4m3 -> bf16 is exact, so only the cast is materialised (2 B/weight, not
             # an fp32 dequantised copy) and the per-output scale is applied to the small [P, out] result.
             out = torch.nn.functional.linear(x, self.weight_fp8.to(x.dtype)) * self.weight_scale
             return (out if self.bias is None else out + self.bias).to(x.dtype)
-        if isinstance(x, Float8Activation):
+        if isinstance(x, ops.Float8Activation):
             xq, xs, lead, dtype = x
         else:  # a [B, M, K] view (e.g. the image rows of the joint attention output) is quantised in place
             lead, dtype = x.shape[:-1], x.dtype
