@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -95,42 +96,57 @@ def _warn_fallback(reason: str) -> None:
         )
 
 
-class LazyKernel:
-    """``triton.jit`` deferred to the first launch.
-
-    Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``; deferring
-    the decoration lets ``import kernels`` happen before that variable is set, and without triton installed at all.
-    Launch as usual: ``kernel[grid](*args, BLOCK=...)``. Device functions the kernel calls are ``triton_helper``s,
-    jitted in the same mode as the kernel at its first launch.
-    """
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self._jitted: dict[bool, Any] = {}
-
-    def __getitem__(self, grid: Any) -> Any:
-        mode = interpreting()
-        if mode not in self._jitted:
-            import triton
-
-            self._jitted[mode] = triton.jit(_bind_helpers(self.fn, mode))
-        return self._jitted[mode][grid]
-
-
 class TritonHelper:
-    """A ``@triton.jit`` device function shared by several kernels, decorated lazily like ``LazyKernel`` (a kernel
-    interpreted on the CPU must call interpreted helpers, a compiled one compiled helpers)."""
+    """A ``@triton.jit`` device function shared by several kernels, decorated lazily (a kernel interpreted on the CPU
+    must call interpreted helpers, a compiled one compiled helpers)."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self._jitted: dict[bool, Any] = {}
 
     def jitted(self, mode: bool) -> Any:
+        """The ``triton.jit`` function for `mode` (True: interpreted), helpers it calls bound in the same mode."""
         if mode not in self._jitted:
             import triton
 
             self._jitted[mode] = triton.jit(_bind_helpers(self.fn, mode))
         return self._jitted[mode]
+
+
+class LazyKernel(TritonHelper):
+    """``triton.jit`` deferred to the first launch.
+
+    Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``; deferring
+    the decoration lets ``import kernels`` happen before that variable is set, and without triton installed at all.
+    Launch as usual: ``kernel[grid](*args, BLOCK=...)``. Device functions the kernel calls are ``triton_helper``s,
+    jitted in the same mode as the kernel at its first launch. Inside ``observe_launches(callback)`` every launch
+    first calls ``callback(kernel, args, kwargs)`` (``kernels.cross_compile`` records them this way).
+    """
+
+    def __getitem__(self, grid: Any) -> Any:
+        launch = self.jitted(interpreting())[grid]
+        if not _launch_observers:
+            return launch
+
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            for callback in _launch_observers:
+                callback(self, args, kwargs)
+            return launch(*args, **kwargs)
+
+        return observed
+
+
+_launch_observers: list[Callable[[LazyKernel, tuple, dict], None]] = []
+
+
+@contextlib.contextmanager
+def observe_launches(callback: Callable[[LazyKernel, tuple, dict], None]) -> Iterator[None]:
+    """Call ``callback(kernel, args, kwargs)`` before every Triton launch made inside the ``with`` block."""
+    _launch_observers.append(callback)
+    try:
+        yield
+    finally:
+        _launch_observers.remove(callback)
 
 
 def _bind_helpers(fn: Callable[..., Any], mode: bool) -> Callable[..., Any]:
@@ -142,6 +158,7 @@ def _bind_helpers(fn: Callable[..., Any], mode: bool) -> Callable[..., Any]:
         return fn
     bound = types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__)
     bound.__kwdefaults__, bound.__qualname__, bound.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
+    bound.__annotations__ = fn.__annotations__  # triton reads `tl.constexpr` parameters from the annotations
     bound.__module__ = fn.__module__
     return bound
 
