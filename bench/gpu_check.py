@@ -343,30 +343,68 @@ def latency(argv: list[str]) -> dict:
     return {"argv": argv, "rows": rows}
 
 
-# FP8 variants whose fidelity is measured against bf16: engine arguments, and linears left in bf16 (block, name)
+def _keep_bf16(keep):
+    """Variant transform: quantise a bf16 engine's block linears except those `keep(block, name)` selects."""
+
+    def transform(engine) -> None:
+        from engine.quant import quantize_fp8
+
+        quantize_fp8(engine.backbone, keep_bf16=keep)
+
+    return transform
+
+
+def _emulate_e4m3(weights: bool, activations: bool):
+    """Variant transform: a bf16 engine whose block linears (adaLN excluded, as in `dtype="fp8"`) see FP8's rounding —
+    weights rounded to rowwise e4m3 once, and/or inputs rounded per token in a pre-hook — while the GEMMs stay bf16.
+    Each source alone says which of FP8's two errors costs the fidelity (the fix differs: weight rounding can be
+    calibrated at load, activation rounding cannot); both together check the emulation against the real FP8 engine."""
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        import kernels
+
+        q, scale = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]), backend="torch")
+        return (q.float() * scale).to(x.dtype).reshape(x.shape)
+
+    def transform(engine) -> None:
+        for name, m in engine.backbone.transformer_blocks.named_modules():
+            if not isinstance(m, torch.nn.Linear) or ".norm1" in f".{name}":
+                continue
+            if weights:
+                m.weight.data = rounded(m.weight.data)
+            if activations:
+                m.register_forward_pre_hook(lambda _, args: (rounded(args[0]),))
+
+    return transform
+
+
+# FP8 variants whose fidelity is measured against bf16: engine dtype, and a transform applied to a bf16 engine (then
+# the dtype is bf16): linears left in bf16 (`_keep_bf16`), or FP8's rounding emulated in bf16 GEMMs (`_emulate_e4m3`)
 FIDELITY_VARIANTS = {
     "fp8": ("fp8", None),
     "fp8+adaln": ("fp8+adaln", None),
     "fp8+fast-accum": ("fp8+fast-accum", None),
-    "fp8, blocks 0-7 bf16": ("fp8", lambda block, name: block < 8),
-    "fp8, FFN out bf16": ("fp8", lambda block, name: name.endswith("net.2")),
+    "fp8, blocks 0-7 bf16": ("bf16", _keep_bf16(lambda block, name: block < 8)),
+    "fp8, FFN out bf16": ("bf16", _keep_bf16(lambda block, name: name.endswith("net.2"))),
+    "e4m3 weights only, bf16 GEMMs": ("bf16", _emulate_e4m3(weights=True, activations=False)),
+    "e4m3 activations only, bf16 GEMMs": ("bf16", _emulate_e4m3(weights=False, activations=True)),
+    "e4m3 weights + activations, bf16 GEMMs": ("bf16", _emulate_e4m3(weights=True, activations=True)),
 }
 
 
 def fp8_fidelity() -> dict:
     """Rewards of the same random full-size model in bf16 and FP8 variants on n random inputs: Spearman, pair order,
-    and the share of the bf16 model's GEMM FLOPs each variant still runs in bf16 (its speed cost)."""
+    and the share of the bf16 model's GEMM FLOPs each variant still runs in bf16 GEMMs (a mixed variant's speed cost;
+    1 for the emulations)."""
     from engine import RewardEngine
-    from engine.quant import quantize_fp8
 
     out = {}
     scores = {}
-    for name, (dtype, keep) in {"bf16": ("bf16", None), **FIDELITY_VARIANTS}.items():
-        if keep is None:
-            engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
-        else:  # the same bf16 weights, quantised except the chosen linears
-            engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, dtype="bf16")
-            quantize_fp8(engine.backbone, keep_bf16=keep)
+    for name, (dtype, transform) in {"bf16": ("bf16", None), **FIDELITY_VARIANTS}.items():
+        engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
+        if transform is not None:  # the same bf16 weights, transformed
+            transform(engine)
+        if name != "bf16":
             out.setdefault("bf16_linear_share", {})[name] = _bf16_linear_share(engine)
         engine.check_finite = False
         g = torch.Generator(device=Setup.device).manual_seed(123)
@@ -377,26 +415,35 @@ def fp8_fidelity() -> dict:
         scores[name] = torch.cat(rs).double().cpu()
         del engine
         free_memory()
-    a = scores["bf16"]
-    out["reward_std_bf16"] = float(a.std())
-    i, j = torch.triu_indices(len(a), len(a), 1)
-    clear = (a[i] - a[j]).abs() > 0.01 * a.std()  # pairs an RL update can act on (bf16 rewards differ by >1% std)
+    out["reward_std_bf16"] = float(scores["bf16"].std())
     for name in FIDELITY_VARIANTS:
-        b = scores[name]
-        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-        agree = (a[i] > a[j]) == (b[i] > b[j])
-        out[name] = {
-            "spearman": float(((ra - ra.mean()) * (rb - rb.mean())).sum() / (ra.std() * rb.std() * (len(a) - 1))),
-            "pair_order_agreement": float(agree.double().mean()),
-            "pair_order_agreement_clear_pairs": float(agree[clear].double().mean()),
-            "max_abs_diff": float((a - b).abs().max()),
-        }
+        out[name] = _agreement(scores["bf16"], scores[name])
+    emulated = "e4m3 weights + activations, bf16 GEMMs"
+    out[f"{emulated} vs the fp8 engine"] = _agreement(scores["fp8"], scores[emulated])
     log(f"fp8 fidelity: {out}")
     return out
 
 
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """How well rewards `b` reproduce reference rewards `a` (same inputs): rank and linear correlation, the share of
+    input pairs ordered alike (all pairs, and pairs whose reference rewards differ by > 1% of their std: those an RL
+    update can act on), and the error relative to the reference spread."""
+    i, j = torch.triu_indices(len(a), len(a), 1)
+    agree = (a[i] > a[j]) == (b[i] > b[j])
+    clear = (a[i] - a[j]).abs() > 0.01 * a.std()
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return {
+        "spearman": float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]),
+        "pearson": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
+        "pair_order_agreement": float(agree.double().mean()),
+        "pair_order_agreement_clear_pairs": float(agree[clear].double().mean()),
+        "rms_error_over_std": float((a - b).pow(2).mean().sqrt() / a.std()),
+        "max_abs_diff": float((a - b).abs().max()),
+    }
+
+
 def _bf16_linear_share(engine) -> float:
-    """Share of the per-token block-linear weights (∝ GEMM FLOPs) an FP8 engine still holds in bf16."""
+    """Share of the per-token block-linear weights (∝ GEMM FLOPs) an engine runs in bf16 GEMMs (the rest FP8)."""
     from engine.quant import Float8Linear
 
     blocks = engine.backbone.transformer_blocks
@@ -485,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("latency_512", lambda: latency([*lat512, "--json", str(out / "latency_512.json")]), 120),
         ("adaln_on_host", adaln_on_host, 40),
         ("hpsv3", lambda: latency([*hps, "--json", str(out / "hpsv3.json")]), 60),
-        ("fp8_fidelity", fp8_fidelity, 45),
+        ("fp8_fidelity", fp8_fidelity, 50),
         ("latency_1024", lambda: latency([*lat1024, "--json", str(out / "latency_1024.json")]), 60),
         ("latency_512_b24", lambda: latency([*grpo, "--json", str(out / "latency_512_b24.json")]), 40),
         ("profile_fp8", lambda: profile("fp8"), 40),

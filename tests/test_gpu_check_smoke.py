@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 
@@ -41,3 +42,27 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     paths = {(r["path"], r["dtype"]) for r in sections["latency_512"]["rows"]}
     assert ("engine eager, cond cached", "fp8+host-adaln") in paths and ("diffusers regional-compile", "fp32") in paths
     assert [t["target"] for t in data["targets"]][:2] == ["512² b8 fp8 ms/img", "512² b8 bf16 ms/img"]
+    # FP8's rounding emulated in bf16 GEMMs reproduces the FP8 engine (what makes its two halves a valid diagnosis)
+    fidelity = sections["fp8_fidelity"]
+    emulated = fidelity["e4m3 weights + activations, bf16 GEMMs vs the fp8 engine"]
+    assert emulated["pearson"] > 0.999 and emulated["pair_order_agreement"] > 0.95
+    for half in ("e4m3 weights only, bf16 GEMMs", "e4m3 activations only, bf16 GEMMs"):
+        assert fidelity[half]["rms_error_over_std"] > 0
+    share = fidelity["bf16_linear_share"]
+    assert share["fp8"] == 0 and share["e4m3 weights only, bf16 GEMMs"] == 1
+    assert 0.25 < share["fp8, FFN out bf16"] < 0.4  # the FFN output projection: 4D² of each stream's 12D² per token
+
+
+def test_agreement_metrics_by_hand():
+    from bench.gpu_check import _agreement
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 3.0, 2.0, 4.0], dtype=torch.float64)
+    m = _agreement(a, b)
+    assert m["pair_order_agreement"] == pytest.approx(5 / 6)  # one of six pairs swapped
+    assert m["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))  # 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert m["pearson"] == pytest.approx(4 / 5)  # cov 4 / (sqrt(5) sqrt(5)), sums over the four points
+    assert m["rms_error_over_std"] == pytest.approx((2 / 4) ** 0.5 / (5 / 3) ** 0.5)
+    assert m["max_abs_diff"] == 1.0
+    # pairs whose reference values differ by > 1% of their std: all six here
+    assert m["pair_order_agreement_clear_pairs"] == pytest.approx(5 / 6)
