@@ -103,7 +103,8 @@ class Compiled:
     num_warps: int
     arch: int = 90
     seconds: float = 0.0
-    resources: dict = field(default_factory=dict)  # REG, SHARED, LOCAL, STACK from cuobjdump (LOCAL > 0: spills)
+    # REG, SHARED, LOCAL, STACK from cuobjdump (LOCAL > 0: spills); LD_BITS, ST_BITS: widest global access in the PTX
+    resources: dict = field(default_factory=dict)
     error: str | None = None
 
 
@@ -230,8 +231,18 @@ def compile_launch(launch: Launch, kernel: LazyKernel, arch: int) -> Compiled:
         return result
     finally:
         result.seconds = time.perf_counter() - start
-    result.resources = _resources(compiled.asm["cubin"])
+    result.resources = _resources(compiled.asm["cubin"]) | _access_widths(compiled.asm["ptx"])
     return result
+
+
+def _access_widths(ptx: str) -> dict:
+    """Widest global load and store in the PTX, in bits (128: fully vectorised; 16 for a bf16 kernel: one element per
+    instruction, a memory-bound kernel running far below bandwidth)."""
+    widths = {"LD_BITS": 0, "ST_BITS": 0}
+    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        key = "LD_BITS" if op == "ld" else "ST_BITS"
+        widths[key] = max(widths[key], int(vec or 1) * int(bits))
+    return widths
 
 
 def _resources(cubin: bytes) -> dict:
@@ -293,13 +304,17 @@ def main(argv: list[str] | None = None) -> list[Compiled]:
     launches = [Launch(**d) for d in json.loads(args.launches.read_text())] if args.launches else None
     results = cross_compile(tuple(args.arch), launches)
     print(f"triton {triton.__version__}: {len(results)} specialisations for sm_{'/sm_'.join(map(str, args.arch))}")
-    print(f"{'kernel':22} {'shapes':12} {'sm':>3} {'warps':>5} {'REG':>4} {'LOCAL':>5} {'SHARED':>6}  constexprs")
+    head = (
+        f"{'kernel':22} {'shapes':12} {'sm':>3} {'warps':>5} {'REG':>4} {'LOCAL':>5} {'SHARED':>6} {'LD/ST bits':>10}"
+    )
+    print(f"{head}  constexprs")
     for r in results:
         res = r.resources
         consts = ", ".join(f"{k}={v}" for k, v in r.constexprs.items())
         print(
             f"{r.kernel.rsplit('.', 1)[1]:22} {r.shapes:12} {r.arch:3} {r.num_warps:5} {res.get('REG', '-'):>4} "
-            f"{res.get('LOCAL', '-'):>5} {res.get('SHARED', '-'):>6}  {f'ERROR {r.error}' if r.error else consts}"
+            f"{res.get('LOCAL', '-'):>5} {res.get('SHARED', '-'):>6} "
+            f"{res.get('LD_BITS', '-'):>5}/{res.get('ST_BITS', '-'):<4}  {f'ERROR {r.error}' if r.error else consts}"
         )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1, default=str))

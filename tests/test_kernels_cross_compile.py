@@ -61,6 +61,13 @@ def test_no_kernel_spills_registers(compiled):
     assert all(0 < r["resources"]["REG"] <= 255 for r in built)
 
 
+def test_kernels_read_sd35_large_rows_in_128_bit_accesses(compiled):
+    # memory-bound kernels: at SD3.5-L's widths every one loads 16 bytes per instruction (8 bf16 values); a lost
+    # alignment or divisibility hint would silently cut that to one element per instruction
+    sd35 = [r for r in compiled if r["shapes"] == "sd3.5-large" and not r["error"]]
+    assert sd35 and {r["resources"]["LD_BITS"] for r in sd35} == {128}
+
+
 def test_compiled_as_the_gpu_launches_them(compiled):
     # interpreter-only switches are compiled with their GPU values; SD3.5-L's width gets its own 4096-wide block
     rounding = [r["constexprs"]["EXACT_ROUNDING"] for r in compiled if "EXACT_ROUNDING" in r["constexprs"]]
