@@ -2,7 +2,7 @@
 
 The interpreter runs kernels the GPU compiler rejects (a kernel whose constexpr parameters the compiler does not see
 as constexpr interprets fine and fails to compile); `kernels.cross_compile` closes that gap with the ptxas in the
-triton wheel. The compile runs in a subprocess: this process imported triton in interpreter mode.
+triton wheel. It runs in a subprocess: this process imported triton in interpreter mode.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -35,12 +34,10 @@ def _ptxas() -> Path:
 def compiled(tmp_path_factory) -> list[dict]:
     if not _ptxas().exists():
         pytest.skip("this triton wheel ships no ptxas (not an x86-64/aarch64 Linux wheel)")
-    tmp = tmp_path_factory.mktemp("cross_compile")
-    launches, out = tmp / "launches.json", tmp / "compiled.json"
-    launches.write_text(json.dumps([asdict(launch) for launch in cross_compile.record_launches()]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path_factory.mktemp("cross_compile") / "compiled.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it records in its own subprocess
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's own default, stated (silences a warning in 3.9)
-    cmd = [sys.executable, "-m", "kernels.cross_compile", "--launches", str(launches), "--json", str(out)]
+    cmd = [sys.executable, "-m", "kernels.cross_compile", "--json", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if not out.exists():
         pytest.fail(f"kernels.cross_compile wrote nothing (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
