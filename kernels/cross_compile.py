@@ -187,7 +187,8 @@ def _drive_ops(s: Shapes, gen: torch.Generator) -> None:
 
 def _specialise(launch: Launch, kernel: LazyKernel, arch: int):
     """Triton's launcher's first step for `launch` on a GPU of compute capability `arch`: (jit function, target,
-    backend, bound arguments, specialisation, options), with interpreter-only values replaced by the GPU's."""
+    backend, keyword arguments, bound arguments, specialisation, options), interpreter-only values replaced by the
+    GPU's."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
