@@ -311,8 +311,12 @@ class JointBlock(nn.Module):
     def _unpack(
         self, m: torch.Tensor
     ) -> tuple[Modulation, Modulation, Modulation | None, Modulation, Modulation | None]:
+        # [B, n, D] -> [n, B, D] in one copy (none at B = 1): each vector is then a contiguous [B, D], which the
+        # kernels read as it is; a strided m[:, i] would cost each op a copy of its own (12 launches per block)
+        m = m.transpose(0, 1).contiguous()
+
         def mod(i: int, gate: bool = True) -> Modulation:
-            return Modulation(m[:, i], m[:, i + 1], m[:, i + 2] if gate else None)
+            return Modulation(m[i], m[i + 1], m[i + 2] if gate else None)
 
         c = 9 if self.dual else 6
         attn2 = mod(6) if self.dual else None

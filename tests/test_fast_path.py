@@ -306,3 +306,23 @@ def test_adaln_on_host_warns_once_when_scoring_uncached():
         warnings.simplefilter("error")
         engine.score(z0, (pe, po), noise=noise)  # once only
         engine.score(z0, engine.condition(pe, po), noise=noise)  # the cached path never warns
+
+
+def test_kernels_get_contiguous_modulation_vectors(engine, monkeypatch):
+    # each block lays its modulation out [n, B, D] once, so the adaLN ops never copy a strided [B, D] slice
+    import kernels
+
+    seen = []
+    for name in ("layernorm_modulate", "gated_residual_layernorm_modulate", "gated_residual"):
+        op = getattr(kernels, name)
+
+        def recording(*args, op=op, name=name, **kwargs):
+            vectors = args[1:] if name == "layernorm_modulate" else args[2:]
+            seen.extend((name, v.is_contiguous()) for v in vectors)
+            return op(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, recording)
+    z0, pe, po, noise = random_inputs(batch=3, h=8, w=8, text_len=9, seed=5)
+    engine.score(z0, (pe, po), noise=noise)
+    assert {name for name, _ in seen} == {"layernorm_modulate", "gated_residual_layernorm_modulate", "gated_residual"}
+    assert all(contiguous for _, contiguous in seen), [s for s in seen if not s[1]]
