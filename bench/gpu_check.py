@@ -360,9 +360,9 @@ def _emulate_e4m3(weights: bool, activations: bool):
     Each source alone says which of FP8's two errors costs the fidelity (the fix differs: weight rounding can be
     calibrated at load, activation rounding cannot); both together check the emulation against the real FP8 engine."""
 
-    def rounded(x: torch.Tensor) -> torch.Tensor:
-        import kernels
+    import kernels
 
+    def rounded(x: torch.Tensor) -> torch.Tensor:
         q, scale = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]), backend="torch")
         return (q.float() * scale).to(x.dtype).reshape(x.shape)
 
