@@ -20,7 +20,7 @@ import argparse
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,35 +29,44 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs, parse_sources, read_file
+from training.data import (
+    BAD_IMAGE_POLICIES,
+    HPSV3_CONFIDENCE,
+    PreferencePair,
+    add_path_rule_arguments,
+    load_pairs,
+    parse_sources,
+    read_file,
+)
+from training.files import atomic_write, atomic_write_text
 
 CACHE_FORMAT = "dit-reward-cache/1"
 INDEX = "index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    nbytes = sum(v.numel() * v.element_size() for v in tensors.values()) + 64 * len(tensors)  # + the JSON header
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)), nbytes)  # a shard on disk is whole or absent
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # readers (and a resumed run) see the whole shard or none of it
-
-
-def encode_image_files(front: Any, paths: Sequence[Path], max_side: int | None = None) -> list[torch.Tensor]:
+def encode_image_files(
+    front: Any, paths: Sequence[Path], max_side: int | None = None, names: Mapping[Path, str] | None = None
+) -> list[torch.Tensor]:
     """Image files -> one latent ``[C, H/8, W/8]`` per path (transformer space, the front end's dtype), in order.
-    The one image path of the project: the cache and `bench.accuracy` both call it, so their latents agree."""
+    The one image path of the project: the cache and `bench.accuracy` both call it, so their latents agree. An image
+    that fails to load is a ValueError naming the file and, from `names` (path -> "file record i"), its record."""
     encoder = front.image_encoder
+    pixels = []
+    for path in paths:
+        try:
+            pixels += encoder.load([path], max_side)
+        except (ValueError, TypeError, OSError) as e:
+            record = f" ({names[path]})" if names and path in names else ""
+            raise ValueError(f"image {path}{record}: {e}".replace("images[0]", "the image")) from e
     out: list[torch.Tensor | None] = [None] * len(paths)
-    for index, latents in encoder.encode_loaded(encoder.load(list(paths), max_side), progress=False):
+    for index, latents in encoder.encode_loaded(pixels, progress=False):
         for i, latent in zip(index.tolist(), latents, strict=True):
             out[i] = latent
     return out  # type: ignore[return-value]
@@ -100,10 +109,12 @@ def build_cache(
     batch_size: int = 16,
     progress: bool = True,
     val_json: Sequence[str | os.PathLike] = (),
+    image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> Path:
     """Encode the images and prompts of `json_files` and `val_json` into `out` (see the module docstring). Returns
     `out`. Held-out files (`val_json`) skip the confidence filter, as the trainer, the probe and bench.accuracy read
-    them: every held-out pair counts."""
+    them: every held-out pair counts. `image_root` / `allow_outside_root`: the path rule of `training.data`."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
@@ -115,9 +126,10 @@ def build_cache(
     # Every kept pair of each file, whatever its mixing weight: the trainer draws a fractional weight's subset with its
     # own seed, so the cache must hold all the pairs that draw can pick.
     files = [path for path, _ in parse_sources(json_files)]
-    pairs, report = load_pairs(files, confidence_threshold, on_bad_image)
+    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root}
+    pairs, report = load_pairs(files, confidence_threshold, on_bad_image, **roots)
     for path in val_json:
-        held_out = read_file(path, None, on_bad_image, report)
+        held_out = read_file(path, None, on_bad_image, report, **roots)
         report.weighted[str(Path(path).resolve())] += len(held_out)
         pairs += held_out
     if progress:
@@ -138,7 +150,7 @@ def build_cache(
                 f"{out} holds a cache of other inputs or settings ({old.get('settings')}); pass a new "
                 "--out directory (or delete this one)"
             )
-    _atomic_write_text(
+    atomic_write_text(
         index_path, json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint, "settings": settings, **plan})
     )
     for stale in out.glob(".*.tmp-*"):  # temp files of an interrupted run; never read
@@ -154,13 +166,15 @@ def build_cache(
     front = PixelFrontEnd.from_pretrained(
         base, device=device, dtype=DTYPES[dtype], max_sequence_length=max_sequence_length, vae_batch_size=batch_size
     )
+    names = {image: f"{p.source} record {p.index}" for p in pairs for image in (p.winner, p.loser)}
     bar = tqdm(total=sum(len(s["items"]) for s in todo), desc="cache", unit="item", disable=not progress)
     for shard in todo:
         items, tensors = shard["items"], {}
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             if shard["kind"] == "images":
-                for row, latent in enumerate(encode_image_files(front, [Path(p) for p in chunk], max_side), start):
+                latents = encode_image_files(front, [Path(p) for p in chunk], max_side, names)
+                for row, latent in enumerate(latents, start):
                     tensors[str(row)] = latent
             else:
                 embeds, pooled = front.encode_prompts(chunk, progress=False)
@@ -168,7 +182,7 @@ def build_cache(
                     tensors[f"{start + row}.embeds"], tensors[f"{start + row}.pooled"] = embeds[row], pooled[row]
                 front.prompt_encoder.clear_cache()  # each prompt is encoded once; keeping them only costs memory
             bar.update(len(chunk))
-        _atomic_save(tensors, out / shard["file"])
+        _save_shard(tensors, out / shard["file"])
     bar.close()
     return out
 
@@ -188,6 +202,7 @@ class LatentCache:
         if index.get("format") != CACHE_FORMAT:
             raise ValueError(f"{index_path}: format {index.get('format')!r}, expected {CACHE_FORMAT!r}")
         self.settings: dict[str, Any] = index["settings"]
+        self.fingerprint: str = index["fingerprint"]  # of the inputs and settings the cache was built from
         self.images: dict[str, list[str]] = index["images"]
         self.prompts: dict[str, list[str]] = index["prompts"]
         incomplete = [s["file"] for s in index["shards"] if not (self.directory / s["file"]).is_file()]
@@ -267,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         help="drop pairs below this confidence (HPSv3: 0.95; null passes); -1 keeps all",
     )
     parser.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error")
+    add_path_rule_arguments(parser)
     parser.add_argument("--max-side", type=int, default=None, help="downscale images so the longer side is <= this")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default=None, help="default: cuda if available")
@@ -286,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         args.device,
         args.batch_size,
         val_json=args.val_json,
+        image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
     )
     print(f"cache ready: {out}")
 
