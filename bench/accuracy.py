@@ -23,25 +23,34 @@ from bench.harness import positive_int
 from engine.api import RewardEngine
 from engine.loading import read_reward_config
 from training.cache import encode_image_files
-from training.data import read_file
+from training.data import add_path_rule_arguments, read_file
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def evaluate_file(
-    engine: RewardEngine, front: Any, path: str | Path, seed: int, batch_size: int = 32, max_side: int | None = None
+    engine: RewardEngine,
+    front: Any,
+    path: str | Path,
+    seed: int,
+    batch_size: int = 32,
+    max_side: int | None = None,
+    image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy and reward statistics of every pair in one file (no confidence filter: a benchmark counts all)."""
+    """Accuracy and reward statistics of every pair in one file (no confidence filter: a benchmark counts all).
+    `image_root` / `allow_outside_root`: the path rule of `training.data`."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    pairs = read_file(path, confidence_threshold=None, on_bad_image="error")
+    pairs = read_file(path, None, on_bad_image="error", image_root=image_root, allow_outside_root=allow_outside_root)
     if not pairs:
         raise ValueError(f"test file {path} holds no preference pairs")
     rewards = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         images = [image for p in chunk for image in (p.winner, p.loser)]  # interleaved: w0, l0, w1, l1, ...
-        latents = torch.stack(encode_image_files(front, images, max_side)).to(engine.device)
+        names = {image: f"{p.source} record {p.index}" for p in chunk for image in (p.winner, p.loser)}
+        latents = torch.stack(encode_image_files(front, images, max_side, names)).to(engine.device)
         embeds, pooled = front.encode_prompts([p.prompt for p in chunk for _ in range(2)], progress=False)
         r = engine.score(
             latents, (embeds.to(engine.device), pooled.to(engine.device)), seed=seed, image_offset=2 * start
@@ -65,6 +74,8 @@ def run(
     dtype: str = "fp32",
     batch_size: int = 32,
     seed: int | None = None,
+    image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
     """Score every file; returns {"checkpoint", "results": [per-file dicts], "seconds"}."""
     from engine.pixel import PixelFrontEnd
@@ -83,7 +94,8 @@ def run(
     )
     seed = int(training.get("eval_seed", 1234)) if seed is None else seed
     start = time.perf_counter()
-    results = [evaluate_file(engine, front, f, seed, batch_size, training.get("max_side")) for f in test_json]
+    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root}
+    results = [evaluate_file(engine, front, f, seed, batch_size, training.get("max_side"), **roots) for f in test_json]
     return {
         "checkpoint": str(checkpoint),
         "base": str(base),
@@ -119,8 +131,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="backbone dtype")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="pairs per forward")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval seed)")
+    add_path_rule_arguments(parser)
     args = parser.parse_args(argv)
-    report = run(args.test_json, args.checkpoint, args.base, args.device, args.dtype, args.batch_size, args.seed)
+    report = run(
+        args.test_json,
+        args.checkpoint,
+        args.base,
+        args.device,
+        args.dtype,
+        args.batch_size,
+        args.seed,
+        image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
+    )
     print(format_table(report))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))

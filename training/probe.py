@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from engine.api import RewardEngine
 from engine.loading import base_source
 from training.cache import LatentCache
-from training.data import HPSV3_CONFIDENCE, load_pairs
+from training.data import HPSV3_CONFIDENCE, add_path_rule_arguments, load_pairs
 from training.train import accuracy, pair_rewards
 
 
@@ -76,15 +76,19 @@ def run_probe(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
+    image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
-    """Per-block and per-group-pair probe accuracies on the validation pairs."""
+    """Per-block and per-group-pair probe accuracies on the validation pairs. `image_root` / `allow_outside_root`: the
+    path rule of `training.data`."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:  # before the feature pass
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root}
+    train_pairs, _ = load_pairs(train_json, confidence_threshold, **roots)  # data errors before the model loads
+    val_pairs, _ = load_pairs(val_json, None, **roots)
     cfg, _ = base_source(base)
     engine = RewardEngine.from_base(base, layers=tuple(range(cfg.num_layers)), t=t, dtype=dtype, device=device)
     cache = LatentCache(cache_dir)
-    train_pairs, _ = load_pairs(train_json, confidence_threshold)
-    val_pairs, _ = load_pairs(val_json, None)
     cache.check(train_pairs + val_pairs)
     train_f = all_block_features(engine, cache, train_pairs, seed)
     val_f = all_block_features(engine, cache, val_pairs, eval_seed)
@@ -152,12 +156,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-size", type=int, default=4, help="blocks per contiguous group")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_path_rule_arguments(parser)
     args = parser.parse_args(argv)
     if args.group_size < 1:  # refused before the (expensive) feature extraction
         parser.error(f"--group-size must be >= 1, got {args.group_size}")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     result = run_probe(
-        args.cache, args.train_json, args.val_json, args.base, args.t, args.group_size, device=args.device, dtype=dtype
+        args.cache,
+        args.train_json,
+        args.val_json,
+        args.base,
+        args.t,
+        args.group_size,
+        device=args.device,
+        dtype=dtype,
+        image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
     )
     print(format_table(result))
     out = Path(args.out)
