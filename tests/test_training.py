@@ -22,7 +22,15 @@ from engine.api import RewardEngine
 from engine.tiny_base import default_tiny_base
 from training.cache import LatentCache, build_cache
 from training.data import load_pairs, read_file
-from training.train import TrainableReward, TrainConfig, get_lr, latest_checkpoint, load_config, train
+from training.train import (
+    TrainableReward,
+    TrainConfig,
+    get_lr,
+    latest_checkpoint,
+    load_config,
+    read_checkpoint_file,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +146,8 @@ def test_data_filtering_weights_and_bad_images(tmp_path: Path) -> None:
 
 def test_data_rejects_malformed_records_and_reads_weights(tmp_path: Path) -> None:
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
-    rec = lambda **kw: {"prompt": "p", "path1": "a.png", "path2": "a.png", "confidence": None, **kw}
+    Image.new("RGB", (16, 16)).save(tmp_path / "b.png")
+    rec = lambda **kw: {"prompt": "p", "path1": "a.png", "path2": "b.png", "confidence": None, **kw}
     path = tmp_path / "f.json"
     for bad, error, match in [
         (rec(path2=None), TypeError, "record 1: path2 must be a string"),
@@ -181,9 +190,11 @@ def test_cache_holds_every_pair_a_fractional_weight_can_draw(task: dict, tmp_pat
         record["path1"], record["path2"] = (str(task["root"] / record[k]) for k in ("path1", "path2"))
     half = f"{tmp_path / 'part.json'}:0.5"
     (tmp_path / "part.json").write_text(json.dumps(records))
-    cache = LatentCache(build_cache([half], task["base"], tmp_path / "cache", max_sequence_length=16, progress=False))
+    root = {"image_root": task["root"]}  # absolute paths into the dataset, a JSON file elsewhere
+    cache = build_cache([half], task["base"], tmp_path / "cache", max_sequence_length=16, progress=False, **root)
+    cache = LatentCache(cache)
     for seed in range(4):  # the trainer draws the half with its own seed
-        pairs, _ = load_pairs([half], seed=seed)
+        pairs, _ = load_pairs([half], seed=seed, **root)
         assert len(pairs) == 4
         cache.check(pairs)
 
@@ -198,8 +209,8 @@ def test_cache_holds_every_validation_pair(task: dict, tmp_path: Path) -> None:
     held_out = tmp_path / "held_out.json"
     held_out.write_text(json.dumps(records))
     args = ["--json", task["val"], "--val-json", held_out, "--base", task["base"], "--out", tmp_path / "cache"]
-    main([*map(str, args), "--max-sequence-length", "16"])
-    LatentCache(tmp_path / "cache").check(read_file(held_out, None))  # what the trainer reads
+    main([*map(str, args), "--max-sequence-length", "16", "--image-root", str(task["root"])])
+    LatentCache(tmp_path / "cache").check(read_file(held_out, None, image_root=task["root"]))  # what the trainer reads
 
 
 def test_config_validation_and_schedule(tmp_path: Path) -> None:
@@ -283,7 +294,7 @@ def test_full_backbone_learns_exports_and_bench_agrees(task: dict, tmp_path: Pat
     cache, pairs = LatentCache(task["cache"]), read_file(task["val"], None)[:6]
     batch = cache.batch(pairs)
     noise = torch.randn_like(batch["winners"])
-    ckpt = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
+    ckpt = read_checkpoint_file(sorted((out / "checkpoints").glob("step_*.safetensors"))[-1])["model"]
     model = TrainableReward(trained)
     model.load_state_dict(ckpt, strict=False)  # the trainer's final weights, in the trainer's module
     with torch.no_grad():
@@ -323,14 +334,16 @@ def test_kill_and_resume_is_exact(task: dict, tmp_path: Path) -> None:
         train(config(task, out, **common), on_step=kill_at(5))
     checkpoints = out / "checkpoints"
     # A writer killed mid-write leaves its temp file; a damaged file at a final name is skipped as well.
-    (checkpoints / ".step_00000006.pt.tmp-4242").write_bytes(b"\x80half a pickle")
-    (checkpoints / "step_00000006.pt").write_bytes((checkpoints / "step_00000004.pt").read_bytes()[:1000])
+    (checkpoints / ".step_00000006.safetensors.tmp-4242").write_bytes(b"half a checkpoint")
+    (checkpoints / "step_00000006.safetensors").write_bytes(
+        (checkpoints / "step_00000004.safetensors").read_bytes()[:1000]
+    )
     path, payload = latest_checkpoint(out)
-    assert path.name == "step_00000004.pt" and payload["data_position"] == 4 * 8
+    assert path.name == "step_00000004.safetensors" and payload["data_position"] == 4 * 8
     train(config(task, out, **common, eval_batch_size=16))  # validation batching is free to change in full mode
     assert not list(checkpoints.glob(".*.tmp-*"))  # the crashed writer's temp file is cleaned up at start
 
-    final = lambda d: torch.load(d / "checkpoints" / "step_00000008.pt", weights_only=False)
+    final = lambda d: read_checkpoint_file(d / "checkpoints" / "step_00000008.safetensors")
     a, b = final(tmp_path / "straight"), final(out)
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
@@ -352,18 +365,19 @@ def test_frozen_resume_keeps_the_feature_batching(task: dict, tmp_path: Path) ->
 def test_pruning_keeps_the_newest_valid_checkpoint(task: dict, tmp_path: Path) -> None:
     common = {"mode": "frozen", "steps": 6, "batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 1}
     checkpoints = tmp_path / "checkpoints"
-    names = lambda: sorted(p.name for p in checkpoints.glob("step_*.pt"))
+    names = lambda: sorted(p.name for p in checkpoints.glob("step_*.safetensors"))
     with pytest.raises(Killed):
         train(config(task, tmp_path, **common), on_step=kill_at(3))
-    assert names() == ["step_00000003.pt"]
+    assert names() == ["step_00000003.safetensors"]
     # A damaged file at a later name (resume skips it) must not count as the one to keep.
-    (checkpoints / "step_00000005.pt").write_bytes((checkpoints / "step_00000003.pt").read_bytes()[:1000])
+    damaged = (checkpoints / "step_00000003.safetensors").read_bytes()[:1000]
+    (checkpoints / "step_00000005.safetensors").write_bytes(damaged)
     with pytest.raises(Killed):
         train(config(task, tmp_path, **common), on_step=kill_at(4))
-    assert names() == ["step_00000004.pt", "step_00000005.pt"]
-    assert latest_checkpoint(tmp_path)[0].name == "step_00000004.pt"
+    assert names() == ["step_00000004.safetensors", "step_00000005.safetensors"]
+    assert latest_checkpoint(tmp_path)[0].name == "step_00000004.safetensors"
     train(config(task, tmp_path, **common))
-    assert names() == ["step_00000006.pt"]
+    assert names() == ["step_00000006.safetensors"]
 
 
 def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:
@@ -394,8 +408,8 @@ def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:
     two = [r["loss"] for r in read_log(tmp_path / "two") if "loss" in r]
     assert len(one) == len(two) == 6
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)  # same global batch; only reduction order differs
-    a = torch.load(tmp_path / "one" / "checkpoints" / "step_00000006.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "checkpoints" / "step_00000006.pt", weights_only=False)["model"]
+    a = read_checkpoint_file(tmp_path / "one" / "checkpoints" / "step_00000006.safetensors")["model"]
+    b = read_checkpoint_file(tmp_path / "two" / "checkpoints" / "step_00000006.safetensors")["model"]
     last_bias = "head.mlp.2.bias"  # BT gradients cancel on it (r_w - r_l): Adam turns rounding noise into steps
     for key in a:
         if key != last_bias:

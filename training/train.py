@@ -8,9 +8,13 @@ the backbone once per image (fixed, seeded noise), caches the pooled features an
 
 Everything a step consumes is a pure function of (config, step): the pairs (a seeded permutation per epoch), the noise
 (a generator seeded from the step) and the learning rate (`get_lr`). A checkpoint therefore needs only the trainable
-weights, the optimizer state and the step, and a resumed run equals an uninterrupted one. Checkpoints are written to a
-temp file and ``os.replace``d; resume takes the newest one that loads and never sees a half-written file (a crashed
-writer's temp file is removed at the next start), and log.jsonl is cut back to the resumed step.
+weights, the optimizer state and the step, and a resumed run equals an uninterrupted one. Checkpoints are safetensors
+files (tensors) with their structure, the config and the data fingerprint as JSON metadata: resume never unpickles
+anything. They are written to a temp file and ``os.replace``d; resume takes the newest one that loads and never sees
+a half-written file (a crashed writer's temp file is removed at the next start), and log.jsonl is cut back to the
+resumed step. A checkpoint records a fingerprint of the training inputs (the JSON files' content hashes, the kept
+pairs, the cache); resuming on other data is refused unless ``resume_on_changed_data``. One run at a time holds
+``out_dir/.lock``.
 
 Not implemented: HPSv3's uncertainty loss (it needs a head that predicts a variance, which the engine's head and
 checkpoint format do not have); gradient accumulation (the per-rank batch is the micro-batch).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,6 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -43,7 +50,16 @@ from engine.api import RewardEngine
 from engine.config import RewardConfig
 from engine.loading import base_source
 from training.cache import LatentCache
-from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE, PreferencePair, load_pairs, read_file
+from training.data import (
+    BAD_IMAGE_POLICIES,
+    HPSV3_CONFIDENCE,
+    PreferencePair,
+    file_digest,
+    load_pairs,
+    parse_sources,
+    read_file,
+)
+from training.files import atomic_write, exclusive_lock
 
 
 @dataclass
@@ -54,6 +70,8 @@ class TrainConfig:
     val_json: list[str] = field(default_factory=list)  # held-out pairs: accuracy and the stored reward mean/std
     confidence_threshold: float | None = HPSV3_CONFIDENCE  # HPSv3 trains on confidence >= 0.95; null passes
     on_bad_image: str = "error"  # "skip" drops and counts records with missing/unreadable images
+    image_root: str | None = None  # relative image paths resolve here, images must lie in it; None: the JSON's folder
+    allow_outside_root: bool = False  # accept image paths that resolve outside image_root
     # model
     base: str = ""  # SD3/SD3.5 diffusers directory or single file; only the transformer weights are read
     layers: list[int] | None = None  # pooled blocks; None = the engine's default for this depth (paper: 15,23,28,37)
@@ -83,11 +101,12 @@ class TrainConfig:
     eval_batch_size: int = 64  # pairs per validation forward
     device: str = "auto"  # "auto": cuda (this rank's GPU) if available, else cpu
     peak_flops: float = 0.0  # per-device peak for MFU; 0: detect on known GPUs, else MFU is not reported
+    resume_on_changed_data: bool = False  # resume even if the data files, their filtering or the cache changed
 
     def __post_init__(self) -> None:
         # One path for a list of paths ("train_json=/data/train.json" on the command line, as for a single file);
         # tuples and path objects from Python become what the JSON round trip of a checkpoint gives back.
-        for name in ("cache", "base", "out_dir"):
+        for name in ("cache", "base", "out_dir", "image_root"):
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
         for name in ("train_json", "val_json"):
@@ -379,9 +398,71 @@ def _state_options(**kw: Any):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, d: Dist) -> None:
-    """Trainable weights, optimizer state, step/data position and RNG states, gathered to rank 0 and written to a temp
-    file that is then renamed: a crash mid-write leaves only the temp file, which resume ignores."""
+CHECKPOINT_FORMAT = "dit-reward-train-state/1"
+CHECKPOINT_SUFFIX = ".safetensors"
+
+
+def _pack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Nested dicts/lists/tuples of tensors and JSON scalars -> a JSON tree whose tensors are names in `tensors`.
+    Dict keys keep their type (str or int: optimizer states key parameters either way)."""
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value):
+            raise TypeError(f"checkpoint state has dict keys {list(value)[:5]}; only str and int keys are stored")
+        return {"dict": [[k, _pack(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_pack(v, tensors) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"checkpoint state holds a {type(value).__name__}; only tensors, containers and scalars are stored")
+
+
+def _unpack(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    (kind, body), *rest = node.items() if isinstance(node, dict) else [(None, None)]
+    if rest or kind not in ("tensor", "dict", "list", "tuple", "value"):
+        raise ValueError(f"unexpected checkpoint structure node {str(node)[:80]}")
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "dict":
+        return {k: _unpack(v, tensors) for k, v in body}
+    if kind in ("list", "tuple"):
+        items = [_unpack(v, tensors) for v in body]
+        return items if kind == "list" else tuple(items)
+    return body
+
+
+def write_checkpoint_file(path: Path, payload: dict[str, Any]) -> None:
+    """`payload` (tensors in nested containers, JSON scalars) as one safetensors file, atomically; a full disk is a
+    `DiskFullError` with the bytes needed."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _pack(payload, tensors)
+    metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(tree)}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + len(metadata["state"]) + 100 * len(tensors)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), nbytes)
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The payload of `write_checkpoint_file`. Only safetensors and JSON are parsed: nothing is unpickled."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    payload = _unpack(json.loads(metadata["state"]), tensors)
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: the stored state is a {type(payload).__name__}, expected a dict")
+    return payload
+
+
+def save_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, d: Dist, fingerprint: dict
+) -> None:
+    """Trainable weights, optimizer state, step/data position, RNG states and the data fingerprint, gathered to rank 0
+    and written atomically (`write_checkpoint_file`): a crash mid-write leaves only a temp file, which resume
+    ignores."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -394,6 +475,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
             "step": step,
             "data_position": step * cfg.batch_size,
             "config": asdict(cfg),
+            "fingerprint": fingerprint,
             "model": {k: v for k, v in state.items() if k in trainable},
             "optimizer": optim_state,
             "rng": {
@@ -401,12 +483,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        final = directory / f"step_{step:08d}.pt"
-        tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        write_checkpoint_file(directory / f"step_{step:08d}{CHECKPOINT_SUFFIX}", payload)
         # Prune among the checkpoints up to this step, so the one just written is always kept. A later step's file
         # is one that resume skipped as unreadable (else it would have resumed from it): it never counts as kept, and
         # is replaced or pruned once the run gets there.
@@ -417,20 +494,29 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
 
 
 def checkpoint_files(directory: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the ``step_N.pt`` files in `directory`, oldest first: ordered by step, not by name. Temp files
-    (".step_N.pt.tmp-PID") never match."""
-    found = [(path.stem[len("step_") :], path) for path in directory.glob("step_*.pt")]
+    """(step, path) of the ``step_N.safetensors`` files in `directory`, oldest first: ordered by step, not by name.
+    Temp files (".step_N.safetensors.tmp-PID") never match."""
+    found = [(path.name[len("step_") : -len(CHECKPOINT_SUFFIX)], path) for path in directory.glob("step_*.safetensors")]
     return sorted((int(digits), path) for digits, path in found if digits.isdigit())
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     """The newest checkpoint under out_dir/checkpoints that loads completely; temp files are never considered and a
-    damaged file is skipped with a warning."""
-    for _, path in reversed(checkpoint_files(Path(out_dir) / "checkpoints")):
+    damaged or foreign file is skipped with a message. Files of other formats (a ``.pt`` pickle) are never opened:
+    unpickling a file can run code."""
+    directory = Path(out_dir) / "checkpoints"
+    for path in sorted(directory.glob("step_*.pt")):
+        print(
+            f"ignoring {path}: pickled checkpoints are never loaded (unpickling can run code); resume reads "
+            "step_N.safetensors"
+        )
+    for _, path in reversed(checkpoint_files(directory)):
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-            if {"step", "model", "optimizer"} <= set(payload):
+            payload = read_checkpoint_file(path)
+            missing = {"step", "model", "optimizer", "rng", "config", "fingerprint"} - set(payload)
+            if not missing:
                 return path, payload
+            print(f"skipping checkpoint {path}: it lacks {sorted(missing)}")
         except Exception as e:  # truncated or foreign file: fall back to an older checkpoint
             print(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
     return None
@@ -465,12 +551,23 @@ _RESUME_FREE = {
     "device",
     "peak_flops",
     "eval_batch_size",
+    "resume_on_changed_data",
+}
+# The data fields: a run told to resume on changed data (resume_on_changed_data) may change them.
+_DATA_FIELDS = {
+    "train_json",
+    "val_json",
+    "confidence_threshold",
+    "on_bad_image",
+    "image_root",
+    "allow_outside_root",
+    "cache",
 }
 
 
 def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     current = asdict(cfg)
-    free = _RESUME_FREE
+    free = _RESUME_FREE | (_DATA_FIELDS if cfg.resume_on_changed_data else set())
     if cfg.mode == "frozen":  # the training features are extracted in eval_batch_size batches too: another batching
         free = free - {"eval_batch_size"}  # changes them in the last bit, and the resumed head would differ
     changed = sorted(k for k in current if k not in free and saved.get(k) != current[k])
@@ -478,6 +575,55 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None
         raise ValueError(
             f"cannot resume from {path}: config fields {changed} differ from the checkpoint's "
             f"({ {k: saved.get(k) for k in changed} }); restore them or use a new out_dir"
+        )
+
+
+def data_fingerprint(
+    cfg: TrainConfig, pairs: list[PreferencePair], val_sets: dict[str, list[PreferencePair]], cache: LatentCache
+) -> dict[str, str]:
+    """What the training inputs were: each data file's sha256, digests of the kept training and validation pairs (the
+    filters' and the image root's effect) and the cache's own fingerprint."""
+    digest = lambda value: hashlib.sha256(json.dumps(value).encode()).hexdigest()
+    kept = lambda ps: digest([[p.source, p.index, str(p.winner), str(p.loser), p.prompt, p.confidence] for p in ps])
+    out = {f"train_json {path.resolve()}": file_digest(path) for path, _ in parse_sources(cfg.train_json)}
+    out |= {f"val_json {Path(path).resolve()}": file_digest(path) for path in cfg.val_json}
+    out["training pairs"] = kept(pairs)
+    out["validation pairs"] = kept([p for v in val_sets.values() for p in v])
+    out["cache"] = cache.fingerprint
+    return out
+
+
+def check_same_data(saved: dict[str, str], current: dict[str, str], cfg: TrainConfig, path: Path) -> None:
+    """ValueError naming what changed between the checkpoint's data fingerprint and this run's, unless
+    `cfg.resume_on_changed_data` (then a printed note)."""
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if not changed:
+        return
+    status = lambda k: "not in this run" if k not in current else "new in this run" if k not in saved else "changed"
+    what = "; ".join(f"{k}: {status(k)}" for k in changed)
+    if cfg.resume_on_changed_data:
+        print(f"resuming from {path} on changed data (resume_on_changed_data): {what}")
+        return
+    raise ValueError(
+        f"cannot resume from {path}: the training inputs changed since it was written ({what}); the resumed run would "
+        "see another data order. Restore the data, use a new out_dir, or set resume_on_changed_data=true to continue "
+        "anyway"
+    )
+
+
+def check_export_target(target: Path) -> None:
+    """ValueError now, not after training, if the final export could not replace `target` (out_dir/reward): it holds
+    files that are not part of a reward checkpoint."""
+    from engine.loading import CHECKPOINT_FILES
+
+    if not target.exists():
+        return
+    strangers = sorted(p.name for p in target.iterdir()) if target.is_dir() else [target.name]
+    strangers = [name for name in strangers if name not in CHECKPOINT_FILES]
+    if strangers:
+        raise ValueError(
+            f"{target} holds files that are not part of a reward checkpoint ({', '.join(strangers[:5])}); the export "
+            "at the end of training would have to replace them: move them away or use another out_dir"
         )
 
 
@@ -550,10 +696,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # One run per out_dir: rank 0 holds the lock until train() returns or raises (ranks of one run share out_dir).
+    with exclusive_lock(out_dir, "another training run") if d.main else contextlib.nullcontext():
+        return _train(cfg, d, out_dir, on_step)
+
+
+def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dict], None] | None) -> dict[str, Any]:
     log = print if d.main else (lambda *a, **k: None)
     if d.main:  # a crashed writer's temp checkpoints: never read, each as large as a checkpoint
-        for stale in (out_dir / "checkpoints").glob(".step_*.pt.tmp-*"):
+        for stale in (out_dir / "checkpoints").glob(".step_*.tmp-*"):
             stale.unlink(missing_ok=True)
+    check_export_target(out_dir / "reward")  # refused now, not after every step has run
 
     # Cheap checks of the base and the cache first: reading and verifying the images is the slow part.
     if cfg.layers is not None:
@@ -561,8 +714,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     cache = LatentCache(cfg.cache)
 
     # Data: pairs from the JSON files, tensors from the cache.
-    pairs, report = load_pairs(cfg.train_json, cfg.confidence_threshold, cfg.on_bad_image, cfg.seed)
-    val_sets = {str(p): read_file(p, None, cfg.on_bad_image) for p in cfg.val_json}  # every held-out pair counts
+    roots = {"image_root": cfg.image_root, "allow_outside_root": cfg.allow_outside_root}
+    pairs, report = load_pairs(cfg.train_json, cfg.confidence_threshold, cfg.on_bad_image, cfg.seed, **roots)
+    val_sets = {str(p): read_file(p, None, cfg.on_bad_image, **roots) for p in cfg.val_json}  # every pair counts
     empty = [name for name, val_pairs in val_sets.items() if not val_pairs]
     if empty:
         raise ValueError(
@@ -571,6 +725,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         )
     cache.check(pairs + [p for v in val_sets.values() for p in v])
     log(f"train pairs: {len(pairs)}\n{report}\nval pairs: {sum(map(len, val_sets.values()))}")
+    fingerprint = data_fingerprint(cfg, pairs, val_sets, cache)
+    found = latest_checkpoint(out_dir)  # its config and data are checked here; its state is restored below
+    if found is not None:
+        check_resumable(found[1]["config"], cfg, found[0])
+        check_same_data(found[1]["fingerprint"], fingerprint, cfg, found[0])
 
     # Model: same seed on every rank, so the freshly initialised head is identical before sharding.
     torch.manual_seed(cfg.seed)
@@ -653,12 +812,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
     step = 0
-    found = latest_checkpoint(out_dir)
     if found is not None:
         path, payload = found
-        check_resumable(payload["config"], cfg, path)
         step = restore(model, optimizer, payload)
         log(f"resumed from {path} (step {step}, data position {payload['data_position']})")
+        found = payload = None  # the restored state lives in the model and optimizer now
 
     def evaluate() -> dict[str, Any]:
         rewards = {name: validation_rewards(name) for name in val_sets}
@@ -720,7 +878,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             log_file.write(json.dumps(metrics) + "\n")
             log_file.flush()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-            save_checkpoint(model, optimizer, step, cfg, d)
+            save_checkpoint(model, optimizer, step, cfg, d, fingerprint)
         if on_step is not None:
             on_step(step, metrics)
 
