@@ -203,10 +203,10 @@ def test_two_trainers_on_one_out_dir_are_refused(small: dict, tmp_path: Path) ->
 
 
 def test_resume_on_changed_data_is_refused_unless_told(small: dict, tmp_path: Path) -> None:
-    data = tmp_path / "train.json"
+    data = small["root"] / "edited-train.json"  # beside the original, so its relative paths resolve the same
     records = json.loads(small["train"].read_text())
     data.write_text(json.dumps(records))
-    common = {"train_json": [str(data)], "image_root": str(small["root"])}
+    common = {"train_json": [str(data)]}
     out = tmp_path / "run"
     with pytest.raises(Killed):
         train(config(small, out, **common), on_step=kill_at(2))
