@@ -228,24 +228,26 @@ def test_record_values_and_encodings_are_refused_by_record(dataset: Path) -> Non
     assert read_file(path, None)[0].prompt == "café"
 
 
-_text = st.text(max_size=12)
+_text = st.one_of(st.text(max_size=12), st.sampled_from(["\udcff", "a\ud800b"]))  # lone surrogates too
 _value = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), _text, st.lists(st.integers(), max_size=2)
 )
-_record = st.fixed_dictionaries(
-    {},
-    optional={
-        "prompt": st.one_of(_text, _value),
-        "path1": st.one_of(st.sampled_from(["a.png", "b.png", "../outside.png", "missing.png"]), _value),
-        "path2": st.one_of(st.sampled_from(["a.png", "b.png", "./b.png"]), _value),
-        "confidence": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2), _value),
-        "model1": _value,
-    },
+_path = st.sampled_from(["a.png", "b.png", "./b.png", "../outside.png", "missing.png", "a\0.png", ""])
+# Mostly well-formed records (so that the rules about what may be kept get exercised), some with any value anywhere.
+_record = st.one_of(
+    st.fixed_dictionaries(
+        {"prompt": _text, "path1": _path, "path2": _path},
+        optional={"confidence": st.one_of(st.none(), st.floats(-1, 2), st.sampled_from([1e308, 5.0])), "model1": _text},
+    ),
+    st.fixed_dictionaries(
+        {}, optional={"prompt": _value, "path1": _value, "path2": _value, "confidence": _value, "model1": _value}
+    ),
+    _value,
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(records=st.lists(st.one_of(_record, _value), min_size=1, max_size=4))
+@given(records=st.lists(_record, min_size=1, max_size=4))
 def test_any_record_loads_or_is_refused_by_name(dataset: Path, records: list) -> None:
     """Whatever a file holds, read_file returns valid pairs or raises ValueError/TypeError naming the file and the
     record; nothing else escapes, and a kept pair satisfies every rule."""
