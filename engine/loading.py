@@ -574,12 +574,10 @@ def save_reward_checkpoint(
     except BaseException:
         if old is not None and not directory.exists():
             os.replace(old, directory)  # put the old checkpoint back
-            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return directory
 
 

@@ -192,6 +192,25 @@ def test_a_kill_at_any_point_of_an_export_leaves_old_or_new(tmp_path, point, rec
         assert olds == (point in ("mid_write", "before_first_replace", "between_replaces"))
 
 
+def test_a_failed_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    target = tiny_engine(seed=0).save_pretrained(tmp_path / "reward")
+    old_head = head_of(target)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new checkpoint into place
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        tiny_engine(seed=1).save_pretrained(target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reward"]
+    assert all(torch.equal(head_of(target)[k], v) for k, v in old_head.items())
+
+
 def test_leftovers_of_a_live_process_are_left_alone(tmp_path):
     target = tiny_engine().save_pretrained(tmp_path / "reward")
     busy = tmp_path / f".reward.tmp-{os.getpid()}-abcd1234"  # this process: alive, maybe another thread's export
