@@ -675,7 +675,8 @@ def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> R
     for key, tensor in raw.items():
         _check_floating(key, tensor, source.describe())  # before the cast would hide an integer tensor
     state = checked_weights({k: v.to(torch.float32) for k, v in raw.items()}, source.describe(), torch.float32)
-    head.load_state_dict(state, assign=True)
+    head = RewardHead(len(reward.layers), dim, reward.head_hidden)  # the sizes agree with the file: allocate
+    head.load_state_dict(state)  # (copied into fresh parameters, not adopted from the file's buffer)
     return head
 
 
