@@ -84,7 +84,7 @@ def run(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta, _, _ = read_reward_config(checkpoint)
-    training = meta.get("training", {})
+    training = meta["metadata"].get("training", {})
     engine = RewardEngine.from_pretrained(checkpoint, base, dtype=_DTYPES[dtype], device=device)
     front = PixelFrontEnd.from_pretrained(
         base,

@@ -201,8 +201,8 @@ class RewardEngine(nn.Module):
                     f"trained on {cfg}"
                 )
             sources.append(source)
-        if meta.get("backbone_weights"):
-            sources.append(TensorSource([Path(checkpoint) / meta["backbone_weights"]]))
+        if meta["backbone_weights"] is not None:  # (a path checked to lie inside the checkpoint)
+            sources.append(TensorSource([meta["backbone_weights"]]))
         if not sources:
             raise ValueError(
                 f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
@@ -293,15 +293,17 @@ class RewardEngine(nn.Module):
             )
         return rewards
 
-    def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = False, **extra: Any) -> Path:
-        """Write a reward checkpoint atomically (head always; the used backbone blocks if `include_backbone`)."""
+    def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = False, **metadata: Any) -> Path:
+        """Write a reward checkpoint atomically (head always; the used backbone blocks if `include_backbone`).
+        Keyword arguments are JSON metadata (e.g. the trainer's `training={...}`), stored under the checkpoint's
+        "metadata" key, where they cannot shadow the core fields; `read_reward_config` returns them there."""
         if include_backbone and self.fp8:
             raise ValueError(
                 "include_backbone=True needs the bf16 weights, but this fp8 engine holds block linears quantised to "
                 "e4m3 at load: save the backbone from an engine built with dtype='bf16' (checkpoints stay bf16)"
             )
         state = diffusers_state_dict(self.backbone) if include_backbone else None
-        return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, extra or None)
+        return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, metadata)
 
     # ---------------------------------------------------------------------------------------------- scoring
 

@@ -19,6 +19,29 @@ SD3_LATENT_SHIFT = 0.0609
 SD3_LATENT_SCALE = 1.5305
 
 
+def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    """A sequence of integers (numpy ints included; not a string, not bools) as a tuple of ints."""
+    try:
+        if isinstance(value, (str, bytes)) or any(isinstance(i, bool) for i in value):
+            raise TypeError
+        return tuple(operator.index(i) for i in value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints, got {value!r}") from None
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """A positive integer (numpy ints included; not a float such as 16.0, not a bool, not a string)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     num_layers: int = 38
@@ -35,7 +58,11 @@ class BackboneConfig:
     dual_attention_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
+        object.__setattr__(
+            self,
+            "dual_attention_layers",
+            _int_tuple("BackboneConfig.dual_attention_layers", self.dual_attention_layers),
+        )
         for name in (
             "num_layers",
             "num_attention_heads",
@@ -44,10 +71,11 @@ class BackboneConfig:
             "in_channels",
             "joint_attention_dim",
             "pooled_projection_dim",
+            "caption_projection_dim",
             "pos_embed_max_size",
+            "sample_size",
         ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"BackboneConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, _positive_int(f"BackboneConfig.{name}", getattr(self, name)))
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"BackboneConfig.qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
         if self.caption_projection_dim != self.hidden_size:
@@ -71,12 +99,16 @@ class BackboneConfig:
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> BackboneConfig:
-        """Build from a diffusers `SD3Transformer2DModel` config (a dict or `FrozenDict`)."""
+        """Build from a diffusers `SD3Transformer2DModel` config (a dict or `FrozenDict`). A key the config lacks
+        takes diffusers' default, as `SD3Transformer2DModel.from_pretrained` would: SD3-Medium's published
+        config.json has no `qk_norm` (diffusers: None) and no `dual_attention_layers` (diffusers: none)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"a diffusers transformer config must be a mapping, got {type(config).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in dict(config).items() if k in known}
+        kwargs = {**_diffusers_defaults(), **{k: v for k, v in dict(config).items() if k in known}}
         if kwargs.get("caption_projection_dim") is None:
             kwargs["caption_projection_dim"] = kwargs["num_attention_heads"] * kwargs["attention_head_dim"]
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in kwargs.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -89,6 +121,16 @@ class BackboneConfig:
             if dataclasses.replace(preset, sample_size=self.sample_size) == self:
                 return name
         return None
+
+
+def _diffusers_defaults() -> dict[str, Any]:
+    """The keyword defaults of diffusers' `SD3Transformer2DModel.__init__` (the reference for absent config keys)."""
+    import inspect
+
+    from diffusers import SD3Transformer2DModel
+
+    parameters = inspect.signature(SD3Transformer2DModel.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _preset(**kw: Any) -> BackboneConfig:
@@ -135,16 +177,6 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(num_layers - 1, round(f * num_layers) - 1) for f in fractions if f * num_layers >= 1}))
 
 
-def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
-    """A sequence of integers (numpy ints included; not a string, not bools) as a tuple of ints."""
-    try:
-        if isinstance(value, (str, bytes)) or any(isinstance(i, bool) for i in value):
-            raise TypeError
-        return tuple(operator.index(i) for i in value)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of ints, got {value!r}") from None
-
-
 @dataclass(frozen=True)
 class RewardConfig:
     """What DiT-Reward adds to the backbone: pooled blocks (0-based), noise level t (Eq. 1), head sizes (Eq. 5)."""
@@ -178,7 +210,10 @@ class RewardConfig:
     def check_against(self, backbone: BackboneConfig) -> None:
         bad = [i for i in self.layers if not 0 <= i < backbone.num_layers]
         if bad:
-            raise ValueError(f"reward layers {bad} out of range: this backbone has blocks 0..{backbone.num_layers - 1}")
+            raise ValueError(
+                f"reward layers {bad} out of range: this backbone has blocks 0..{backbone.num_layers - 1} "
+                f"({backbone.num_layers} blocks)"
+            )
 
     @classmethod
     def for_backbone(cls, backbone: BackboneConfig, **overrides: Any) -> RewardConfig:

@@ -6,13 +6,16 @@ copy of the backbone ever exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -122,9 +125,15 @@ def diffusers_dir_source(base: str | os.PathLike) -> tuple[BackboneConfig, Tenso
         raw = json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"corrupt transformer config {directory / 'config.json'}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"transformer config {directory / 'config.json'} must hold a JSON object")
     if raw.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
         raise ValueError(f"{directory} holds a {raw['_class_name']}, expected an SD3Transformer2DModel")
-    return BackboneConfig.from_diffusers(raw), TensorSource(_safetensors_in(directory, "diffusion_pytorch_model"))
+    try:
+        config = BackboneConfig.from_diffusers(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"transformer config {directory / 'config.json'}: {e}") from e
+    return config, TensorSource(_safetensors_in(directory, "diffusion_pytorch_model"))
 
 
 # ------------------------------------------------------------------------------- original (single-file) layout
@@ -307,10 +316,13 @@ def base_source(base: str | os.PathLike, config: BackboneConfig | None = None) -
 # ---------------------------------------------------------------------------------------------- build + load
 
 
-def full_model_keys(cfg: BackboneConfig) -> set[str]:
-    """Every key a complete diffusers `SD3Transformer2DModel` of this config has (what a base may contain)."""
+def full_model_keys(cfg: BackboneConfig, blocks: int | None = None) -> set[str]:
+    """Every key a complete diffusers `SD3Transformer2DModel` of this config has (what a base may contain), or those
+    of its first `blocks` blocks and the rest: only those are built, so a config's depth costs nothing until a file
+    holds that many blocks."""
+    deepest = cfg.num_layers - 1 if blocks is None else min(cfg.num_layers - 1, blocks)  # (its keys: a subset)
     with torch.device("meta"):
-        keys = set(diffusers_state_dict(MMDiTReward(cfg, (cfg.num_layers - 1,))))
+        keys = set(diffusers_state_dict(MMDiTReward(cfg, (deepest,))))
     last = f"transformer_blocks.{cfg.num_layers - 1}.attn"
     extra = [
         f"{last}.add_q_proj.weight",
@@ -332,11 +344,13 @@ def load_backbone(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> MMDiTReward:
-    """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones)."""
+    """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones). Blocks
+    missing from the sources are refused before any tensor is read; every tensor passes `checked_weights`."""
+    _check_depth(layers, sources)
     with torch.device("meta"):
         model = MMDiTReward(cfg, layers)
     expected = diffusers_state_dict(model)
-    allowed = full_model_keys(cfg)
+    allowed = full_model_keys(cfg, _held_blocks(sources))
     for source in sources:
         unexpected = sorted(set(source) - allowed)
         if unexpected:
@@ -344,7 +358,7 @@ def load_backbone(
                 f"unexpected key {unexpected[0]!r} in {_describe(source)} ({len(unexpected)} in all): not "
                 f"a key of an SD3 transformer with {cfg.num_layers} blocks; wrong model or config?"
             )
-    state = {}
+    state, where = {}, {}
     for key, meta in expected.items():
         source = next((s for s in reversed(sources) if key in s), None)
         if source is None:
@@ -355,9 +369,12 @@ def load_backbone(
                 f"shape mismatch for {key!r} in {_describe(source)}: checkpoint {list(tensor.shape)}, "
                 f"model {list(meta.shape)}"
             )
+        _check_floating(key, tensor, _describe(source))
         # an in-memory model's tensors are copied, never adopted: the engine must not change when that model is
         # trained further (e.g. the policy's own transformer). Files are read into fresh tensors anyway.
         state[key] = tensor.to(device=device, dtype=dtype, copy=not isinstance(source, TensorSource))
+        where[key] = _describe(source)
+    checked_weights(state, where, dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -366,7 +383,136 @@ def _describe(source: Mapping) -> str:
     return source.describe() if isinstance(source, TensorSource) else "the in-memory state dict"
 
 
+def _block_indices(sources: list[Mapping[str, torch.Tensor]]) -> set[int]:
+    return {int(k.split(".")[1]) for s in sources for k in s if k.startswith("transformer_blocks.")}
+
+
+def _held_blocks(sources: list[Mapping[str, torch.Tensor]]) -> int:
+    """How many blocks the sources name keys of (the highest index + 1)."""
+    return max(_block_indices(sources), default=-1) + 1
+
+
+def _check_depth(layers: tuple[int, ...], sources: list[Mapping[str, torch.Tensor]]) -> None:
+    """Every block up to the deepest pooled one is in the sources (key names only: nothing is read)."""
+    held = _block_indices(sources)
+    depth = next(i for i in range(len(held) + 1) if i not in held)  # blocks 0..depth-1 are all there
+    missing = [i for i in layers if i >= depth]
+    if missing:
+        raise ValueError(
+            f"reward layers {missing} need blocks 0..{max(layers)}, but {', '.join(_describe(s) for s in sources)} "
+            f"holds {depth} blocks (0..{depth - 1}): a truncated or shallower base model?"
+        )
+
+
+def _check_floating(key: str, tensor: torch.Tensor, where: str) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"tensor {key!r} in {where} is {tensor.dtype}, but weights must be floating point: a corrupt file or "
+            f"not a model checkpoint"
+        )
+
+
+def checked_weights(
+    tensors: Mapping[str, torch.Tensor], where: Mapping[str, str] | str, dtype: torch.dtype | None = None
+) -> Mapping[str, torch.Tensor]:
+    """Refuse weights that are not floating point or not finite, naming the tensor and its file (`where`: one
+    description for all, or one per key). `tensors` are the loaded (cast) values: one pass over memory, one device
+    sync for all of them; a value finite in the file but not in the target `dtype` (1e6 in float16) is refused too."""
+    for key, tensor in tensors.items():
+        _check_floating(key, tensor, where if isinstance(where, str) else where[key])
+    on_device = {k: t for k, t in tensors.items() if t.device.type != "meta"}  # (meta tensors hold no values)
+    if not on_device:
+        return tensors
+    finite = torch.stack([torch.isfinite(t).all() for t in on_device.values()])
+    if not bool(finite.all()):
+        key = list(on_device)[int((~finite).nonzero()[0])]
+        in_dtype = f" (after casting to {str(dtype).removeprefix('torch.')})" if dtype is not None else ""
+        raise ValueError(
+            f"tensor {key!r} in {where if isinstance(where, str) else where[key]} holds NaN or Inf values{in_dtype}: "
+            f"a corrupt or diverged checkpoint"
+        )
+    return tensors
+
+
 # ---------------------------------------------------------------------------------------------- reward checkpoint
+
+
+CORE_FIELDS = ("format", "reward", "backbone", "backbone_weights")
+METADATA = "metadata"
+# A sibling of checkpoint NAME that an export in process PID is writing (tmp) or has just moved aside (old).
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def checked_path(directory: str | os.PathLike, name: object, field: str) -> Path:
+    """`directory / name` for a file a checkpoint names, refused unless it resolves (symlinks followed) inside
+    `directory`: a checkpoint must not reach `../other/x.safetensors` or `/etc/passwd`. `field` names where the
+    name came from (e.g. "reward_config.json field 'backbone_weights'") for the error."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{field} must be a file name inside {directory}, got {name!r}")
+    root = Path(directory).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise ValueError(
+            f"{field} is {name!r}, which resolves to {path}, outside the checkpoint directory {root}: a checkpoint "
+            f"may only name files inside itself"
+        )
+    return path
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` runs on this machine (checkpoints are assumed to be written from one host)."""
+    if pid == os.getpid():
+        return True  # another thread of this process may be exporting
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / REWARD_CONFIG).is_file() and (directory / HEAD_FILE).is_file()
+
+
+def recover_checkpoint(directory: str | os.PathLike) -> None:
+    """Finish what a killed export left: if `directory` is missing but a complete copy was moved aside
+    (`.NAME.old-PID-*`, the kill came between the two renames of `save_reward_checkpoint`), move it back; then remove
+    the `.NAME.tmp-*` / `.NAME.old-*` siblings of dead processes. Best effort: a read-only parent is left as it is."""
+    directory = Path(directory).resolve()
+    try:
+        siblings = list(directory.parent.iterdir())
+    except OSError:
+        return
+    stale = []
+    for path in siblings:
+        match = _LEFTOVER.match(path.name)
+        if match and match["name"] == directory.name and not _process_alive(int(match["pid"])):
+            stale.append((match["kind"], path))
+    moved_aside = sorted((p for kind, p in stale if kind == "old" and _is_complete(p)), key=lambda p: p.stat().st_mtime)
+    try:
+        if not directory.exists() and moved_aside:
+            os.replace(moved_aside[-1], directory)
+            _fsync_dir(directory.parent)
+        for _, path in stale:
+            if path.exists():
+                shutil.rmtree(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_sibling(directory: Path, kind: str) -> Path:
+    """A fresh name `.NAME.KIND-PID-HEX` beside `directory` (PID lets a later run tell a dead export's leftovers)."""
+    return directory.with_name(f".{directory.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}")
 
 
 def save_reward_checkpoint(
@@ -375,13 +521,28 @@ def save_reward_checkpoint(
     backbone_cfg: BackboneConfig,
     head: RewardHead,
     backbone_state: Mapping[str, torch.Tensor] | None = None,
-    extra: dict | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `reward_config.json`, `head.safetensors` and optionally `backbone.safetensors` atomically: everything is
-    written and fsynced in a sibling temp dir that then replaces `directory`, so a reader sees the old or the new
-    checkpoint, never a half-written one. An existing `directory` is replaced only if it is a reward checkpoint (holds
-    nothing but checkpoint files): anything else there would be deleted, so that is a ValueError."""
+    """Write `reward_config.json`, `head.safetensors` and optionally `backbone.safetensors` so that a reader finds
+    the old or the new checkpoint, never neither and never a half-written one: everything is written and fsynced in a
+    sibling `.NAME.tmp-PID-*` that then replaces `directory` (the old one moved aside to `.NAME.old-PID-*` first). A
+    kill between the two renames is repaired by `recover_checkpoint`, which the next save and the next load run.
+    `metadata` (JSON) is stored under its own key and cannot shadow the core fields. The directory gets the
+    permissions the umask gives a new directory. An existing `directory` is replaced only if it is a reward
+    checkpoint (holds nothing but checkpoint files): anything else there would be deleted, so that is a ValueError."""
     directory = Path(directory).resolve()  # ("." has no name to build the sibling temp dir from)
+    meta = {
+        "format": REWARD_FORMAT,
+        "reward": reward.to_dict(),
+        "backbone": {"preset": backbone_cfg.preset_name(), "config": backbone_cfg.to_dict()},
+        "backbone_weights": BACKBONE_FILE if backbone_state is not None else None,
+        METADATA: dict(metadata or {}),
+    }
+    try:
+        text = json.dumps(meta, indent=2)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint metadata must be JSON-serialisable (dicts, lists, str, numbers): {e}") from e
+    recover_checkpoint(directory)
     if directory.exists():
         if not directory.is_dir():
             raise ValueError(f"{directory} exists and is not a directory: save the reward checkpoint elsewhere")
@@ -393,57 +554,111 @@ def save_reward_checkpoint(
                 f"the whole directory: save into a new directory or an existing reward checkpoint"
             )
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = _new_sibling(directory, "tmp")
+    tmp.mkdir()  # mode 0o777 & ~umask, like any new directory
+    old = None
     try:
-        meta = {
-            "format": REWARD_FORMAT,
-            "reward": reward.to_dict(),
-            "backbone": {"preset": backbone_cfg.preset_name(), "config": backbone_cfg.to_dict()},
-            "backbone_weights": BACKBONE_FILE if backbone_state is not None else None,
-            **(extra or {}),
-        }
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
         if backbone_state is not None:
             save_file({k: v.detach().cpu().clone() for k, v in backbone_state.items()}, str(tmp / BACKBONE_FILE))
-        (tmp / REWARD_CONFIG).write_text(json.dumps(meta, indent=2))
+        (tmp / REWARD_CONFIG).write_text(text)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = None
+        _fsync_dir(tmp)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            old = _new_sibling(directory, "old")
             os.replace(directory, old)
         os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(directory.parent)
     except BaseException:
+        if old is not None and not directory.exists():
+            os.replace(old, directory)  # put the old checkpoint back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
-def read_reward_config(directory: str | os.PathLike) -> tuple[dict, RewardConfig, BackboneConfig]:
-    directory = Path(directory)
-    path = directory / REWARD_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a reward checkpoint: {REWARD_CONFIG} missing")
+def _require_dict(value: object, field: str, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: field {field!r} must be a JSON object, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _build(cls: type, fields: dict, field: str, path: Path, required: set[str]):
+    """A config dataclass from a JSON object: every key known, every required key present, values checked by the
+    dataclass; errors name the file and the field."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown} in {field!r}; expected {sorted(known)}")
+    missing = sorted(required - set(fields))
+    if missing:
+        raise ValueError(f"{path}: field {field!r} lacks {', '.join(repr(m) for m in missing)} (required)")
     try:
-        meta = json.loads(path.read_text())
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid field {field!r}: {e}") from e
+
+
+def read_reward_config(directory: str | os.PathLike) -> tuple[dict, RewardConfig, BackboneConfig]:
+    """Read and check `reward_config.json` (after `recover_checkpoint`). Returns the document, normalised: every
+    non-core field under "metadata" (older checkpoints kept them at the top level), and "backbone_weights" as the
+    checked absolute `Path` of the file or None; then the reward and backbone configs. Errors name the file and the
+    field."""
+    directory = Path(directory)
+    recover_checkpoint(directory)
+    if not (directory / REWARD_CONFIG).is_file():
+        raise FileNotFoundError(f"{directory} is not a reward checkpoint: {REWARD_CONFIG} missing")
+    path = checked_path(directory, REWARD_CONFIG, REWARD_CONFIG)
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): a corrupt reward config") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"corrupt reward config {path}: {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the top level must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != REWARD_FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {REWARD_FORMAT!r}")
+        raise ValueError(f"{path}: field 'format' is {meta.get('format')!r}, expected {REWARD_FORMAT!r}")
+    metadata = _require_dict(meta.get(METADATA, {}), METADATA, path)
+    legacy = {k: v for k, v in meta.items() if k not in (*CORE_FIELDS, METADATA)}
+    reward_fields = _require_dict(meta.get("reward"), "reward", path)
+    reward = _build(
+        RewardConfig, reward_fields, "reward", path, required={f.name for f in dataclasses.fields(RewardConfig)}
+    )
+    backbone_section = _require_dict(meta.get("backbone"), "backbone", path)
+    backbone = _build(
+        BackboneConfig,
+        _require_dict(backbone_section.get("config"), "backbone.config", path),
+        "backbone.config",
+        path,
+        required={f.name for f in dataclasses.fields(BackboneConfig)},
+    )
     try:
-        reward = RewardConfig(**meta["reward"])
-        backbone = BackboneConfig(**meta["backbone"]["config"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: invalid reward config: {e}") from e
-    return meta, reward, backbone
+        reward.check_against(backbone)
+    except ValueError as e:
+        raise ValueError(f"{path}: field 'reward.layers': {e}") from e
+    weights = meta.get("backbone_weights")
+    if weights is not None:
+        weights = checked_path(directory, weights, f"{path} field 'backbone_weights'")
+    normalised = {
+        "format": REWARD_FORMAT,
+        "reward": reward_fields,
+        "backbone": backbone_section,
+        "backbone_weights": weights,
+        METADATA: {**legacy, **metadata},
+    }
+    return normalised, reward, backbone
 
 
 def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> RewardHead:
-    source = TensorSource([Path(directory) / HEAD_FILE])
-    head = RewardHead(len(reward.layers), dim, reward.head_hidden)
+    path = checked_path(directory, HEAD_FILE, f"the head file {Path(directory) / HEAD_FILE}")
+    source = TensorSource([path])
+    with torch.device("meta"):  # shapes first: a config's head sizes allocate nothing until the file agrees
+        head = RewardHead(len(reward.layers), dim, reward.head_hidden)
     expected = head.state_dict()
     for key in expected:
         if key not in source:
@@ -456,7 +671,12 @@ def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> R
     extra = sorted(set(source) - set(expected))
     if extra:
         raise ValueError(f"unexpected key {extra[0]!r} in {source.describe()}")
-    head.load_state_dict({k: source[k] for k in expected})
+    raw = {k: source[k] for k in expected}
+    for key, tensor in raw.items():
+        _check_floating(key, tensor, source.describe())  # before the cast would hide an integer tensor
+    state = checked_weights({k: v.to(torch.float32) for k, v in raw.items()}, source.describe(), torch.float32)
+    head = RewardHead(len(reward.layers), dim, reward.head_hidden)  # the sizes agree with the file: allocate
+    head.load_state_dict(state)  # (copied into fresh parameters, not adopted from the file's buffer)
     return head
 
 
