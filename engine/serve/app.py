@@ -33,7 +33,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from engine.api import RewardEngine
 from engine.mmdit import Conditioning
-from engine.serve.wire import RequestError, decode_request, encode_response
+from engine.serve.wire import RequestError, check_request, decode_request, encode_response
 from kernels.noise import noise_ref
 
 METRIC_PREFIX = "dit_reward_serve_"
@@ -182,6 +182,9 @@ class Scorer:
             description="requests per @serve.batch call",
             boundaries=_BATCH_BOUNDARIES,
         )
+        # exact totals beside the histogram (Ray's exported histogram _sum is approximate): mean batch = ratio
+        self.batches = Counter(METRIC_PREFIX + "batches", description="@serve.batch calls")
+        self.batched_requests = Counter(METRIC_PREFIX + "batched_requests", description="requests scored in batches")
         self.batch_images = Histogram(
             METRIC_PREFIX + "batch_images", description="images per engine.score call", boundaries=_BATCH_BOUNDARIES
         )
@@ -211,7 +214,12 @@ class Scorer:
         }
 
     async def score(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """One request -> {"rewards": [B]} or {"error": message, "type": exception name}."""
+        """One request (tensors named as in `engine.serve.wire`) -> {"rewards": [B]} or {"error": message,
+        "type": exception name}."""
+        try:
+            check_request(tensors)
+        except RequestError as e:
+            return _error(e)
         return await self.score_batch(_Item(tensors, time.perf_counter()))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -220,6 +228,8 @@ class Scorer:
         for item in items:
             self.queue_seconds.observe(start - item.arrived)
         self.batch_requests.observe(len(items))
+        self.batches.inc()
+        self.batched_requests.inc(len(items))
         # The engine runs in a worker thread so the replica's event loop keeps accepting requests (they form the
         # next batch) and answering Ray's health checks.
         await asyncio.to_thread(self._run, items)

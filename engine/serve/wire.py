@@ -55,6 +55,13 @@ def decode_request(body: bytes) -> dict[str, torch.Tensor]:
         tensors = _load(body)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise RequestError(f"body is not a safetensors file ({e}); build it with engine.serve.encode_request") from e
+    return check_request(tensors)
+
+
+def check_request(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The envelope check of `decode_request`, for requests that arrive as tensors (the deployment handle)."""
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise RequestError("a request is a dict of torch.Tensors named as in engine.serve.wire (seed: 0-d int64)")
     missing = [k for k in REQUIRED if k not in tensors]
     extra = sorted(set(tensors) - set(REQUIRED) - set(OPTIONAL))
     if missing or extra:
