@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,6 +272,25 @@ def test_replica_killed_mid_load_is_restarted_and_clients_complete(url, engine):
     while not (after := scorer_replicas()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert after and after[0]["name"] != replicas[0]["name"], "Ray Serve did not start a new replica"
+
+
+def test_remote_image_reward_matches_score_images(url):
+    """remote_reward_fn encodes in this process and sends latents: same scores as the engine's score_images."""
+    from engine.serve import remote_reward_fn
+    from engine.tiny_base import default_tiny_base
+
+    base = default_tiny_base()
+    gen = torch.Generator().manual_seed(7)
+    images = [torch.randint(0, 256, size, generator=gen, dtype=torch.uint8).numpy() for size in
+              ((64, 64, 3), (48, 32, 3), (64, 64, 3))]  # fmt: skip
+    prompts = ["a red cube", "a blue sphere", "a red cube"]
+    fn = remote_reward_fn(url, base=base, token=TOKEN, device="cpu", seed=3)
+    scores, details = fn(images, prompts, {})
+    reference = RewardEngine.from_preset("tiny", dtype="fp32")
+    reference.base_path = base  # the VAE and text encoders score_images loads (as from_pretrained(base=) attaches)
+    expected = reference.score_images(images, prompts, seed=3)
+    assert details == {} and scores.dtype == np.float32
+    torch.testing.assert_close(torch.from_numpy(scores), expected, rtol=0, atol=TOL)
 
 
 # ------------------------------------------------------------------------------------------- without the server
