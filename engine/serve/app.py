@@ -222,6 +222,7 @@ class Scorer:
             return _error(e)
         return await self.score_batch(_Item(tensors, time.perf_counter()))
 
+    # placeholder sizes: __init__ sets the deployment's own (--max-batch, --batch-wait-ms)
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score_batch(self, items: list[_Item]) -> list[dict[str, Any]]:
         start = time.perf_counter()
