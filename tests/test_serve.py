@@ -293,6 +293,20 @@ def test_remote_image_reward_matches_score_images(url):
     torch.testing.assert_close(torch.from_numpy(scores), expected, rtol=0, atol=TOL)
 
 
+def test_deployment_handle_skips_http(url, engine):
+    """In-cluster callers: the Scorer handle takes the wire format's tensors and answers like POST /score."""
+    from engine.serve.app import scorer_handle
+
+    x = make_request(engine, torch.Generator().manual_seed(6), batch=3, side=8, prompts=1, kind="seed")
+    out = scorer_handle().score.remote({**x, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
+    torch.testing.assert_close(out["rewards"], in_process(engine, x), rtol=0, atol=TOL)
+    wrong = {**x, "latents": x["latents"][:, :3]}
+    bad = scorer_handle().score.remote({**wrong, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
+    assert bad["error"] == _engine_message(engine, wrong)
+    bad = scorer_handle().score.remote(x).result(timeout_s=60)  # seed as a Python int: the envelope says so
+    assert "dict of torch.Tensors" in bad["error"]
+
+
 # ------------------------------------------------------------------------------------------- without the server
 
 
@@ -318,17 +332,3 @@ def test_conditioning_cache_conditions_each_row_once_and_is_bounded(engine):
     assert fresh == 1 and len(cache) == 2  # row 1 (least recently used: row 0 was read after it) evicted
     assert cache(embeds[:1], pooled[:1])[1] == 0
     assert cache(embeds[1:2], pooled[1:2])[1] == 1
-
-
-def test_deployment_handle_skips_http(url, engine):
-    """In-cluster callers: the Scorer handle takes the wire format's tensors and answers like POST /score."""
-    from engine.serve.app import scorer_handle
-
-    x = make_request(engine, torch.Generator().manual_seed(6), batch=3, side=8, prompts=1, kind="seed")
-    out = scorer_handle().score.remote({**x, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
-    torch.testing.assert_close(out["rewards"], in_process(engine, x), rtol=0, atol=TOL)
-    wrong = {**x, "latents": x["latents"][:, :3]}
-    bad = scorer_handle().score.remote({**wrong, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
-    assert bad["error"] == _engine_message(engine, wrong)
-    bad = scorer_handle().score.remote(x).result(timeout_s=60)  # seed as a Python int: the envelope says so
-    assert "dict of torch.Tensors" in bad["error"]
