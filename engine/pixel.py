@@ -51,9 +51,10 @@ _PROGRESS_MIN_ITEMS = 64
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """`device`, or CUDA when available else the CPU; refused when CUDA is named but unusable."""
+    from engine.api import resolve_device  # api imports this module lazily; the check lives there
+
+    return resolve_device(device)
 
 
 def _progress(total: int, desc: str, unit: str, progress: bool | None) -> tqdm:

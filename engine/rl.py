@@ -14,6 +14,8 @@ Three pieces, from the loosest coupling to the tightest:
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -144,7 +146,14 @@ def _group_labels(
         group_index = [slot.setdefault(p, len(slot)) for p in prompts]
     if group_index is None:
         return None
-    group = torch.as_tensor(group_index, device=device)
+    if isinstance(group_index, torch.Tensor) and group_index.device != device:
+        raise ValueError(f"group_index is on {group_index.device} but the latents are on {device}: move it with "
+                         ".to(latents.device)")  # fmt: skip
+    try:
+        group = torch.as_tensor(group_index, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise TypeError(f"group_index must be {batch} integers (one group label per latent), got "
+                        f"{type(group_index).__name__} {group_index!r:.60}") from None  # fmt: skip
     if group.dtype.is_floating_point or group.dtype.is_complex or group.dtype == torch.bool or group.shape != (batch,):
         raise ValueError(f"group_index must be {batch} integers (one group label per latent), got "
                          f"{group.dtype} {list(group.shape)}")  # fmt: skip
@@ -204,12 +213,15 @@ def dit_latent_reward_fn(
                 raise ValueError(
                     "prompt_index indexes distinct prompt rows; group_index/prompts label per-latent rows: pass one"
                 )
-            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.shape[0] != batch:
-                rows = prompt_embeds.shape[0] if isinstance(prompt_embeds, torch.Tensor) else "?"
-                raise ValueError(
-                    f"with group_index/prompts, prompt_embeds needs one row per latent ({batch}), got {rows}; "
-                    "for one row per distinct prompt use prompt_index"
-                )
+            for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+                if x.ndim == 0 or x.shape[0] != batch:
+                    rows = x.shape[0] if x.ndim else "a scalar"
+                    raise ValueError(
+                        f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
+                        "row per distinct prompt use prompt_index"
+                    )
             first, prompt_index = _first_of_each_group(group)
             first = first.to(prompt_embeds.device)
             if engine.check_finite and not (
@@ -248,8 +260,10 @@ def group_advantages(
     r = torch.as_tensor(np.asarray(rewards) if not isinstance(rewards, torch.Tensor) else rewards)
     if r.ndim != 1 or r.shape[0] == 0:
         raise ValueError(f"rewards must be a non-empty [B] vector, got shape {list(r.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float (Flow-GRPO: 1e-4), got {type(eps).__name__} {eps!r}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite float > 0 (Flow-GRPO: 1e-4), got {eps}")
     if r.is_floating_point() and not bool(torch.isfinite(r).all()):  # would make its whole group's advantages NaN
         bad = torch.nonzero(~torch.isfinite(r)).flatten().tolist()
         raise ValueError(f"rewards contain NaN or Inf at indices {bad}")

@@ -74,6 +74,30 @@ def test_group_advantages_bad_inputs() -> None:
         group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=0)
     with pytest.raises(ValueError, match=r"rewards contain NaN or Inf at indices \[1\]"):
         group_advantages(torch.tensor([0.5, float("nan"), 0.2]), torch.tensor([0, 0, 1]))
+    for eps in ("x", None, True, [1e-4]):
+        with pytest.raises(TypeError, match="eps must be a positive float"):
+            group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=eps)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+            group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=eps)
+
+
+def test_latent_reward_group_index_must_match_its_rows(engine: RewardEngine) -> None:
+    z0, pe, po, _ = random_inputs(batch=4, h=8, w=8, text_len=5, seed=4)
+    fn = dit_latent_reward_fn(engine, seed=0)
+    group = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"pooled needs one row per latent \(4\), got 2"):
+        fn(z0, pe, po[:2], group_index=group)
+    with pytest.raises(ValueError, match=r"prompt_embeds needs one row per latent \(4\), got 3"):
+        fn(z0, pe[:3], po, group_index=group)
+    with pytest.raises(TypeError, match="pooled must be a torch.Tensor"):
+        fn(z0, pe, po.tolist(), group_index=group)
+    with pytest.raises(TypeError, match="group_index must be 4 integers"):
+        fn(z0, pe, po, group_index="0011")
+    with pytest.raises(TypeError, match="group_index must be 4 integers"):
+        fn(z0, pe, po, group_index=["a", "a", "b", "b"])
+    with pytest.raises(ValueError, match="group_index is on meta but the latents are on cpu"):
+        fn(z0, pe, po, group_index=group.to("meta"))
 
 
 # ------------------------------------------------------------------------------------------------ latent form
