@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 from conftest import random_inputs, rel_err
@@ -326,3 +329,45 @@ def test_kernels_get_contiguous_modulation_vectors(engine, monkeypatch):
     engine.score(z0, (pe, po), noise=noise)
     assert {name for name, _ in seen} == {"layernorm_modulate", "gated_residual_layernorm_modulate", "gated_residual"}
     assert all(contiguous for _, contiguous in seen), [s for s in seen if not s[1]]
+
+
+def _clear_flash_attn_caches() -> None:
+    from engine import attention
+
+    for fn in vars(attention).values():
+        if callable(fn) and hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "fa3, fa2, capability, expected",
+    [
+        (True, True, (9, 0), "flash_attn"),  # FA3 on Hopper
+        (True, False, (9, 0), "flash_attn"),
+        (False, True, (9, 0), "sdpa_cudnn_first"),  # FA2 alone: cuDNN is faster at head dim 64
+        (False, False, (9, 0), "sdpa_cudnn_first"),
+        (True, True, (8, 0), "sdpa_cudnn_first"),  # FA3 is Hopper-only
+        (False, True, (10, 0), "sdpa_cudnn_first"),
+    ],
+)
+def test_auto_attention_resolution(monkeypatch, fa3, fa2, capability, expected):
+    """`auto` means what engine.attention's docstring says, whichever flash-attn packages import (faked in
+    sys.modules: None there makes an import fail)."""
+    from engine import attention
+
+    def fake(name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+        module.flash_attn_func = lambda q, k, v: q
+        return module
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake("flash_attn_interface") if fa3 else None)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake("flash_attn") if fa2 else None)
+    monkeypatch.delenv("DITREWARD_ATTENTION", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    _clear_flash_attn_caches()
+    try:
+        assert attention.resolve_backend("auto", torch.device("cuda")) == expected
+        assert attention.resolve_backend(None, torch.device("cpu")) == "sdpa"
+        assert attention.resolve_backend("flash_attn", torch.device("cuda")) == "flash_attn"  # explicit: FA3 or FA2
+    finally:
+        _clear_flash_attn_caches()  # the next test sees the real packages
