@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +58,32 @@ def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype
     return dtype
 
 
+def resolve_device(device: torch.device | str | int | None, default: torch.device | str | None = None) -> torch.device:
+    """`device` as a torch.device, refused with a ValueError when it does not parse or names a CUDA device this
+    process cannot use. None means `default`, or CUDA when available else the CPU."""
+    if device is None:
+        device = default if default is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be a torch.device, a string like 'cuda:0' or 'cpu', or None, got "
+                        f"{type(device).__name__}")  # fmt: skip
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={str(device)!r} but CUDA is not available here (torch {torch.__version__}, CUDA build "
+                f"{torch.version.cuda}): pass device='cpu', or install a CUDA build of torch on a GPU machine"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(device)!r} but this process sees {torch.cuda.device_count()} CUDA device(s): pick one "
+                f"of cuda:0..cuda:{torch.cuda.device_count() - 1} (see CUDA_VISIBLE_DEVICES)"
+            )
+    return resolved
+
+
 class RewardEngine(nn.Module):
     """DiT-Reward: an SD3/SD3.5 MMDiT (blocks 0..max(layers)) + an MLP head.
 
@@ -98,6 +127,12 @@ class RewardEngine(nn.Module):
         # head is built on the CPU and follows the backbone's device
         self.head = head.to(self.device, accumulation_dtype(self.dtype))
         self.check_finite = check_finite
+        # Tags this engine's Conditionings: another engine of the same config has other weights (see `condition`)
+        self._identity = object()
+        b = self.backbone
+        prompt_path = [b.time_text_embed, b.context_embedder]
+        prompt_path += [m for block in b.transformer_blocks for m in (block.norm1, block.norm1_context)]
+        self._prompt_tensors = [t for m in prompt_path for t in (*m.parameters(), *m.buffers())]
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
         self.set_backends(kernels_backend, attention)
@@ -151,7 +186,7 @@ class RewardEngine(nn.Module):
             reward.layers,
             [transformer.state_dict()],
             _dtype(dtype, param.dtype),
-            device if device is not None else param.device,
+            resolve_device(device, default=param.device),
         )
         return cls(
             backbone, head if head is not None else cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends
@@ -174,7 +209,7 @@ class RewardEngine(nn.Module):
         reward = RewardConfig.for_backbone(
             cfg, t=t, head_hidden=tuple(head_hidden), **({"layers": tuple(layers)} if layers is not None else {})
         )
-        backbone = load_backbone(cfg, reward.layers, [source], _dtype(dtype, torch.bfloat16), device)
+        backbone = load_backbone(cfg, reward.layers, [source], _dtype(dtype, torch.bfloat16), resolve_device(device))
         engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
         return engine
@@ -232,6 +267,7 @@ class RewardEngine(nn.Module):
 
         cfg = BackboneConfig.from_name(name)
         reward = RewardConfig.for_backbone(cfg, t=t, **({"layers": tuple(layers)} if layers is not None else {}))
+        device = resolve_device(device)
         backbone = random_backbone(cfg, reward.layers, _dtype(dtype, torch.bfloat16), device, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -313,7 +349,17 @@ class RewardEngine(nn.Module):
         inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
         self._check_prompts(prompt_embeds, pooled)
         with torch.enable_grad() if grad else torch.no_grad(), ops.use(self.kernels_backend):
-            return self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
+            cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
+        if self.check_finite:  # finite inputs can still overflow the adaLN linears (pooled x 1e20)
+            cond.check_finite()
+        return replace(cond, origin=(self._identity, self._prompt_weights_version()))
+
+    def _prompt_weights_version(self) -> int:
+        """Changes whenever a weight `condition()` reads is modified in place (optimizer steps, load_state_dict):
+        the sum of those tensors' autograd version counters. The tensors are listed once at construction (walking
+        the modules per call cost ~1 ms on SD3.5-L); replacing a parameter object outright (load_state_dict with
+        assign=True) is not seen."""
+        return sum(t._version for t in self._prompt_tensors)
 
     def features(
         self,
@@ -348,7 +394,14 @@ class RewardEngine(nn.Module):
         cond = self._select(self._conditioning(prompt_emb, grad), latents.shape[0], prompt_index)
         context = torch.enable_grad() if grad else torch.inference_mode()
         with context, ops.use(self.kernels_backend):
-            return self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
+            feats = self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
+        if self.check_finite and not bool(torch.isfinite(feats).all()):
+            raise ValueError(
+                "the features overflowed to NaN/Inf although latents and prompt embeddings are finite: an input is "
+                f"too large for {self.dtype} (largest |latent| {float(latents.abs().max()):.3g}, largest adaLN "
+                f"|modulation| {float(cond.modulation.abs().max()):.3g}); check the latents' and prompts' scale"
+            )
+        return feats
 
     def _conditioning(self, prompt_emb: PromptEmb, grad: bool = False) -> Conditioning:
         """A Conditioning as given, or made from the SD3 pair. With host adaLN weights that streams them on every
@@ -476,7 +529,8 @@ class RewardEngine(nn.Module):
             raise ValueError(f"{name} contains NaN or Inf values")
 
     def _check_conditioning(self, cond: Conditioning) -> None:
-        """A Conditioning from this engine's `condition()` (same model, dtype, device and t); shapes only, no sync."""
+        """A Conditioning from this engine's `condition()` with its current weights, or one built by hand that fits
+        (shapes, dtype, device, t) and is finite (one sync, when `check_finite`)."""
         dim = self.config.hidden_size
         n_vectors = sum(self.backbone.modulation_sizes)
         context, modulation = cond.context, cond.modulation
@@ -497,19 +551,52 @@ class RewardEngine(nn.Module):
         if cond.t != self.reward_config.t:
             raise ValueError(f"Conditioning was made at t={cond.t}, the engine scores at t={self.reward_config.t}")
         self._check_device("Conditioning", context)
+        if cond.origin is None:
+            if self.check_finite:
+                cond.check_finite()
+            return
+        identity, version = cond.origin
+        if identity is not self._identity:
+            raise ValueError(
+                "this Conditioning was made by another RewardEngine (same shapes, other weights: its rewards would "
+                "be wrong): make it with this engine's condition(prompt_embeds, pooled)"
+            )
+        if version != self._prompt_weights_version():
+            raise ValueError(
+                "this Conditioning was made before the engine's prompt-path weights changed (an optimizer step or "
+                "load_state_dict since): re-make it with engine.condition(prompt_embeds, pooled)"
+            )
+
+    def _check_prompt_index(self, prompt_index: Any, batch: int, num_prompts: int) -> torch.Tensor:
+        """prompt_index -> [batch] long on the engine's device, each in [0, num_prompts). The range check is free
+        for a list or a CPU tensor and costs one sync for a device tensor (then only when `check_finite`)."""
+        expected = f"{batch} integers in [0, {num_prompts - 1}] (one prompt row per latent)"
+        if isinstance(prompt_index, torch.Tensor):
+            self._check_device("prompt_index", prompt_index)
+            index = prompt_index
+        elif isinstance(prompt_index, (str, bytes)) or not isinstance(prompt_index, (Sequence, np.ndarray)):
+            raise TypeError(f"prompt_index must be {expected}, got {type(prompt_index).__name__}")
+        else:
+            bad = [v for v in prompt_index if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+            if bad:
+                raise TypeError(f"prompt_index must be {expected}, got an element {bad[0]!r}")
+            bad = [v for v in prompt_index if not 0 <= v < num_prompts]  # before int64: 2**70 would overflow
+            if bad:
+                raise ValueError(f"prompt_index must be {expected}, got {bad[0]}")
+            index = torch.tensor([int(v) for v in prompt_index], dtype=torch.long)
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise TypeError(f"prompt_index must be {expected}, got a {index.dtype} tensor")
+        if index.shape != (batch,):
+            raise ValueError(f"prompt_index must be {expected}, got shape {list(index.shape)}")
+        if (self.check_finite or index.device.type == "cpu") and bool((index < 0).any() | (index >= num_prompts).any()):
+            bad = index[(index < 0) | (index >= num_prompts)][0].item()
+            raise ValueError(f"prompt_index must be {expected}, got {bad}")
+        return index.to(self.device, torch.long)
 
     def _select(self, cond: Conditioning, batch: int, prompt_index: Any) -> Conditioning:
         self._check_conditioning(cond)
         if prompt_index is not None:
-            index = torch.as_tensor(prompt_index, device=cond.context.device)
-            if index.dtype not in (torch.int32, torch.int64) or index.shape != (batch,):
-                raise ValueError(
-                    f"prompt_index must be {batch} integers (one prompt per latent), got "
-                    f"{index.dtype} {list(index.shape)}"
-                )
-            if self.check_finite and (index.min() < 0 or index.max() >= cond.num_prompts):
-                raise ValueError(f"prompt_index values must lie in [0, {cond.num_prompts - 1}]")
-            return cond.select(index.long())
+            return cond.select(self._check_prompt_index(prompt_index, batch, cond.num_prompts))
         if cond.num_prompts == batch:
             return cond
         if cond.num_prompts == 1:

@@ -7,7 +7,9 @@ layout. Backends:
 - `flash_attn`: the flash-attn package (FA3's `flash_attn_interface` on Hopper when importable, else FA2).
 - `sdpa_cudnn_first`: SDPA with the priority cuDNN > flash > memory-efficient > math (a shape cuDNN rejects falls
   through to the next).
-- `auto`: flash-attn (FA3) on Hopper if importable, else `sdpa_cudnn_first` on CUDA, else `sdpa`.
+- `auto`: FA3 (`flash_attn_interface`) on Hopper (sm90) if importable, else `sdpa_cudnn_first` on CUDA, else
+  `sdpa`. FA2 alone is never picked: it runs the same algorithm as SDPA's flash kernel, which cuDNN beats at SD3's
+  head dim 64 on Hopper (DESIGN.md, H200: 412 vs 286 TFLOP/s); FA2 stays available as `flash_attn`.
 The softmax scale is head_dim**-0.5 and there is no mask, as in SD3's joint attention.
 """
 
@@ -38,20 +40,30 @@ _SDPA_CHOICES: dict[str, list[SDPBackend] | None] = {
 
 
 @functools.cache
-def _flash_attn_func() -> Callable | None:
-    """FA3 (Hopper) first, then FA2; None when neither package imports."""
+def _fa3_func() -> Callable | None:
+    """FA3's `flash_attn_func` (Hopper), None when `flash_attn_interface` does not import."""
     try:
-        from flash_attn_interface import flash_attn_func  # FA3
-
-        return flash_attn_func
-    except ImportError:
-        pass
-    try:
-        from flash_attn import flash_attn_func  # FA2
+        from flash_attn_interface import flash_attn_func
 
         return flash_attn_func
     except ImportError:
         return None
+
+
+@functools.cache
+def _fa2_func() -> Callable | None:
+    """FA2's `flash_attn_func`, None when `flash_attn` does not import."""
+    try:
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
+def _flash_attn_func() -> Callable | None:
+    """What the explicit `flash_attn` backend runs: FA3 first, then FA2; None when neither imports."""
+    return _fa3_func() or _fa2_func()
 
 
 def _fa3_or_fa2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -86,7 +98,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         return backend
     if device.type != "cuda":
         return "sdpa"
-    if torch.cuda.get_device_capability(device)[0] == 9 and _flash_attn_func() is not None:
+    if torch.cuda.get_device_capability(device)[0] == 9 and _fa3_func() is not None:
         return "flash_attn"
     # cuDNN attention measured fastest for head_dim 64 on Hopper (DESIGN.md: 412 vs 286 TFLOP/s for flash).
     return "sdpa_cudnn_first"

@@ -103,10 +103,24 @@ class Conditioning:
     context: torch.Tensor  # [P, L, D] context_embedder(prompt_embeds)
     modulation: torch.Tensor  # [P, M, D] all blocks' (shift, scale, gate) vectors, block after block
     t: float
+    # Who made it: (the engine's identity token, the version of its prompt-path weights then). None for one built
+    # by hand, which the engine accepts after checking it is finite; a Conditioning from another engine, or from
+    # this one before its weights changed, is refused (same shapes, different numbers).
+    origin: tuple[object, int] | None = None
 
     @property
     def num_prompts(self) -> int:
         return self.context.shape[0]
+
+    def check_finite(self) -> None:
+        """ValueError if any vector is NaN/Inf (one device sync). Not run on construction: CUDA graph capture builds
+        Conditionings of static buffers, where a sync is not allowed."""
+        for name, x in (("context", self.context), ("modulation", self.modulation)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"Conditioning.{name} contains NaN or Inf values: made by hand with them, or the prompt "
+                    "embeddings overflowed the prompt path (check prompt_embeds/pooled for huge values)"
+                )
 
     def select(self, index: torch.Tensor) -> Conditioning:
         return replace(

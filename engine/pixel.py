@@ -28,8 +28,10 @@ import gc
 import json
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,9 +53,10 @@ _PROGRESS_MIN_ITEMS = 64
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """`device`, or CUDA when available else the CPU; refused when CUDA is named but unusable."""
+    from engine.api import resolve_device  # api imports this module lazily; the check lives there
+
+    return resolve_device(device)
 
 
 def _progress(total: int, desc: str, unit: str, progress: bool | None) -> tqdm:
@@ -85,6 +88,11 @@ class PromptEncoder:
     Encoders run on ``encoders_device`` (default: ``device``); embeddings are returned, and cached, on ``device`` in
     ``dtype`` so that a cache hit costs no transfer. Counting: every requested prompt is one hit or one miss; a
     prompt repeated within a call is encoded once and its repeats count as hits.
+
+    Thread-safe (Flow-GRPO calls reward functions from a thread pool): a prompt is encoded once however many
+    threads ask for it at the same time: the first registers an in-flight future, the others count a hit and wait
+    on it. The text encoders run one batch at a time (HF fast tokenizers are not safe to share across threads),
+    and the cache and its byte count change only under one lock, so ``cached_bytes`` is exact.
     """
 
     def __init__(
@@ -119,6 +127,9 @@ class PromptEncoder:
         self.misses = 0
         self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cached_bytes = 0
+        self._lock = threading.Lock()  # the cache, its byte count, hits/misses and the in-flight table
+        self._encoder_lock = threading.Lock()  # one encoder batch at a time; release waits for it
+        self._in_flight: dict[tuple[str, int], Future] = {}  # prompts some thread is encoding now
         for encoder in text_encoders:
             encoder.to(self.encoders_device).eval().requires_grad_(False)
 
@@ -171,8 +182,9 @@ class PromptEncoder:
         return len(self._cache)
 
     def clear_cache(self) -> None:
-        self._cache.clear()
-        self._cached_bytes = 0
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
 
     @property
     def encoders_released(self) -> bool:
@@ -181,7 +193,8 @@ class PromptEncoder:
     def release_encoders(self) -> None:
         """Free the three text encoders (~5.5 B parameters for SD3.5); afterwards only cached prompts are served."""
         on_cuda = self.encoders_device.type == "cuda"
-        self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
+        with self._encoder_lock:
+            self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
@@ -203,44 +216,68 @@ class PromptEncoder:
         length = self.max_sequence_length if max_sequence_length is None else self._check_length(max_sequence_length)
 
         found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        missing: dict[str, None] = {}  # an ordered set: encode order = first-request order
-        for prompt in prompts:
-            key = (prompt, length)
-            if prompt in found or key in self._cache:
-                self.hits += 1
-                if prompt not in found:
+        waiting: dict[str, Future] = {}  # prompts another thread is encoding
+        missing: dict[str, Future] = {}  # ours to encode; ordered: encode order = first-request order
+        with self._lock:
+            for prompt in prompts:
+                key = (prompt, length)
+                if prompt in found or prompt in waiting or prompt in missing:
+                    self.hits += 1  # a repeat within this call
+                elif key in self._cache:
+                    self.hits += 1
                     self._cache.move_to_end(key)
                     found[prompt] = self._cache[key]
-            elif prompt not in missing:
-                self.misses += 1
-                missing[prompt] = None
-            else:
-                self.hits += 1  # a repeat of a prompt this call is about to encode
-        if missing:
-            missing_list = list(missing)
-            if self.encoders_released:
-                shown = ", ".join(repr(p[:60]) for p in missing_list[:3])
+                elif key in self._in_flight:
+                    self.hits += 1
+                    waiting[prompt] = self._in_flight[key]
+                else:
+                    self.misses += 1
+                    missing[prompt] = Future()
+            if missing and self.encoders_released:
+                shown = ", ".join(repr(p[:60]) for p in list(missing)[:3])
                 raise RuntimeError(
                     f"{len(missing)} prompt(s) not in the embedding cache ({shown}, ...) and the text encoders were "
                     "released: encode every prompt before release_encoders(), or reload the encoder"
                 )
-            with _progress(len(missing_list), "text encoders", "prompt", progress) as bar:
-                for start in range(0, len(missing_list), self.batch_size):
-                    chunk = missing_list[start : start + self.batch_size]
-                    embeds, pooled = self._encode(chunk, length)
-                    for i, prompt in enumerate(chunk):
-                        # clone: a row view would keep the whole batch alive and break the byte accounting.
-                        entry = (embeds[i].clone(), pooled[i].clone())
-                        found[prompt] = entry
-                        self._insert((prompt, length), entry)
-                    bar.update(len(chunk))
+            self._in_flight.update(((p, length), f) for p, f in missing.items())
+        if missing:
+            self._encode_missing(missing, length, progress)
+            found.update((p, f.result()) for p, f in missing.items())
+        found.update((p, f.result()) for p, f in waiting.items())  # re-raises the encoding thread's error
         embeds = torch.stack([found[p][0] for p in prompts])
         pooled = torch.stack([found[p][1] for p in prompts])
         return embeds, pooled
 
     encode = __call__
 
+    def _encode_missing(self, missing: dict[str, Future], length: int, progress: bool | None) -> None:
+        """Encode the prompts this call registered as in flight; resolve (and unregister) each one's future, with
+        the error if encoding fails, so no waiting thread hangs."""
+        todo = list(missing)
+        try:
+            with _progress(len(todo), "text encoders", "prompt", progress) as bar:
+                for start in range(0, len(todo), self.batch_size):
+                    chunk = todo[start : start + self.batch_size]
+                    with self._encoder_lock:
+                        embeds, pooled = self._encode(chunk, length)
+                    for i, prompt in enumerate(chunk):
+                        # clone: a row view would keep the whole batch alive and break the byte accounting.
+                        entry = (embeds[i].clone(), pooled[i].clone())
+                        with self._lock:
+                            self._insert((prompt, length), entry)
+                            del self._in_flight[(prompt, length)]
+                        missing[prompt].set_result(entry)
+                    bar.update(len(chunk))
+        except BaseException as err:
+            with self._lock:
+                for prompt, future in missing.items():
+                    if not future.done():
+                        del self._in_flight[(prompt, length)]
+                        future.set_exception(err)
+            raise
+
     def _insert(self, key: tuple[str, int], entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Add an entry and evict least-recently used ones down to the budget (caller holds `_lock`)."""
         size = sum(t.numel() * t.element_size() for t in entry)
         if size > self.cache_bytes:
             return  # larger than the whole budget (or caching disabled)

@@ -2,11 +2,11 @@
 
 Three pieces, from the loosest coupling to the tightest:
 
-- `dit_reward_fn` follows Flow-GRPO's reward convention (``flow_grpo/rewards.py``): a factory returning
+- `dit_reward_fn` follows Flow-GRPO's reward convention (``flow_grpo/rewards.py``): it returns
   ``fn(images, prompts, metadata) -> (scores, {})`` with images a float NCHW tensor in [0, 1] (what the SD3 pipeline
   returns with ``output_type="pt"``), a uint8 NHWC array or a list of PIL images, and ``scores`` one float per image.
-  It drops into ``multi_score``'s registry (``{name: factory}``, weighted by ``score_dict``); it pays a VAE encode
-  and the text encoders, like any pixel reward.
+  `dit_reward_factory` wraps it as the ``factory(device)`` that ``multi_score``'s registry (``{name: factory}``,
+  weighted by ``score_dict``) calls; it pays a VAE encode and the text encoders, like any pixel reward.
 - `dit_latent_reward_fn` scores the sampler's own final latents and prompt embeddings, *before* the VAE decode:
   no decode, no re-encode, no text encoders. A GRPO group (16-24 samples of one prompt) shares one conditioning.
 - `group_advantages` is Flow-GRPO's per-prompt normalisation, ``(r - mean_g) / (std_g + eps)``.
@@ -14,6 +14,8 @@ Three pieces, from the loosest coupling to the tightest:
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from engine.api import RewardEngine
+from engine.api import RewardEngine, resolve_device
 from engine.pixel import ImageBatch, _default_device
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
@@ -83,9 +85,8 @@ def dit_reward_fn(
         string per image; metadata is ignored. ``scores`` is a float32 numpy array [B], in input order. The function
         carries the engine as ``fn.engine``.
 
-    In Flow-GRPO, register a factory whose argument is called ``device`` (``multi_score`` passes the device to
-    factories that take one): ``score_functions["dit_reward"] = lambda device: dit_reward_fn(CKPT, base=SD35,
-    device=device)``, then ``score_dict={"dit_reward": 1.0, ...}``.
+    For Flow-GRPO's ``multi_score`` registry use `dit_reward_factory`: this function itself is not a factory
+    ``multi_score`` can call.
     """
     _check_seed(seed)
     if isinstance(engine_or_checkpoint, RewardEngine):
@@ -120,6 +121,62 @@ def dit_reward_fn(
     return reward_fn
 
 
+def dit_reward_factory(
+    engine_or_checkpoint: RewardEngine | str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    normalize: bool = False,
+    seed: int | None = None,
+    max_side: int | None = None,
+    **engine_kwargs: Any,
+) -> Callable[[torch.device | str], ImageRewardFn]:
+    """A reward-function factory for Flow-GRPO's ``multi_score``: ``make(device) -> dit_reward_fn(...)``.
+
+    ``multi_score`` builds each registered reward as ``factory(device)`` when ``'device' in
+    factory.__code__.co_varnames``, else ``factory()``. `dit_reward_fn` itself would be called with the device as
+    its first argument, and a ``functools.partial`` has no ``__code__``; the plain function returned here takes
+    exactly ``device``. Arguments are those of `dit_reward_fn`, checked now (a typo fails at registration, not when
+    training starts); nothing is loaded until ``make(device)``. With a built engine, ``device`` must be the
+    engine's (an engine is not moved between devices behind its owner's back).
+
+    In ``flow_grpo/rewards.py``, inside ``multi_score``, add one entry to its local ``score_functions`` dict::
+
+        "dit_reward": dit_reward_factory("/ckpt/dit-reward", base="/models/sd3.5-medium", normalize=True),
+
+    (with ``from engine.rl import dit_reward_factory`` at the top), then train with ``score_dict={"dit_reward": 1.0}``.
+    """
+    _check_seed(seed)
+    if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
+        raise TypeError(
+            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
+            f"{type(engine_or_checkpoint).__name__}"
+        )
+    if isinstance(engine_or_checkpoint, RewardEngine) and (base is not None or engine_kwargs):
+        raise ValueError("base and engine keywords are for loading a checkpoint path; this engine is already built")
+    if not isinstance(engine_or_checkpoint, RewardEngine) and base is None:
+        raise ValueError(
+            "dit_reward_factory scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 "
+            "diffusers directory>"
+        )
+    options = dict(normalize=normalize, seed=seed, max_side=max_side)
+
+    def make(device: torch.device | str) -> ImageRewardFn:
+        """Flow-GRPO calls this once per process with its accelerator's device."""
+        if isinstance(engine_or_checkpoint, RewardEngine):
+            engine = engine_or_checkpoint
+            wanted = resolve_device(device)
+            if wanted != engine.device and not (wanted.type == engine.device.type == "cuda" and wanted.index is None):
+                raise ValueError(
+                    f"device is {wanted} but the engine is on {engine.device}: build the engine on that device, or "
+                    "pass the checkpoint path so that each process loads its own"
+                )
+            return dit_reward_fn(engine, **options)
+        return dit_reward_fn(engine_or_checkpoint, base=base, device=device, dtype=dtype, **options, **engine_kwargs)
+
+    return make
+
+
 # ----------------------------------------------------------------------------------------------- latent form
 
 
@@ -144,7 +201,14 @@ def _group_labels(
         group_index = [slot.setdefault(p, len(slot)) for p in prompts]
     if group_index is None:
         return None
-    group = torch.as_tensor(group_index, device=device)
+    if isinstance(group_index, torch.Tensor) and group_index.device != device:
+        raise ValueError(f"group_index is on {group_index.device} but the latents are on {device}: move it with "
+                         ".to(latents.device)")  # fmt: skip
+    try:
+        group = torch.as_tensor(group_index, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise TypeError(f"group_index must be {batch} integers (one group label per latent), got "
+                        f"{type(group_index).__name__} {group_index!r:.60}") from None  # fmt: skip
     if group.dtype.is_floating_point or group.dtype.is_complex or group.dtype == torch.bool or group.shape != (batch,):
         raise ValueError(f"group_index must be {batch} integers (one group label per latent), got "
                          f"{group.dtype} {list(group.shape)}")  # fmt: skip
@@ -204,12 +268,15 @@ def dit_latent_reward_fn(
                 raise ValueError(
                     "prompt_index indexes distinct prompt rows; group_index/prompts label per-latent rows: pass one"
                 )
-            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.shape[0] != batch:
-                rows = prompt_embeds.shape[0] if isinstance(prompt_embeds, torch.Tensor) else "?"
-                raise ValueError(
-                    f"with group_index/prompts, prompt_embeds needs one row per latent ({batch}), got {rows}; "
-                    "for one row per distinct prompt use prompt_index"
-                )
+            for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+                if x.ndim == 0 or x.shape[0] != batch:
+                    rows = x.shape[0] if x.ndim else "a scalar"
+                    raise ValueError(
+                        f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
+                        "row per distinct prompt use prompt_index"
+                    )
             first, prompt_index = _first_of_each_group(group)
             first = first.to(prompt_embeds.device)
             if engine.check_finite and not (
@@ -248,8 +315,10 @@ def group_advantages(
     r = torch.as_tensor(np.asarray(rewards) if not isinstance(rewards, torch.Tensor) else rewards)
     if r.ndim != 1 or r.shape[0] == 0:
         raise ValueError(f"rewards must be a non-empty [B] vector, got shape {list(r.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float (Flow-GRPO: 1e-4), got {type(eps).__name__} {eps!r}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite float > 0 (Flow-GRPO: 1e-4), got {eps}")
     if r.is_floating_point() and not bool(torch.isfinite(r).all()):  # would make its whole group's advantages NaN
         bad = torch.nonzero(~torch.isfinite(r)).flatten().tolist()
         raise ValueError(f"rewards contain NaN or Inf at indices {bad}")
@@ -270,4 +339,11 @@ def group_advantages(
     return (centred / (std[inverse] + eps)).to(out_dtype)
 
 
-__all__ = ["ImageRewardFn", "LatentRewardFn", "dit_latent_reward_fn", "dit_reward_fn", "group_advantages"]
+__all__ = [
+    "ImageRewardFn",
+    "LatentRewardFn",
+    "dit_latent_reward_fn",
+    "dit_reward_factory",
+    "dit_reward_fn",
+    "group_advantages",
+]

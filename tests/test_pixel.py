@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,66 @@ def test_cache_is_bounded_in_bytes_and_lru(tiny_dir: Path) -> None:
     disabled = PromptEncoder.from_pretrained(tiny_dir, device="cpu", max_sequence_length=32, cache_bytes=0)
     disabled(PROMPTS)
     assert len(disabled) == 0 and disabled.cached_bytes == 0
+
+
+def _held_bytes(encoder: PromptEncoder) -> int:
+    return sum(t.nbytes for entry in encoder._cache.values() for t in entry)
+
+
+def _slow_counting_encode(encoder: PromptEncoder, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every prompt the text encoders see; each batch takes 0.2 s so that concurrent calls overlap."""
+    encoded: list[str] = []
+    real_encode = encoder._encode
+
+    def encode(prompts: list[str], length: int):
+        encoded.extend(prompts)
+        time.sleep(0.2)
+        return real_encode(prompts, length)
+
+    monkeypatch.setattr(encoder, "_encode", encode)
+    return encoded
+
+
+def test_cache_is_thread_safe_under_flow_grpo_executor(encoder: PromptEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flow-GRPO's pattern: reward fns called from a ThreadPoolExecutor(max_workers=8), batches in flight at once.
+    8 concurrent calls on the same 4 new prompts encode each prompt once; the byte count equals what is held."""
+    reference = encoder(PROMPTS + ["a fourth prompt"])
+    encoder.clear_cache()
+    encoder.hits = encoder.misses = 0
+    encoded = _slow_counting_encode(encoder, monkeypatch)
+    prompts = [*PROMPTS, "a fourth prompt"]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: encoder(prompts), range(8)))
+    assert encoded == prompts  # one encode per prompt (one batch, as for the reference), not one per thread
+    assert (encoder.misses, encoder.hits) == (4, 28)
+    assert encoder.cached_bytes == _held_bytes(encoder) == reference[0].nbytes + reference[1].nbytes
+    for embeds, pooled in results:  # the same encoder batch as the reference: bit-identical
+        assert torch.equal(embeds, reference[0]) and torch.equal(pooled, reference[1])
+
+
+def test_cache_bytes_stay_exact_under_concurrent_eviction(tiny_dir: Path) -> None:
+    probe = PromptEncoder.from_pretrained(tiny_dir, device="cpu", max_sequence_length=16)
+    entry = sum(t[0].nbytes for t in probe("x"))
+    encoder = PromptEncoder.from_pretrained(tiny_dir, device="cpu", max_sequence_length=16, cache_bytes=5 * entry)
+    prompts = [f"prompt {i}" for i in range(12)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda i: encoder([prompts[(i + j) % 12] for j in range(3)]), range(48)))
+    assert encoder.cached_bytes == _held_bytes(encoder) == 5 * entry
+    assert encoder.hits + encoder.misses == 48 * 3 and not encoder._in_flight
+
+
+def test_encoding_error_reaches_every_waiting_thread(encoder: PromptEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(prompts: list[str], length: int):
+        time.sleep(0.2)
+        raise RuntimeError("encoder out of memory")
+
+    monkeypatch.setattr(encoder, "_encode", fail)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(encoder, PROMPTS) for _ in range(4)]
+        for future in futures:
+            with pytest.raises(RuntimeError, match="encoder out of memory"):
+                future.result(timeout=30)
+    assert not encoder._in_flight and len(encoder) == 0
 
 
 def test_release_encoders(encoder: PromptEncoder) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import random_inputs
 from PIL import Image
 
 from engine import RewardEngine
-from engine.rl import dit_latent_reward_fn, dit_reward_fn, group_advantages
+from engine.rl import dit_latent_reward_fn, dit_reward_factory, dit_reward_fn, group_advantages
 from engine.tiny_base import default_tiny_base
 
 PROMPTS = ["a photo of a cat", "two dogs running on the beach", "a red car at night"]
@@ -74,6 +75,30 @@ def test_group_advantages_bad_inputs() -> None:
         group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=0)
     with pytest.raises(ValueError, match=r"rewards contain NaN or Inf at indices \[1\]"):
         group_advantages(torch.tensor([0.5, float("nan"), 0.2]), torch.tensor([0, 0, 1]))
+    for eps in ("x", None, True, [1e-4]):
+        with pytest.raises(TypeError, match="eps must be a positive float"):
+            group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=eps)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+            group_advantages(torch.zeros(2), torch.tensor([0, 1]), eps=eps)
+
+
+def test_latent_reward_group_index_must_match_its_rows(engine: RewardEngine) -> None:
+    z0, pe, po, _ = random_inputs(batch=4, h=8, w=8, text_len=5, seed=4)
+    fn = dit_latent_reward_fn(engine, seed=0)
+    group = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"pooled needs one row per latent \(4\), got 2"):
+        fn(z0, pe, po[:2], group_index=group)
+    with pytest.raises(ValueError, match=r"prompt_embeds needs one row per latent \(4\), got 3"):
+        fn(z0, pe[:3], po, group_index=group)
+    with pytest.raises(TypeError, match="pooled must be a torch.Tensor"):
+        fn(z0, pe, po.tolist(), group_index=group)
+    with pytest.raises(TypeError, match="group_index must be 4 integers"):
+        fn(z0, pe, po, group_index="0011")
+    with pytest.raises(TypeError, match="group_index must be 4 integers"):
+        fn(z0, pe, po, group_index=["a", "a", "b", "b"])
+    with pytest.raises(ValueError, match="group_index is on meta but the latents are on cpu"):
+        fn(z0, pe, po, group_index=group.to("meta"))
 
 
 # ------------------------------------------------------------------------------------------------ latent form
@@ -191,6 +216,54 @@ def test_flow_grpo_reward_fn_from_a_checkpoint(pixel_engine: RewardEngine, tmp_p
     expected = pixel_engine.score_images(images, prompts, seed=3, normalize=True)
     scores, _ = dit_reward_fn(fn.engine, seed=3, normalize=True)(images, prompts, None)
     np.testing.assert_array_equal(scores, expected.numpy())
+
+
+def _multi_score_registry(score_functions: dict, score_dict: dict[str, float], device):
+    """How Flow-GRPO's ``multi_score`` builds its reward fns from the registry, restated: ``factory(device)`` when
+    ``'device' in factory.__code__.co_varnames``, else ``factory()``."""
+    return {
+        name: score_functions[name](device)
+        if "device" in score_functions[name].__code__.co_varnames
+        else score_functions[name]()
+        for name in score_dict
+    }
+
+
+def test_flow_grpo_factory_registers_in_multi_score(pixel_engine: RewardEngine, tmp_path: Path) -> None:
+    checkpoint = pixel_engine.save_pretrained(tmp_path / "reward")
+    images, prompts = _images(3), PROMPTS
+    expected = pixel_engine.score_images(images, prompts, seed=2, normalize=True).numpy()
+    registry = {
+        "from_checkpoint": dit_reward_factory(
+            checkpoint, base=default_tiny_base(), dtype=torch.float32, seed=2, normalize=True, kernels_backend="torch"
+        ),
+        "from_engine": dit_reward_factory(pixel_engine, seed=2, normalize=True),
+    }
+    score_dict = {"from_checkpoint": 1.0, "from_engine": 0.5}
+    score_fns = _multi_score_registry(registry, score_dict, torch.device("cpu"))
+    assert score_fns["from_engine"].engine is pixel_engine and score_fns["from_checkpoint"].engine.device.type == "cpu"
+    details, _ = _multi_score(score_fns, score_dict)(images, prompts, {})
+    np.testing.assert_array_equal(details["from_engine"], expected)
+    np.testing.assert_allclose(details["from_checkpoint"], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(details["avg"], 1.5 * expected, rtol=1e-6, atol=1e-6)
+    # what the factory replaces: dit_reward_fn is handed the device as its checkpoint, a partial has no __code__
+    with pytest.raises(TypeError, match="got device"):
+        _multi_score_registry({"dit": dit_reward_fn}, {"dit": 1.0}, torch.device("cpu"))
+    with pytest.raises(AttributeError, match="__code__"):
+        _multi_score_registry({"dit": functools.partial(dit_reward_fn, checkpoint)}, {"dit": 1.0}, "cpu")
+
+
+def test_flow_grpo_factory_bad_inputs(pixel_engine: RewardEngine, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="base="):
+        dit_reward_factory(tmp_path / "reward")
+    with pytest.raises(TypeError, match="RewardEngine or a reward checkpoint"):
+        dit_reward_factory(42)
+    with pytest.raises(TypeError, match="seed"):
+        dit_reward_factory(pixel_engine, seed="1")
+    with pytest.raises(ValueError, match="already built"):
+        dit_reward_factory(pixel_engine, base=default_tiny_base())
+    with pytest.raises(ValueError, match="device is meta but the engine is on cpu"):
+        dit_reward_factory(pixel_engine)("meta")
 
 
 def test_flow_grpo_reward_fn_bad_inputs(pixel_engine: RewardEngine, tmp_path: Path) -> None:

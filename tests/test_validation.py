@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_inputs
+from conftest import FP32_REL_TOL, random_inputs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from engine import BackboneConfig, RewardConfig, RewardEngine
+from engine import BackboneConfig, Conditioning, RewardConfig, RewardEngine
+from engine.api import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +79,62 @@ def test_bad_input(engine, good, case):
         engine.score(z, emb, noise=noise)
 
 
-def test_bad_prompt_index(engine, good):
+@pytest.mark.parametrize(
+    "prompt_index, exc, pattern",
+    [
+        ([0, 2], ValueError, r"prompt_index must be 2 integers in \[0, 1\].*got 2"),
+        ([0, -1], ValueError, "prompt_index must be .*got -1"),
+        (torch.tensor([-1, 0]), ValueError, "prompt_index must be .*got -1"),
+        ([0, 2**70], ValueError, "prompt_index must be .*got 1180591620717411303424"),
+        ([0], ValueError, r"prompt_index must be .*got shape \[1\]"),
+        ([0.5, 1.0], TypeError, "prompt_index must be .*got an element 0.5"),
+        (torch.tensor([0.0, 1.0]), TypeError, "prompt_index must be .*torch.float32 tensor"),
+        ([True, False], TypeError, "prompt_index must be .*got an element True"),
+        ("01", TypeError, "prompt_index must be .*got str"),
+        (["0", "1"], TypeError, "prompt_index must be .*got an element '0'"),
+        (1.0, TypeError, "prompt_index must be .*got float"),
+        (torch.tensor([0, 1], device="meta"), ValueError, "prompt_index is on meta but the engine is on cpu"),
+    ],
+)
+def test_bad_prompt_index(engine, good, prompt_index, exc, pattern):
     z0, emb, _ = good
-    with pytest.raises(ValueError, match=r"prompt_index values must lie in \[0, 1\]"):
-        engine.score(z0, emb, prompt_index=[0, 2])
-    with pytest.raises(ValueError, match="prompt_index must be 2 integers"):
-        engine.score(z0, emb, prompt_index=[0.5, 1.0])
+    with pytest.raises(exc, match=pattern):
+        engine.score(z0, emb, prompt_index=prompt_index)
+    with pytest.raises(exc, match=pattern):
+        engine.features(z0, engine.condition(*emb), prompt_index=prompt_index)
+
+
+_ANY_INDEX = st.one_of(
+    st.lists(st.integers(-3, 4), min_size=0, max_size=4),
+    st.lists(st.one_of(st.integers(-3, 4), st.floats(allow_nan=True), st.text(max_size=2), st.booleans()), max_size=4),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=3),
+    st.lists(st.integers(0, 1), min_size=2, max_size=2).map(torch.tensor),
+    st.lists(st.floats(-2, 2), min_size=2, max_size=2).map(torch.tensor),
+)
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt_index=_ANY_INDEX)
+def test_prompt_index_property(engine, good, prompt_index):
+    """Any prompt_index scores iff it is 2 ints in [0, 2); otherwise a ValueError/TypeError that names it."""
+    z0, emb, noise = good
+    valid = (
+        isinstance(prompt_index, (list, torch.Tensor))
+        and len(prompt_index) == 2
+        and all(not isinstance(v, (bool, float, str)) for v in list(prompt_index))
+        and not (isinstance(prompt_index, torch.Tensor) and prompt_index.is_floating_point())
+        and all(0 <= int(v) < 2 for v in prompt_index)
+    )
+    if valid:
+        rewards = engine.score(z0, emb, noise=noise, prompt_index=prompt_index)
+        rows = torch.as_tensor(prompt_index).long()
+        expected = engine.score(z0, (emb[0][rows], emb[1][rows]), noise=noise)
+        torch.testing.assert_close(rewards, expected, rtol=FP32_REL_TOL, atol=FP32_REL_TOL)
+    else:
+        with pytest.raises((ValueError, TypeError), match="prompt_index"):
+            engine.score(z0, emb, noise=noise, prompt_index=prompt_index)
 
 
 @pytest.mark.parametrize(
@@ -162,3 +215,77 @@ def test_outputs_are_ordinary_tensors(engine, good):
 
 def test_fp64_engine_uses_the_torch_kernels():
     assert RewardEngine.from_preset("tiny", dtype="fp64", kernels_backend="triton").kernels_backend == "torch"
+
+
+# ------------------------------------------------------------------------------------------------- devices
+
+
+def test_device_names_are_checked(monkeypatch, tiny_transformer):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for make in (
+        lambda: RewardEngine.from_preset("tiny", device="cuda"),
+        lambda: RewardEngine.from_diffusers(tiny_transformer, device="cuda:0"),
+        lambda: resolve_device("cuda"),
+    ):
+        with pytest.raises(ValueError, match="CUDA is not available here.*pass device='cpu'"):
+            make()
+    with pytest.raises(ValueError, match="device 'gpu' is not a device name"):
+        RewardEngine.from_preset("tiny", device="gpu")
+    with pytest.raises(TypeError, match="device must be a torch.device"):
+        RewardEngine.from_preset("tiny", device=1.5)
+    assert resolve_device(None) == torch.device("cpu")
+
+
+# -------------------------------------------------------------------------------------------- conditionings
+
+
+def test_conditioning_from_an_engine_with_other_weights_is_refused(engine, good):
+    """Same preset, same shapes, dtype and t, other weights: only the tag tells them apart."""
+    z0, (pe, po), noise = good
+    twin = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch", seed=1)
+    with pytest.raises(ValueError, match="made by another RewardEngine"):
+        engine.score(z0, twin.condition(pe, po), noise=noise)
+    with pytest.raises(ValueError, match="made by another RewardEngine"):  # select() keeps the tag
+        engine.score(z0, twin.condition(pe, po).select(torch.tensor([0, 0])), noise=noise)
+    engine.score(z0, engine.condition(pe, po), noise=noise)  # its own conditioning is accepted
+
+
+def test_conditioning_made_before_a_weight_update_is_refused(good):
+    z0, (pe, po), noise = good
+    engine = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch")
+    cond = engine.condition(pe, po)
+    engine.score(z0, cond, noise=noise)  # scoring itself changes nothing
+    with torch.no_grad():
+        engine.backbone.transformer_blocks[2].norm1.linear.weight.mul_(1.01)  # what an optimizer step does
+    with pytest.raises(ValueError, match="made before the engine's prompt-path weights changed"):
+        engine.score(z0, cond, noise=noise)
+    engine.score(z0, engine.condition(pe, po), noise=noise)
+
+
+def test_hand_made_conditioning(engine, good):
+    """Built by hand from fitting tensors: accepted when finite, refused with NaN/Inf anywhere."""
+    z0, (pe, po), noise = good
+    made = engine.condition(pe, po)
+    by_hand = Conditioning(context=made.context.clone(), modulation=made.modulation.clone(), t=made.t)
+    torch.testing.assert_close(engine.score(z0, by_hand, noise=noise), engine.score(z0, made, noise=noise))
+    for field in ("context", "modulation"):
+        bad = by_hand.select(torch.tensor([0, 1]))
+        getattr(bad, field)[1, 0, 3] = float("nan")
+        with pytest.raises(ValueError, match=f"Conditioning.{field} contains NaN or Inf"):
+            engine.score(z0, bad, noise=noise)
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(exponent=st.integers(0, 38), which=st.sampled_from(["pooled", "prompt_embeds", "latents"]))
+def test_huge_finite_inputs_never_give_nan_rewards(engine, good, exponent, which):
+    """Finite inputs scaled up to 1e38: finite rewards, or a ValueError saying what overflowed; never NaN."""
+    z0, (pe, po), noise = good
+    inputs = {"latents": z0, "prompt_embeds": pe, "pooled": po}
+    inputs[which] = inputs[which] * 10.0**exponent
+    z0, pe, po = inputs.values()
+    try:
+        rewards = engine.score(z0, (pe, po), noise=noise)
+    except ValueError as err:
+        assert "NaN or Inf" in str(err) or "overflowed" in str(err)
+    else:
+        assert torch.isfinite(rewards).all()
