@@ -243,6 +243,7 @@ class RewardEngine(nn.Module):
                 f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
                 f"directory or single .safetensors file>"
             )
+        device = resolve_device(device)
         backbone = load_backbone(cfg, reward.layers, sources, _dtype(dtype, torch.bfloat16), device)
         engine = cls(
             backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, fp8=dtype == "fp8", **backends

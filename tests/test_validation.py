@@ -220,10 +220,14 @@ def test_fp64_engine_uses_the_torch_kernels():
 # ------------------------------------------------------------------------------------------------- devices
 
 
-def test_device_names_are_checked(monkeypatch, tiny_transformer):
+def test_device_names_are_checked(monkeypatch, tiny_transformer, tmp_path):
+    checkpoint = RewardEngine.from_preset("tiny", dtype=torch.float32).save_pretrained(
+        tmp_path / "ckpt", include_backbone=True
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for make in (
         lambda: RewardEngine.from_preset("tiny", device="cuda"),
+        lambda: RewardEngine.from_pretrained(checkpoint, dtype=torch.float32, device="cuda"),
         lambda: RewardEngine.from_diffusers(tiny_transformer, device="cuda:0"),
         lambda: resolve_device("cuda"),
     ):
