@@ -188,7 +188,7 @@ def _kernel_lines(sections: dict) -> list[dict[str, Any]]:
         compile_note = f"compile {r['compile_us']:.0f} µs" if r.get("compile_us") is not None else "no compile timing"
         out.append(
             {
-                "target": f"kernel {r['op']} b{KERNEL_BATCH} n{r['tokens']}: share of copy bandwidth",
+                "target": f"kernel {r['op']} b{KERNEL_BATCH}: share of copy bandwidth",
                 "bound": KERNEL_BANDWIDTH_SHARE,
                 "kind": "min",
                 "uncached": {
@@ -208,10 +208,10 @@ def format_table(lines: list[dict[str, Any]]) -> str:
         verdict = {True: "MET", False: "missed", None: "(no bound)"}[c["met"]]
         return f"{c['value']} {verdict} ({c['row']})"
 
-    text = [f"{'target':<56} {'bound':>8}  {'conditioned in the call':<64} conditioning cached"]
+    text = [f"{'target':<72} {'bound':>8}  {'conditioned in the call':<64} conditioning cached"]
     for line in lines:
         bound = "-" if line["bound"] is None else ("≤ " if line["kind"] == "max" else "≥ ") + str(line["bound"])
-        text.append(f"{line['target']:<56} {bound:>8}  {cell(line.get('uncached')):<64} {cell(line.get('cached'))}")
+        text.append(f"{line['target']:<72} {bound:>8}  {cell(line.get('uncached')):<64} {cell(line.get('cached'))}")
     return "\n".join(text)
 
 
