@@ -4,6 +4,10 @@
   (every block, `norm_out`, `proj_out`, unpatchify) with forward hooks mean-pooling the image stream of the chosen
   blocks, then the MLP head.
 - `compile_regional`: the same model with each `JointTransformerBlock` under `torch.compile`.
+- `compile_whole`: the whole model under one `torch.compile`, CUDA graphs included on a GPU (`mode="reduce-overhead"`
+  or `"max-autotune"`): the strongest bf16 peer (label `compile+cudagraphs`).
+- `quantize_torchao_fp8`: torchao's dynamic rowwise FP8 on the block linears the engine's `dtype="fp8"` quantises
+  (`is_engine_fp8_linear`), to be compiled afterwards: the ecosystem's FP8 peer (label `torchao fp8`).
 - `HPSv3Reward`: the HPSv3 architecture (Qwen2-VL-7B + an MLP head on the last token), fed a 448² image
   (256 visual tokens after the 2×2 merge) inside a ~480-token instruction. `resize_to_448` is the step between the
   SD3 VAE decode and it.
@@ -190,17 +194,86 @@ def compile_regional(transformer: SD3Transformer2DModel, **compile_kwargs: Any) 
     so that several benchmark shapes never silently fall back to eager.
     """
     compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
-    dynamo_config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-            break
+    _raise_recompile_limit()
     # diffusers' helper needs the model to declare `_repeated_blocks`; SD3 does not in diffusers 0.42.
     if getattr(transformer, "_repeated_blocks", None) and hasattr(transformer, "compile_repeated_blocks"):
         transformer.compile_repeated_blocks(**compile_kwargs)
     else:
         for block in transformer.transformer_blocks:
             block.compile(**compile_kwargs)
+    return transformer
+
+
+class BaselineUnavailable(RuntimeError):
+    """A baseline that cannot run on this machine (missing hardware or package); its message is the row's reason,
+    e.g. "skipped: needs CUDA sm≥8.9"."""
+
+
+def compile_modes(device: str | torch.device) -> tuple[str, ...]:
+    """The `torch.compile` modes `compile_whole` is timed in: on CUDA both modes that capture CUDA graphs (the faster
+    one is the peer, both are reported); elsewhere inductor's default, as no CUDA graphs exist there."""
+    return ("reduce-overhead", "max-autotune") if torch.device(device).type == "cuda" else ("default",)
+
+
+def compile_whole(transformer: SD3Transformer2DModel, mode: str = "reduce-overhead") -> SD3Transformer2DModel:
+    """The whole `SD3Transformer2DModel` under one `torch.compile(mode=mode)`, in place; the block hooks of a
+    `DiffusersHookReward` are traced into the graph (register them before the first call).
+
+    `"reduce-overhead"` and `"max-autotune"` replay the forward as CUDA graphs on a GPU (one launch per call instead
+    of thousands, which is what batch 1 needs); on the CPU inductor skips the graphs and `"default"` is the same code.
+    `fullgraph=True`: a graph break would split the CUDA graph and misrepresent the peer, so it must fail loudly.
+    `dynamic=False`: one static graph per benchmark shape, as a user serving fixed shapes would compile.
+    """
+    _raise_recompile_limit()
+    transformer.compile(mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
+    return transformer
+
+
+def _raise_recompile_limit() -> None:
+    """Several benchmark shapes per compiled code object must never silently fall back to eager."""
+    dynamo_config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+            break
+
+
+def is_engine_fp8_linear(module: nn.Module, fqn: str) -> bool:
+    """torchao `filter_fn`: the linears `engine.quant.quantize_fp8` quantises by default, named in diffusers'
+    `SD3Transformer2DModel` (`fqn` relative to it): every `nn.Linear` inside `transformer_blocks` except the adaLN
+    modulation (`norm1.linear`, `norm1_context.linear`: prompt-only work, kept bf16 by the engine too)."""
+    parts = fqn.split(".")
+    return (
+        isinstance(module, nn.Linear)
+        and len(parts) > 2
+        and parts[0] == "transformer_blocks"
+        and not parts[2].startswith("norm1")
+    )
+
+
+def torchao_fp8_config() -> Any:
+    """torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`: e4m3 weights with a scale per
+    output row, activations quantised per token at run time (the engine's FP8 scheme). Raises `BaselineUnavailable`
+    when torchao is not installed (`pip install -e '.[gpu]'`)."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+    except ImportError as err:
+        raise BaselineUnavailable(f"skipped: torchao not installed ({err}); pip install -e '.[gpu]'") from err
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def quantize_torchao_fp8(transformer: SD3Transformer2DModel) -> SD3Transformer2DModel:
+    """torchao dynamic rowwise FP8 on `is_engine_fp8_linear`'s linears, in place (compile afterwards with
+    `compile_whole`). torchao's FP8 GEMMs need FP8 tensor cores: on anything but CUDA compute capability ≥ 8.9 this
+    raises `BaselineUnavailable("skipped: needs CUDA sm≥8.9 ...")` before touching the model."""
+    device = next(transformer.parameters()).device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        where = device.type if device.type != "cuda" else "sm{}{}".format(*torch.cuda.get_device_capability(device))
+        raise BaselineUnavailable(f"skipped: needs CUDA sm≥8.9 (FP8 tensor cores), this model is on {where}")
+    config = torchao_fp8_config()
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, config, filter_fn=is_engine_fp8_linear)
     return transformer
 
 
@@ -439,10 +512,16 @@ __all__ = [
     "HPSV3_VARIANTS",
     "QWEN2_VL_7B",
     "QWEN2_VL_TINY",
+    "BaselineUnavailable",
     "DiffusersHookReward",
     "HPSv3Reward",
     "build_sd3_transformer",
+    "compile_modes",
     "compile_regional",
+    "compile_whole",
+    "is_engine_fp8_linear",
+    "quantize_torchao_fp8",
+    "torchao_fp8_config",
     "mlp_head",
     "qwen2_vl_config",
     "resize_to_448",

@@ -1,6 +1,6 @@
 """One GPU session, one call: correctness of every fast path, then every timing, engine and baselines in one process.
 
-    python -m bench.gpu_check --out DIR [--deadline-s 420]
+    python -m bench.gpu_check --out DIR [--deadline-s 420] [--only SECTION ...]
     python -m bench.gpu_check --out DIR --cpu-smoke      # every section on the tiny preset, on the CPU
 
 Sections run in priority order and the JSON is rewritten after each, so a run cut short still reports what it did;
@@ -40,6 +40,7 @@ class Setup:
     side = 512  # image side for the model-level sections
     text_len = 333
     kernel_shapes = ((1, 1357), (8, 1357), (1, 4429))  # (batch, tokens) for the kernel micro-benchmarks
+    compile_batches = ("1", "8")  # batch sizes of the whole-model compiled peers (one compile each)
     heads, head_dim, n_text = 38, 64, 333
     fidelity_inputs = 256
 
@@ -52,6 +53,7 @@ class Setup:
         cls.device, cls.preset, cls.side, cls.text_len = "cpu", "tiny", 128, 9
         cls.heads, cls.head_dim, cls.n_text = cfg.num_attention_heads, cfg.attention_head_dim, 5
         cls.kernel_shapes = ((1, 21), (2, 13))
+        cls.compile_batches = ("2",)  # inductor on the CPU: about a minute per compile
         cls.fidelity_inputs = 16
         engine.quant.fp8_supported = lambda device: True  # torch._scaled_mm's CPU emulation stands in for the GPU
 
@@ -148,7 +150,7 @@ def kernel_tests() -> dict:
     return {"returncode": r.returncode, "tail": tail}
 
 
-@torch.no_grad()  # joint_qkv takes its reference path under autograd: time the inference path (run 3 did not)
+@torch.no_grad()  # joint_qkv takes its reference path under autograd: time the inference path
 def kernel_bench(with_compile: bool) -> dict:
     """Each memory-bound kernel vs its eager torch reference (and torch.compile of it) at SD3.5-L shapes."""
     import kernels
@@ -197,7 +199,7 @@ def kernel_bench(with_compile: bool) -> dict:
             lambda: quant.quantize_rowwise_ref(hidden, gelu=True),
             hidden.numel() * 3 + hidden.shape[0] * 4,
         )
-        # FP8 producers: fused (one pass, e4m3 out) vs the bf16 op then a separate quantisation pass (run 3's path)
+        # FP8 producers: fused (one pass, e4m3 out) vs the bf16 op then a separate quantisation pass
         cases["layernorm_modulate_fp8 (vs LN + quantize)"] = (
             lambda: kernels.layernorm_modulate_fp8(x, shift, scale, backend="triton"),
             lambda: kernels.quantize_rowwise(
@@ -324,7 +326,7 @@ def engine_parity() -> dict:
     out["diffusers_bf16_rel_err"] = float((f16 - f32).norm() / f32.norm())
     log(f"parity vs fp32 diffusers: {out}")
     del ref, ref16, hooked
-    free_memory()  # hooks hold reference cycles: without gc 16 GB stayed allocated into the next section (run 1)
+    free_memory()  # hooks hold reference cycles: without gc the fp32 model stays allocated into the next section
     return out
 
 
@@ -392,14 +394,19 @@ FIDELITY_VARIANTS = {
 }
 
 
+GROUP = 16  # latents per prompt in the grouped fidelity inputs (a GRPO group)
+
+
 def fp8_fidelity() -> dict:
     """Rewards of the same random full-size model in bf16 and FP8 variants on n random inputs: Spearman, pair order,
     and the share of the bf16 model's GEMM FLOPs each variant still runs in bf16 GEMMs (a mixed variant's speed cost;
-    1 for the emulations)."""
+    1 for the emulations). Then n more inputs in prompt groups of `GROUP` latents (one prompt each): the order
+    agreement within groups, which is what GRPO's group-normalised advantages see."""
     from engine import RewardEngine
 
     out = {}
-    scores = {}
+    scores, grouped = {}, {}
+    text_len = 205 if Setup.device == "cuda" else None  # Flow-GRPO's T5 length
     for name, (dtype, transform) in {"bf16": ("bf16", None), **FIDELITY_VARIANTS}.items():
         engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
         if transform is not None:  # the same bf16 weights, transformed
@@ -410,14 +417,21 @@ def fp8_fidelity() -> dict:
         g = torch.Generator(device=Setup.device).manual_seed(123)
         rs = []
         for _ in range(Setup.fidelity_inputs // 8):
-            z0, emb, pooled, eps = Setup.prompt_inputs(8, text_len=205 if Setup.device == "cuda" else None, generator=g)
+            z0, emb, pooled, eps = Setup.prompt_inputs(8, text_len=text_len, generator=g)
             rs.append(engine.score(z0, (emb, pooled), noise=eps))
         scores[name] = torch.cat(rs).double().cpu()
+        g = torch.Generator(device=Setup.device).manual_seed(321)
+        rs = []
+        for _ in range(Setup.fidelity_inputs // GROUP):
+            z0, emb, pooled, eps = Setup.prompt_inputs(GROUP, text_len=text_len, generator=g)
+            rs.append(engine.score(z0, (emb[:1], pooled[:1]), noise=eps))  # one prompt serves the group
+        grouped[name] = torch.cat(rs).double().cpu()
         del engine
         free_memory()
     out["reward_std_bf16"] = float(scores["bf16"].std())
     for name in FIDELITY_VARIANTS:
         out[name] = _agreement(scores["bf16"], scores[name])
+        out[name]["group_order_agreement"] = _group_order_agreement(grouped["bf16"], grouped[name], GROUP)
     emulated = "e4m3 weights + activations, bf16 GEMMs"
     out[f"{emulated} vs the fp8 engine"] = _agreement(scores["fp8"], scores[emulated])
     log(f"fp8 fidelity: {out}")
@@ -440,6 +454,16 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
         "rms_error_over_std": float((a - b).pow(2).mean().sqrt() / a.std()),
         "max_abs_diff": float((a - b).abs().max()),
     }
+
+
+def _group_order_agreement(a: torch.Tensor, b: torch.Tensor, group: int) -> float:
+    """The share of pairs within each prompt group (consecutive runs of `group` inputs) that rewards `b` order as the
+    reference rewards `a` do; pairs across groups do not count (GRPO compares a latent only with its group)."""
+    if len(a) != len(b) or len(a) % group:
+        raise ValueError(f"need equal lengths that are a multiple of the group size {group}, got {len(a)}, {len(b)}")
+    i, j = torch.triu_indices(group, group, 1)
+    ga, gb = a.reshape(-1, group), b.reshape(-1, group)
+    return float(((ga[:, i] > ga[:, j]) == (gb[:, i] > gb[:, j])).double().mean())
 
 
 def _bf16_linear_share(engine) -> float:
@@ -499,7 +523,13 @@ def profile(dtype: str, batch: int = 8) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--deadline-s", type=float, default=420)
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="no optional section starts after this many seconds (default 420; with --cpu-smoke 3600: every section "
+        "must run, on a CPU that compiles for minutes)",
+    )
     p.add_argument("--only", nargs="*", default=None, help="run just these sections")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: check the script, not the GPU")
     args = p.parse_args(argv)
@@ -511,7 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench.gpu_check needs a CUDA GPU (or --cpu-smoke to check the script on the CPU)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(out, args.deadline_s)
+    deadline_s = args.deadline_s if args.deadline_s is not None else (3600 if args.cpu_smoke else 420)
+    rep = Report(out, deadline_s)
     rep.only = args.only
     from bench.harness import ceilings, environment_info
     from engine import ops
@@ -519,8 +550,12 @@ def main(argv: list[str] | None = None) -> dict:
     on_cuda = Setup.device == "cuda"
     rep.data["env"] = environment_info(Setup.device)
     rep.data["cpu_smoke"] = args.cpu_smoke
-    lat512 = ["--resolution", "512", "--batch", "1", "8", "--baselines", "--dtype", "bf16", "fp8", "fp8+fast-accum"]
-    lat512 += ["fp8+host-adaln"]
+    lat512 = ["--resolution", "512", "--batch", "1", "8", "--baselines", "eager", "regional"]
+    lat512 += ["--dtype", "bf16", "fp8", "fp8+fast-accum", "fp8+host-adaln"]
+    # the whole-model compiled peers, each a fresh model compiled (and CUDA-graph captured) per batch size
+    peers = ["--no-engine", "--resolution", "512", "--batch", *Setup.compile_batches]
+    graphs = [*peers, "--baselines", "cudagraphs", "torchao-fp8", "--compile-modes", "reduce-overhead"]
+    autotune = [*peers, "--baselines", "cudagraphs", "--compile-modes", "max-autotune"]
     hps = ["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8"]
     lat1024 = ["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8"]
     grpo = ["--resolution", "512", "--batch", "24", "--iters", "5", "--dtype", "fp8"]  # one GRPO group per call
@@ -530,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("gelu_epilogue_is_tanh", lambda: ops._gelu_epilogue_ok(torch.bfloat16), 0),
         ("engine_parity", engine_parity, 60),
         ("latency_512", lambda: latency([*lat512, "--json", str(out / "latency_512.json")]), 120),
+        ("compiled_peers_512", lambda: latency([*graphs, "--json", str(out / "compiled_peers_512.json")]), 150),
         ("adaln_on_host", adaln_on_host, 40),
         ("hpsv3", lambda: latency([*hps, "--json", str(out / "hpsv3.json")]), 60),
         ("fp8_fidelity", fp8_fidelity, 50),
@@ -540,9 +576,11 @@ def main(argv: list[str] | None = None) -> dict:
         ("profile_bf16", lambda: profile("bf16"), 40),
         ("kernel_bench", lambda: kernel_bench(with_compile=on_cuda and rep.left() > 120), 20),
         ("attention", attention_bench, 15),
+        # max-autotune tunes every GEMM shape: minutes; last, so that it never displaces a measurement of the engine
+        ("max_autotune_512", lambda: latency([*autotune, "--json", str(out / "max_autotune_512.json")]), 200),
     ]
-    if not on_cuda:  # the check runs CUDA's GELU epilogue
-        sections = [s for s in sections if s[0] != "gelu_epilogue_is_tanh"]
+    if not on_cuda:  # the GELU check runs CUDA's epilogue; max-autotune is compiled_peers_512's code in another mode
+        sections = [s for s in sections if s[0] not in ("gelu_epilogue_is_tanh", "max_autotune_512")]
     names = [name for name, _, _ in sections]
     if args.only is not None and (not args.only or set(args.only) - set(names)):
         p.error(f"--only takes section names among {names}, got {args.only}")
@@ -551,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.targets import evaluate, format_table
 
     rep.data["targets"] = evaluate(rep.data)
-    log("targets (issue 5):\n" + format_table(rep.data["targets"]))
+    log("targets:\n" + format_table(rep.data["targets"]))
     log(f"done; skipped: {rep.data['skipped']}; errors: {list(rep.data['errors'])}")
     rep.save()
     return rep.data

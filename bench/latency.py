@@ -24,6 +24,7 @@ import torch
 
 from bench.costs import engine_costs
 from bench.harness import ceilings, environment_info, measure_peak, positive_int, time_fn
+from bench.targets import COMPILE_CUDAGRAPHS, COMPILED_BASELINES, EAGER, REGIONAL_COMPILE, TORCHAO_FP8
 from engine import RewardEngine
 from engine.config import BackboneConfig
 
@@ -45,6 +46,9 @@ FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hp
     ),
 }
 
+
+# --baselines names and the row labels they produce (labels shared with bench.targets and bench.report)
+BASELINES = {"eager": EAGER, "regional": REGIONAL_COMPILE, "cudagraphs": COMPILE_CUDAGRAPHS, "torchao-fp8": TORCHAO_FP8}
 
 BASE_DTYPES = ("bf16", "fp8", "fp32")
 VARIANTS = {  # "+<variant>" suffixes of a benchmark dtype name, and the engine arguments they set
@@ -108,7 +112,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=333,
         help="text tokens: 77 CLIP + T5 tokens; 333 = SD3 default, 205 = Flow-GRPO",
     )
-    p.add_argument("--baselines", action="store_true", help="also time diffusers eager+hooks and regional compile")
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=tuple(BASELINES),
+        default=None,
+        help="also time these diffusers baselines in the same process (no names: all of them): "
+        + ", ".join(f"{k} = '{v}'" for k, v in BASELINES.items()),
+    )
+    p.add_argument(
+        "--compile-modes",
+        nargs="+",
+        choices=("reduce-overhead", "max-autotune", "default"),
+        default=None,
+        help="torch.compile modes of the whole-model baselines (default: reduce-overhead and max-autotune on a GPU, "
+        "default on the CPU)",
+    )
+    p.add_argument("--no-engine", action="store_true", help="time only the baselines (with --baselines)")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph engine path")
     p.add_argument(
         "--checkpoint",
@@ -119,6 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.baselines == []:
+        args.baselines = list(BASELINES)
+    if args.no_engine and not args.baselines:
+        p.error("--no-engine needs --baselines")
     if args.interface == "pixel" and args.text_len <= 77:
         p.error(
             f"--text-len must exceed 77 for the pixel interface (77 CLIP tokens + at least one T5), got {args.text_len}"
@@ -145,6 +169,13 @@ class Bench:
         ceiling = c.get("fp8_matmul_tflop_s") if dtype.startswith("fp8") else None
         tflop_s = flops_per_image / (per_image_ms * 1e-3) / 1e12
         return tflop_s, 100 * tflop_s / (ceiling or c["matmul_tflop_s"])
+
+    def skip(self, label: str, reason: str, **fields: Any) -> dict:
+        """A row for a path that cannot run here: no timing, the reason instead (reports leave it out)."""
+        row = {"path": label, "skipped": reason, **fields, "device": self.env["gpu"] or "cpu"}
+        self.rows.append(row)
+        self.progress(f"  {label:<34} {reason}")
+        return row
 
     def run(self, label: str, fn: Callable[[Any], Any], inputs: list, batch: int, **fields: Any) -> dict:
         timing = time_fn(fn, inputs, warmup=3, iters=self.args.iters, device=self.device).per_image(batch)
@@ -207,7 +238,7 @@ def device_weight_bytes(engine: RewardEngine) -> int:
 
 def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
     args, device = b.args, b.device
-    for dtype in dtypes:
+    for dtype in [] if args.no_engine else dtypes:
         extra = dtype_kwargs(dtype)
         b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
         if args.checkpoint:
@@ -265,33 +296,75 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
 
 
 def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
-    from bench.baselines import DiffusersHookReward, build_sd3_transformer, compile_regional
+    """The diffusers baselines named by --baselines, each on a freshly built model with the same random weights
+    (seed 0): eager + hooks, regional compile, whole-model compile with CUDA graphs per --compile-modes, torchao FP8
+    + the same compile. A baseline this machine cannot run gets a "skipped: <reason>" row instead of timings."""
+    from bench.baselines import (
+        BaselineUnavailable,
+        DiffusersHookReward,
+        build_sd3_transformer,
+        compile_modes,
+        compile_regional,
+        compile_whole,
+        quantize_torchao_fp8,
+    )
     from engine.config import RewardConfig
 
     device, dtype = b.device, (torch.bfloat16 if b.device.type == "cuda" else torch.float32)
     cfg = BackboneConfig.from_name(preset)
-    transformer = build_sd3_transformer(cfg.to_dict(), dtype, device)
-    reward = DiffusersHookReward(transformer, RewardConfig.for_backbone(cfg).layers, 0.1)
-    for label in ("diffusers eager+hooks", "diffusers regional-compile"):
-        if label.endswith("compile"):
+    layers = RewardConfig.for_backbone(cfg).layers
+    modes = b.args.compile_modes or compile_modes(device)
+
+    def prepare(name: str, transformer, mode: str | None) -> None:
+        if name == "regional":
             compile_regional(transformer)
-        for side in resolutions:
-            for batch in b.args.batch:
-                inputs = latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)
-                b.run(
-                    label,
-                    lambda x: reward.score(x[0], x[1], x[2]),
-                    inputs,
-                    batch,
-                    interface="latent",
-                    preset=preset,
-                    resolution=side,
-                    dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                    random_weights=True,
-                )
-    reward.remove()
-    reward = transformer = None
-    gc.collect()
+        if name == "torchao-fp8":
+            quantize_torchao_fp8(transformer)
+        if name in ("cudagraphs", "torchao-fp8"):
+            compile_whole(transformer, mode)
+
+    for name in b.args.baselines:
+        label = BASELINES[name]
+        for mode in modes if name in ("cudagraphs", "torchao-fp8") else [None]:
+            fields = dict(
+                interface="latent",
+                preset=preset,
+                dtype="fp8" if name == "torchao-fp8" else ("bf16" if dtype == torch.bfloat16 else "fp32"),
+                random_weights=True,
+            )
+            if mode is not None:
+                fields["compile_mode"] = mode
+            b.progress(f"building diffusers for '{label}'" + (f", mode {mode}" if mode else ""))
+            torch.manual_seed(0)
+            transformer = build_sd3_transformer(cfg.to_dict(), dtype, device)
+            reward = DiffusersHookReward(transformer, layers, 0.1)
+            try:
+                prepare(name, transformer, mode)
+            except BaselineUnavailable as e:
+                b.skip(label, str(e), **fields)
+            else:
+                fn = lambda x: reward.score(x[0], x[1], x[2])
+                for side in resolutions:
+                    for batch in b.args.batch:
+                        inputs = latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)
+                        first_call_s = first_call_seconds(fn, inputs[0], device)  # compiles (and captures) here
+                        row = b.run(label, fn, inputs, batch, resolution=side, **fields)
+                        row["first_call_s"] = round(first_call_s, 2)
+            reward.remove()
+            reward = transformer = fn = None
+            torch._dynamo.reset()  # drops compiled graphs and their CUDA-graph pools before the next model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def first_call_seconds(fn: Callable[[Any], Any], x: Any, device: torch.device) -> float:
+    """Wall-clock seconds of one call, synchronised: a compiled path's compile (and graph capture) time."""
+    start = time.perf_counter()
+    fn(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
@@ -381,23 +454,32 @@ def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    base = {}
-    for r in rows:
-        if r["path"].startswith("diffusers"):
-            base[(r["path"], r["resolution"], r["batch"])] = r["per_image_ms"]
+    """The rows, with speedups vs diffusers eager and vs the strongest compiled baseline of the same shape."""
+    timed = [r for r in rows if "per_image_ms" in r]
+    eager, compiled = {}, {}
+    for r in timed:
+        key = (r["resolution"], r["batch"])
+        if r["path"] == EAGER:
+            eager[key] = r["per_image_ms"]
+        if r["path"] in COMPILED_BASELINES:
+            compiled[key] = min(compiled.get(key, float("inf")), r["per_image_ms"])
     print(
-        f"\n{'interface':<9} {'path':<34} {'dtype':<15} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
-        f"{'TFLOP/s':>8} {'% floor':>8} {'vs eager':>9} {'vs compile':>10}"
+        f"\n{'interface':<9} {'path':<40} {'dtype':<15} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
+        f"{'TFLOP/s':>8} {'% floor':>8} {'vs eager':>9} {'vs best compile':>15}"
     )
     for r in rows:
+        label = r["path"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
+        if "per_image_ms" not in r:
+            print(f"{r.get('interface', '-'):<9} {label:<40} {r.get('dtype', '-'):<15} {r['skipped']}")
+            continue
         ratios = []
-        for name in ("diffusers eager+hooks", "diffusers regional-compile"):
-            ref = base.get((name, r["resolution"], r["batch"]))
+        for base in (eager, compiled):
+            ref = base.get((r["resolution"], r["batch"]))
             ratios.append(f"{ref / r['per_image_ms']:.2f}x" if ref and r["interface"] == "latent" else "-")
         print(
-            f"{r['interface']:<9} {r['path']:<34} {r['dtype']:<15} {r['resolution']:>5} {r['batch']:>3} "
+            f"{r['interface']:<9} {label:<40} {r['dtype']:<15} {r['resolution']:>5} {r['batch']:>3} "
             f"{r['per_image_ms']:>9.2f} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9} "
-            f"{r.get('tflop_s', '-'):>8} {r.get('floor_pct', '-'):>8} {ratios[0]:>9} {ratios[1]:>10}"
+            f"{r.get('tflop_s', '-'):>8} {r.get('floor_pct', '-'):>8} {ratios[0]:>9} {ratios[1]:>15}"
         )
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.targets import BASELINE_PATHS
+
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_PLOT = RESULTS_DIR / "latency.png"
 
@@ -34,9 +36,14 @@ def row_role(row: dict[str, Any]) -> str:
     path = row["path"]
     if path.startswith("engine"):
         return "engine"
-    if path.startswith("diffusers") or path == "vae decode + hpsv3":
+    if path in BASELINE_PATHS:
         return "baseline"
     return "component"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """The path, with the `torch.compile` mode where a baseline was timed in several."""
+    return row["path"] + (f" ({row['compile_mode']})" if row.get("compile_mode") else "")
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ def _row_key(row: dict[str, Any]) -> tuple:
         interface,
         row.get("resolution") or 0,
         ROLE_ORDER.index(row_role(row)),
-        row["path"],
+        row_label(row),
         str(row.get("dtype", "?")),
         str(row.get("preset", "")),
         int(row["batch"]),
@@ -153,7 +160,7 @@ def render_markdown(runs: Sequence[Run], latest_only: bool = False) -> str:
             line = [
                 str(first.get("interface", "latent")),
                 f"{first['resolution']}²" if first.get("resolution") else "–",
-                f"{bold}{first['path']}{bold}",
+                f"{bold}{row_label(first)}{bold}",
                 row_role(first),
                 str(first.get("preset", "")),
                 str(first.get("dtype", "?")),
@@ -193,7 +200,7 @@ def plot(runs: Sequence[Run], path: Path) -> Path:
         series = series_by_device.setdefault(device, {})
         for row in latest[device].rows:
             if row_role(row) != "component":
-                series.setdefault((row["path"], str(row.get("dtype", "?")), row.get("resolution")), []).append(row)
+                series.setdefault((row_label(row), str(row.get("dtype", "?")), row.get("resolution")), []).append(row)
     # One colour and marker per path and resolution across all devices, so that the shared legend holds for each.
     keys = [k for series in series_by_device.values() for k in series]
     paths = sorted({k[0] for k in keys}, key=lambda p: (not p.startswith("engine"), p))

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from bench.baselines import (
+    BaselineUnavailable,
     DiffusersHookReward,
     HPSv3Reward,
     build_sd3_transformer,
+    compile_modes,
     compile_regional,
+    compile_whole,
+    is_engine_fp8_linear,
+    quantize_torchao_fp8,
     resize_to_448,
+    torchao_fp8_config,
 )
 from bench.harness import MemoryPeak, Timing, environment_info, measure_peak, time_fn
 
@@ -113,6 +119,86 @@ def test_compile_regional_compiles_every_block():
     compile_regional(transformer)
     # nn.Module.compile stores the compiled wrapper; nothing runs (compiling on the CPU would take minutes).
     assert all(block._compiled_call_impl is not None for block in transformer.transformer_blocks)
+
+
+@pytest.mark.slow  # inductor compiles the whole model's C++ kernels: about a minute on two CPU cores
+def test_compile_whole_matches_eager():
+    # Two blocks (the dual-attention one and the context_pre_only last one): every kind of block, half the compile.
+    torch.manual_seed(0)
+    transformer = build_sd3_transformer({**TINY_SD3, "num_layers": 2}, torch.float32, "cpu")
+    reward = DiffusersHookReward(transformer, (0, 1), 0.1)
+    try:
+        inputs = _sd3_inputs(batch=2)
+        eager_features = reward.features(*inputs)
+        eager_rewards = reward.score(*inputs)
+        (mode,) = compile_modes("cpu")
+        compile_whole(transformer, mode)
+        features = reward.features(*inputs)  # compiles here, the hooks traced into the graph
+        rewards = reward.score(*inputs)
+    finally:
+        reward.remove()
+    assert transformer._compiled_call_impl is not None
+    # fp32 both ways: only the order of inductor's fused reductions differs
+    torch.testing.assert_close(features, eager_features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rewards, eager_rewards, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_modes_are_the_cuda_graph_modes_on_a_gpu():
+    assert compile_modes("cuda") == ("reduce-overhead", "max-autotune")
+    assert compile_modes("cpu") == ("default",)
+
+
+def test_torchao_filter_selects_the_linears_the_engine_quantises(tiny_transformer):
+    from engine import RewardEngine
+    from engine.quant import Float8Linear, quantize_fp8
+
+    selected = {name for name, m in tiny_transformer.named_modules() if is_engine_fp8_linear(m, name)}
+    block_linears = {
+        f"transformer_blocks.{i}.{name}"
+        for i, block in enumerate(tiny_transformer.transformer_blocks)
+        for name, m in block.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    adaln = {name for name in block_linears if name.split(".")[2] in ("norm1", "norm1_context")}
+    assert adaln and selected == block_linears - adaln  # nothing outside the blocks (embedders, proj_out) either
+
+    # The same weights, counted on the engine's own FP8 model (its projections fused, e.g. q|k|v in one linear):
+    # per block the e4m3 weight elements agree, except that the deepest block has no text queries in the engine.
+    engine = RewardEngine.from_diffusers(tiny_transformer, layers=(1, 3), device="cpu", dtype="fp32")
+    quantize_fp8(engine.backbone, require_fp8_gpu=False)
+    width = TINY_SD3["num_attention_heads"] * TINY_SD3["attention_head_dim"]
+    for i, block in enumerate(engine.backbone.transformer_blocks):
+        ours = sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, Float8Linear))
+        theirs = sum(
+            m.weight.numel()
+            for name, m in tiny_transformer.named_modules()
+            if name.startswith(f"transformer_blocks.{i}.") and name in selected
+        )
+        assert ours == theirs - (width * width if i == 3 else 0), f"block {i}"
+
+
+def test_torchao_fp8_config_when_torchao_is_installed():
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    config = torchao_fp8_config()
+    assert isinstance(config, torchao_quantization.Float8DynamicActivationFloat8WeightConfig)
+    granularity = config.granularity if isinstance(config.granularity, list | tuple) else [config.granularity]
+    assert granularity and all(isinstance(g, torchao_quantization.PerRow) for g in granularity)
+
+
+def test_torchao_fp8_skips_cleanly_off_an_fp8_gpu():
+    transformer = build_sd3_transformer({**TINY_SD3, "num_layers": 2}, torch.float32, "cpu")
+    before = {name: type(m) for name, m in transformer.named_modules()}
+    with pytest.raises(BaselineUnavailable, match="skipped: needs CUDA sm≥8.9"):
+        quantize_torchao_fp8(transformer)
+    assert {name: type(m) for name, m in transformer.named_modules()} == before  # untouched
+
+
+def test_torchao_fp8_config_without_torchao(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if not installed
+    with pytest.raises(BaselineUnavailable, match="torchao not installed"):
+        torchao_fp8_config()
 
 
 def test_time_fn_rotates_inputs_and_reports_samples():

@@ -114,3 +114,22 @@ def test_pixel_rows_say_which_dtype_ran():
     )
     assert {r["dtype"] for r in rows if r["path"] != "engine on encoded"} == {"fp32"}  # the CPU front end's dtype
     assert [r["dtype"] for r in rows if r["path"] == "engine on encoded"] == ["fp32"]
+
+
+def test_baselines_run_in_the_same_process_and_unavailable_ones_say_why(tmp_path, capsys):
+    argv = ["--no-engine", "--baselines", "eager", "torchao-fp8", "--batch", "2", "--iters", "1"]
+    rows = latency.main([*argv, "--resolution", "128", "--json", str(tmp_path / "rows.json")])
+    eager = [r for r in rows if r["path"] == "diffusers eager+hooks"]
+    assert len(eager) == 1 and eager[0]["per_image_ms"] > 0 and eager[0]["first_call_s"] >= 0
+    (torchao,) = [r for r in rows if r["path"] == "torchao fp8"]  # one per compile mode: "default" on the CPU
+    assert torchao["skipped"].startswith("skipped: needs CUDA sm≥8.9") and "per_image_ms" not in torchao
+    assert torchao["dtype"] == "fp8" and torchao["compile_mode"] == "default"
+    assert not any(r["path"].startswith("engine") for r in rows)  # --no-engine
+    assert "skipped: needs CUDA sm≥8.9" in capsys.readouterr().out  # the printed table names the reason
+
+
+def test_no_engine_needs_baselines(capsys):
+    with pytest.raises(SystemExit):
+        latency.parse_args(["--no-engine"])
+    assert "--no-engine needs --baselines" in capsys.readouterr().err
+    assert latency.parse_args(["--baselines"]).baselines == list(latency.BASELINES)  # bare flag: every baseline

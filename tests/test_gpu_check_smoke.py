@@ -24,13 +24,13 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,  # inductor compiles three models on the CPU: minutes on a shared machine
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_results.json").read_text())
     assert data["cpu_smoke"] and data["errors"] == {} and data["skipped"] == []
-    expected = {"latency_512", "adaln_on_host", "hpsv3", "fp8_fidelity", "latency_1024", "kernel_bench", "attention"}
-    assert expected <= set(data["sections"])
+    expected = {"latency_512", "compiled_peers_512", "adaln_on_host", "hpsv3", "fp8_fidelity", "latency_1024"}
+    assert expected | {"kernel_bench", "attention"} <= set(data["sections"])
     sections = data["sections"]
     # the script's own checks hold on the tiny model: equal rewards with host adaLN, engine as close to fp32 as
     # diffusers' bf16 (STYLE.md: at most 2x), fused FP8 producers equal to the unfused path's quantisation
@@ -42,6 +42,13 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     paths = {(r["path"], r["dtype"]) for r in sections["latency_512"]["rows"]}
     assert ("engine eager, cond cached", "fp8+host-adaln") in paths and ("diffusers regional-compile", "fp32") in paths
     assert [t["target"] for t in data["targets"]][:2] == ["512² b8 fp8 ms/img", "512² b8 bf16 ms/img"]
+    # the two new peers: whole-model compile timed (inductor without CUDA graphs on the CPU), torchao's FP8 skipped
+    peers = sections["compiled_peers_512"]["rows"]
+    graphs = [r for r in peers if r["path"] == "compile+cudagraphs"]
+    assert graphs and all(r["per_image_ms"] > 0 and r["compile_mode"] == "reduce-overhead" for r in graphs)
+    torchao = [r for r in peers if r["path"] == "torchao fp8"]
+    assert torchao and all(r["skipped"].startswith("skipped: needs CUDA sm≥8.9") for r in torchao)
+    assert 0.5 <= sections["fp8_fidelity"]["fp8"]["group_order_agreement"] <= 1
     # FP8's rounding emulated in bf16 GEMMs reproduces the FP8 engine (what makes its two halves a valid diagnosis)
     fidelity = sections["fp8_fidelity"]
     emulated = fidelity["e4m3 weights + activations, bf16 GEMMs vs the fp8 engine"]
@@ -66,3 +73,19 @@ def test_agreement_metrics_by_hand():
     assert m["max_abs_diff"] == 1.0
     # pairs whose reference values differ by > 1% of their std: all six here
     assert m["pair_order_agreement_clear_pairs"] == pytest.approx(5 / 6)
+
+
+def test_group_order_agreement_by_hand():
+    from bench.gpu_check import _group_order_agreement
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 3.0, 2.0, 4.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    # group 1: one of its six pairs swapped; group 2: all six reversed -> (5 + 0) / 12
+    assert _group_order_agreement(a, b, 4) == pytest.approx(5 / 12)
+    # pairs across groups do not count: shifting a whole group changes nothing
+    assert _group_order_agreement(a, b + torch.tensor([0.0] * 4 + [100.0] * 4, dtype=torch.float64), 4) == (
+        pytest.approx(5 / 12)
+    )
+    assert _group_order_agreement(a, a, 8) == 1.0
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        _group_order_agreement(a[:6], b[:6], 4)

@@ -115,3 +115,21 @@ def test_readme_shows_the_latest_results():
     readme = (report.RESULTS_DIR.parents[1] / "README.md").read_text()
     expected = report.render_markdown(report.load_runs(COMMITTED), latest_only=True)
     assert expected in readme, "regenerate: python -m bench.report --latest-only --markdown FILE, paste into README"
+
+
+def test_new_peers_are_baseline_rows_one_per_compile_mode():
+    rows = [
+        _row("engine cuda-graph", 8, 10.0, 7.9, dtype="fp8"),
+        _row("compile+cudagraphs", 8, 13.0, 16.0, dtype="bf16", compile_mode="reduce-overhead"),
+        _row("compile+cudagraphs", 8, 12.6, 16.1, dtype="bf16", compile_mode="max-autotune"),
+        _row("torchao fp8", 8, 11.2, 10.5, dtype="fp8", compile_mode="reduce-overhead"),
+        {"path": "torchao fp8", "skipped": "skipped: needs CUDA sm≥8.9"},  # no timing: not a table row
+    ]
+    run = report.Run("r", "cpu", {"date": "2026-01-01"}, None, tuple(r for r in rows if "per_image_ms" in r))
+    table = {(r[2].strip("*"), r[3], r[5]): r[7:] for r in _table_rows(report.render_markdown([run]))}
+    assert table == {
+        ("engine cuda-graph", "engine", "fp8"): ["10.0", "7.9"],
+        ("compile+cudagraphs (max-autotune)", "baseline", "bf16"): ["12.6", "16.1"],
+        ("compile+cudagraphs (reduce-overhead)", "baseline", "bf16"): ["13.0", "16.0"],
+        ("torchao fp8 (reduce-overhead)", "baseline", "fp8"): ["11.2", "10.5"],
+    }
