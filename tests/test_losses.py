@@ -1,0 +1,83 @@
+"""Preference losses against hand-computed values and independent numerical references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.losses import bt_loss, btt_loss, tied_mask, uncertainty_loss
+
+
+def test_bt_loss_hand_values():
+    r_w, r_l = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 1.0])
+    expected = (math.log1p(math.exp(-1.0)) + math.log(2.0) + math.log1p(math.exp(3.0))) / 3
+    assert float(bt_loss(r_w, r_l)) == pytest.approx(expected, rel=1e-6)
+
+
+def _uncertainty_by_integration(mean: float, std: float) -> float:
+    """-E[log sigmoid(z)], z ~ N(mean, std^2), by the trapezoid rule on a fine float64 grid over +-12 std."""
+    z = torch.linspace(mean - 12 * std, mean + 12 * std, 200_001, dtype=torch.float64)
+    density = torch.exp(-0.5 * ((z - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    return float(torch.trapezoid(torch.nn.functional.softplus(-z) * density, z))
+
+
+@pytest.mark.parametrize(
+    ("mu_w", "s_w", "mu_l", "s_l"), [(0.0, 1.0, 0.0, 1.0), (2.0, 0.3, -1.0, 0.7), (-1.5, 2.0, 0.5, 0.1)]
+)
+def test_uncertainty_loss_matches_numerical_integration(mu_w, s_w, mu_l, s_l):
+    loss = uncertainty_loss(
+        torch.tensor([mu_w], dtype=torch.float64),
+        torch.tensor([math.log(s_w)], dtype=torch.float64),
+        torch.tensor([mu_l], dtype=torch.float64),
+        torch.tensor([math.log(s_l)], dtype=torch.float64),
+    )
+    expected = _uncertainty_by_integration(mu_w - mu_l, math.hypot(s_w, s_l))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_uncertainty_loss_tends_to_bt_as_std_vanishes():
+    g = torch.Generator().manual_seed(0)
+    mu_w, mu_l = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    tiny = torch.full((16,), -20.0)
+    assert float(uncertainty_loss(mu_w, tiny, mu_l, tiny)) == pytest.approx(float(bt_loss(mu_w, mu_l)), rel=1e-5)
+
+
+def test_uncertainty_loss_is_deterministic_and_differentiable():
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(8, generator=g, requires_grad=True) for _ in range(4)]
+    first = uncertainty_loss(*params)
+    assert torch.equal(first, uncertainty_loss(*params))  # same nodes, same arithmetic: no sampling
+    first.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    # more uncertainty about a correctly ordered pair costs more (the margin is less sure)
+    mu_w, mu_l = torch.tensor([2.0]), torch.tensor([0.0])
+    low, high = torch.tensor([math.log(0.1)]), torch.tensor([math.log(3.0)])
+    assert float(uncertainty_loss(mu_w, low, mu_l, low)) < float(uncertainty_loss(mu_w, high, mu_l, high))
+
+
+def test_btt_hand_values():
+    zero = torch.zeros(2)
+    tie = torch.tensor([True, False])
+    # d = 0: a tie has probability (k - 1) / (k + 1) = 2/3, a decided pair 1 / (1 + k) = 1/6
+    per_pair = [math.log(1.5), math.log(6.0)]
+    assert float(btt_loss(zero, zero, tie)) == pytest.approx(sum(per_pair) / 2, rel=1e-6)
+    d = 1.3
+    r_w, r_l = torch.tensor([d]), torch.tensor([0.0])
+    p_win = 1 / (1 + 5 * math.exp(-d))
+    p_lose = 1 / (1 + 5 * math.exp(d))
+    assert float(btt_loss(r_w, r_l, torch.tensor([False]))) == pytest.approx(-math.log(p_win), rel=1e-6)
+    p_tie = 1 - p_win - p_lose  # the three outcomes of Rao-Kupper sum to one
+    assert float(btt_loss(r_w, r_l, torch.tensor([True]))) == pytest.approx(-math.log(p_tie), rel=1e-5)
+
+
+def test_tied_mask_and_its_errors():
+    votes = torch.tensor([[3.0, 2.0], [5.0, 0.0], [0.5, 0.5], [0.61, 0.39]])
+    assert tied_mask(votes, 0.2).tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match=r"\[B, 2\]"):
+        tied_mask(torch.ones(3), 0.2)
+    with pytest.raises(ValueError, match="positive total"):
+        tied_mask(torch.zeros(1, 2), 0.2)
+    with pytest.raises(ValueError, match="k must be > 1"):
+        btt_loss(torch.zeros(1), torch.zeros(1), torch.tensor([True]), k=1.0)
