@@ -1,0 +1,29 @@
+"""What a prompt contributes to the forward once t is fixed: the projected text tokens and every block's adaLN
+vectors. `MMDiTReward.condition` makes one; `MMDiTReward.forward` reuses it for every latent scored against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Everything that depends on the prompt alone (t fixed): projected text tokens and every block's adaLN vectors.
+
+    Built by `MMDiTReward.condition`; leading dimension P = number of prompts. `select(index)` maps it onto a batch of
+    latents (one prompt serving a GRPO group): two gathers, whatever the depth, because the vectors are packed."""
+
+    context: torch.Tensor  # [P, L, D] context_embedder(prompt_embeds)
+    modulation: torch.Tensor  # [P, M, D] all blocks' (shift, scale, gate) vectors, block after block
+    t: float
+
+    @property
+    def num_prompts(self) -> int:
+        return self.context.shape[0]
+
+    def select(self, index: torch.Tensor) -> Conditioning:
+        return replace(
+            self, context=self.context.index_select(0, index), modulation=self.modulation.index_select(0, index)
+        )
