@@ -239,7 +239,7 @@ def _raise_recompile_limit() -> None:
 
 
 def is_engine_fp8_linear(module: nn.Module, fqn: str) -> bool:
-    """torchao `filter_fn`: the linears `engine.quant.quantize_fp8` quantises by default, named in diffusers'
+    """torchao `filter_fn`: the linears `engine.runtime.fp8.quantize_fp8` quantises by default, named in diffusers'
     `SD3Transformer2DModel` (`fqn` relative to it): every `nn.Linear` inside `transformer_blocks` except the adaLN
     modulation (`norm1.linear`, `norm1_context.linear`: prompt-only work, kept bf16 by the engine too)."""
     parts = fqn.split(".")

@@ -13,9 +13,9 @@ from collections import Counter
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine import ops
 from engine.config import BackboneConfig, RewardConfig
-from engine.mmdit import MMDiTReward
+from engine.model.mmdit import MMDiTReward
+from engine.runtime.backends import Backends
 
 
 def _inputs(cfg: BackboneConfig, resolution: int, text_len: int, batch: int, dtype: torch.dtype):
@@ -48,8 +48,9 @@ def engine_costs(
     with torch.device("meta"):
         model = MMDiTReward(cfg, reward.layers).to(torch.bfloat16)
     z0, prompt_embeds, pooled, noise = _inputs(cfg, resolution, text_len, batch, torch.bfloat16)
-    with FlopCounterMode(display=False) as counter, _OpCounter(ops_seen), torch.no_grad(), ops.use("torch"):
-        model(z0, model.condition(prompt_embeds, pooled, reward.t), noise=noise)
+    with FlopCounterMode(display=False) as counter, _OpCounter(ops_seen), torch.no_grad():
+        cond = model.condition(prompt_embeds, pooled, reward.t)
+        model(z0, cond.context, cond.modulation, cond.t, Backends(kernels="torch"), noise=noise)
     params = sum(p.numel() for p in model.parameters())
     return {
         "flops_per_image": counter.get_total_flops() / batch,

@@ -46,7 +46,7 @@ class Setup:
 
     @classmethod
     def cpu_smoke(cls) -> None:
-        import engine.quant
+        import engine.runtime.fp8
         from engine.config import BackboneConfig
 
         cfg = BackboneConfig.from_name("tiny")
@@ -55,7 +55,7 @@ class Setup:
         cls.kernel_shapes = ((1, 21), (2, 13))
         cls.compile_batches = ("2",)  # inductor on the CPU: about a minute per compile
         cls.fidelity_inputs = 16
-        engine.quant.fp8_supported = lambda device: True  # torch._scaled_mm's CPU emulation stands in for the GPU
+        engine.runtime.fp8.fp8_supported = lambda device: True  # torch._scaled_mm's CPU emulation stands in for the GPU
 
     @classmethod
     def config(cls):
@@ -246,7 +246,7 @@ def kernel_bench(with_compile: bool) -> dict:
 
 
 def attention_bench() -> dict:
-    from engine.attention import attention
+    from engine.runtime.attention import attention
 
     rows = []
     for tokens in sorted({n for _, n in Setup.kernel_shapes}):
@@ -267,7 +267,7 @@ def adaln_on_host() -> dict:
     """adaln_on_host=True at full size (fp8): device memory freed (counted and measured), condition() cost when the
     adaLN weights stream over PCIe, and the rewards it gives (must equal the on-device engine's)."""
     from engine import RewardEngine
-    from engine.mmdit import AdaLN
+    from engine.model.layers import AdaLN
 
     free_memory()
     start = allocated()
@@ -349,7 +349,7 @@ def _keep_bf16(keep):
     """Variant transform: quantise a bf16 engine's block linears except those `keep(block, name)` selects."""
 
     def transform(engine) -> None:
-        from engine.quant import quantize_fp8
+        from engine.runtime.fp8 import quantize_fp8
 
         quantize_fp8(engine.backbone, keep_bf16=keep)
 
@@ -468,7 +468,7 @@ def _group_order_agreement(a: torch.Tensor, b: torch.Tensor, group: int) -> floa
 
 def _bf16_linear_share(engine) -> float:
     """Share of the per-token block-linear weights (∝ GEMM FLOPs) an engine runs in bf16 GEMMs (the rest FP8)."""
-    from engine.quant import Float8Linear
+    from engine.runtime.fp8 import Float8Linear
 
     blocks = engine.backbone.transformer_blocks
     sizes = {"fp8": 0, "bf16": 0}
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
     rep = Report(out, deadline_s)
     rep.only = args.only
     from bench.harness import ceilings, environment_info
-    from engine import ops
+    from engine.runtime import ops
 
     on_cuda = Setup.device == "cuda"
     rep.data["env"] = environment_info(Setup.device)
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
     sections = [  # (name, what, seconds it needs to be worth starting), in priority order
         ("ceilings", lambda: ceilings(Setup.device), 0),
         ("kernel_tests", kernel_tests, 60),
-        ("gelu_epilogue_is_tanh", lambda: ops._gelu_epilogue_ok(torch.bfloat16), 0),
+        ("gelu_epilogue_is_tanh", lambda: ops.gelu_epilogue_ok(torch.bfloat16), 0),
         ("engine_parity", engine_parity, 60),
         ("latency_512", lambda: latency([*lat512, "--json", str(out / "latency_512.json")]), 120),
         ("compiled_peers_512", lambda: latency([*graphs, "--json", str(out / "compiled_peers_512.json")]), 150),

@@ -255,7 +255,7 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
         model = cfg.preset_name() or "custom"
         graphed = None
         if device.type == "cuda" and not args.no_graphs:
-            from engine.graphs import GraphedScorer
+            from engine.runtime.graphs import GraphedScorer
 
             graphed = GraphedScorer(engine)
         for side in resolutions:

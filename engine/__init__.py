@@ -2,6 +2,6 @@
 
 from engine.api import RewardEngine
 from engine.config import PRESETS, BackboneConfig, RewardConfig
-from engine.mmdit import Conditioning
+from engine.model.conditioning import Conditioning
 
 __all__ = ["PRESETS", "BackboneConfig", "Conditioning", "RewardConfig", "RewardEngine"]

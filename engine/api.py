@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import warnings
@@ -14,9 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import kernels
-from engine import ops
-from engine.attention import resolve_backend
 from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
 from engine.loading import (
@@ -27,7 +25,9 @@ from engine.loading import (
     read_reward_config,
     save_reward_checkpoint,
 )
-from engine.mmdit import Conditioning, MMDiTReward, diffusers_state_dict
+from engine.model.conditioning import Conditioning
+from engine.model.mmdit import MMDiTReward, diffusers_state_dict
+from engine.runtime.backends import Backends
 from kernels.backend import accumulation_dtype
 from kernels.noise import noise_ref
 
@@ -38,7 +38,7 @@ def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype
     if dtype is None:
         return default
     if isinstance(dtype, str):
-        if dtype == "fp8":  # bf16 weights, quantised to e4m3 after loading (engine.quant)
+        if dtype == "fp8":  # bf16 weights, quantised to e4m3 after loading (engine.runtime.fp8)
             return torch.bfloat16
         names = {
             "fp32": torch.float32,
@@ -115,10 +115,9 @@ class RewardEngine(nn.Module):
             raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
         self.backbone, self.reward_config = backbone, reward
         if fp8:
-            from engine.quant import quantize_fp8
+            from engine.runtime.fp8 import quantize_fp8
 
             quantize_fp8(backbone, adaln=fp8_adaln, fast_accum=fp8_fast_accum)
-        self.fp8 = fp8
         # adaLN linears in pinned host memory, streamed by condition(): the device keeps only per-latent weights
         self.adaln_host_bytes = backbone.adaln_on_host() if adaln_on_host else 0
         if self.adaln_host_bytes and torch.cuda.is_available():
@@ -135,7 +134,7 @@ class RewardEngine(nn.Module):
         self._prompt_tensors = [t for m in prompt_path for t in (*m.parameters(), *m.buffers())]
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
-        self.set_backends(kernels_backend, attention)
+        self.backends = Backends.resolve(kernels_backend, attention, self.device, self.dtype, fp8=fp8)
         self.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------ construction
@@ -154,13 +153,27 @@ class RewardEngine(nn.Module):
         return self.backbone.context_embedder.weight.dtype
 
     def set_backends(self, kernels_backend: str | None = None, attention: str | None = None) -> None:
-        """Kernel backend (`auto`|`triton`|`torch`, default $DITREWARD_KERNELS; an fp64 engine always uses the torch
-        references) and attention backend (see `engine.attention`)."""
-        self.kernels_backend = kernels.resolve(kernels_backend, self.device)
-        if self.dtype == torch.float64:  # fp64 is for gradient checks; the Triton kernels compute in fp32
-            self.kernels_backend = "torch"
-        self.attention_backend = resolve_backend(attention, self.device)
-        self.backbone.set_attention_backend(self.attention_backend)
+        """Choose the kernel backend (`auto`|`triton`|`torch`, default $DITREWARD_KERNELS; an fp64 engine always uses
+        the torch references) and the attention backend (see `engine.runtime.attention`): a new `Backends` value, used
+        by every forward this engine runs from now on."""
+        self.backends = Backends.resolve(kernels_backend, attention, self.device, self.dtype, fp8=self.fp8)
+
+    @property
+    def kernels_backend(self) -> str:
+        return self.backends.kernels
+
+    @property
+    def attention_backend(self) -> str:
+        return self.backends.attention
+
+    @property
+    def fp8(self) -> bool:
+        """Block linears e4m3 (built with dtype='fp8'): inference only."""
+        return self.backends.fp8
+
+    @fp8.setter
+    def fp8(self, value: bool) -> None:
+        self.backends = dataclasses.replace(self.backends, fp8=value)
 
     @classmethod
     def from_diffusers(
@@ -349,7 +362,7 @@ class RewardEngine(nn.Module):
         keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs, unlike
         inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
         self._check_prompts(prompt_embeds, pooled)
-        with torch.enable_grad() if grad else torch.no_grad(), ops.use(self.kernels_backend):
+        with torch.enable_grad() if grad else torch.no_grad():
             cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
         if self.check_finite:  # finite inputs can still overflow the adaLN linears (pooled x 1e20)
             cond.check_finite()
@@ -394,8 +407,10 @@ class RewardEngine(nn.Module):
             )
         cond = self._select(self._conditioning(prompt_emb, grad), latents.shape[0], prompt_index)
         context = torch.enable_grad() if grad else torch.inference_mode()
-        with context, ops.use(self.kernels_backend):
-            feats = self.backbone(latents, cond, noise=noise, seed=seed, image_offset=image_offset)
+        with context:
+            feats = self.backbone(
+                latents, cond.context, cond.modulation, cond.t, self.backends, noise, seed, image_offset
+            )
         if self.check_finite and not bool(torch.isfinite(feats).all()):
             raise ValueError(
                 "the features overflowed to NaN/Inf although latents and prompt embeddings are finite: an input is "

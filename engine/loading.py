@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
-from engine.mmdit import MMDiTReward, diffusers_state_dict
+from engine.model.mmdit import MMDiTReward, diffusers_state_dict
 
 REWARD_FORMAT = "dit-reward/1"
 REWARD_CONFIG = "reward_config.json"

@@ -120,7 +120,7 @@ class LazyKernel(TritonHelper):
     the decoration lets ``import kernels`` happen before that variable is set, and without triton installed at all.
     Launch as usual: ``kernel[grid](*args, BLOCK=...)``. Device functions the kernel calls are ``triton_helper``s,
     jitted in the same mode as the kernel at its first launch. Inside ``observe_launches(callback)`` every launch
-    first calls ``callback(kernel, args, kwargs)`` (``kernels.cross_compile`` records them this way).
+    first calls ``callback(kernel, args, kwargs)`` (``tools.cross_compile`` records them this way).
     """
 
     def __getitem__(self, grid: Any) -> Any:

@@ -150,7 +150,7 @@ def test_compile_modes_are_the_cuda_graph_modes_on_a_gpu():
 
 def test_torchao_filter_selects_the_linears_the_engine_quantises(tiny_transformer):
     from engine import RewardEngine
-    from engine.quant import Float8Linear, quantize_fp8
+    from engine.runtime.fp8 import Float8Linear, quantize_fp8
 
     selected = {name for name, m in tiny_transformer.named_modules() if is_engine_fp8_linear(m, name)}
     block_linears = {

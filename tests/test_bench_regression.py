@@ -154,7 +154,7 @@ def test_gate_fails_on_slowed_engine(benchmark, scorers, monkeypatch) -> None:
     engine, reference, (latents, prompt_embeds, pooled, noise) = scorers
     for block in engine.backbone.transformer_blocks:
         once = block.forward
-        monkeypatch.setattr(block, "forward", lambda x, c, m, once=once: (once(x, c, m), once(x, c, m))[1])
+        monkeypatch.setattr(block, "forward", lambda *args, once=once: (once(*args), once(*args))[1])
     result = paired_benchmark(
         benchmark,
         lambda: engine.score(latents, (prompt_embeds, pooled), noise=noise),

@@ -10,7 +10,7 @@ import torch
 from conftest import random_inputs, rel_err
 
 from engine import RewardEngine
-from engine.quant import Float8Linear, linear_fp8_ref
+from engine.runtime.fp8 import Float8Linear, linear_fp8_ref
 from kernels.quant import quantize_rowwise
 
 
@@ -131,7 +131,7 @@ def test_weight_only_float8_linear_matches_its_reference():
 
 def test_fast_accum_reaches_scaled_mm(monkeypatch):
     """fp8_fast_accum is passed to every FP8 GEMM (on the CPU it only changes the call, not the numbers)."""
-    from engine.quant import quantize_fp8
+    from engine.runtime.fp8 import quantize_fp8
 
     seen = []
     scaled_mm = torch._scaled_mm
@@ -161,7 +161,7 @@ def test_fp8_needs_a_capable_gpu():
 
 
 def test_fp8_engine_refuses_grad():
-    from engine.quant import quantize_fp8
+    from engine.runtime.fp8 import quantize_fp8
 
     engine = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
     quantize_fp8(engine.backbone, require_fp8_gpu=False)
@@ -172,7 +172,7 @@ def test_fp8_engine_refuses_grad():
 
 
 def test_graphed_scorer_refuses_cpu(engine):
-    from engine.graphs import GraphedScorer
+    from engine.runtime.graphs import GraphedScorer
 
     with pytest.raises(ValueError, match="need a CUDA engine"):
         GraphedScorer(engine)
@@ -194,7 +194,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
 def test_fp8_forward_runs_and_tracks_bf16(adaln):
     """The whole FP8 forward (fused-GELU quantisation, pre-quantised activations, weight-only adaLN), run through
     torch._scaled_mm's CPU implementation: close to the same model in bf16."""
-    from engine.quant import Float8Linear, quantize_fp8
+    from engine.runtime.fp8 import Float8Linear, quantize_fp8
 
     bf16 = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
     fp8 = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
@@ -218,7 +218,7 @@ def test_fp8_forward_runs_and_tracks_bf16(adaln):
 @pytest.mark.parametrize("kept", ["net.2", "to_qkv", "net.0.proj"])
 def test_fp8_with_some_linears_kept_bf16(kept):
     """`keep_bf16` mixes FP8 and bf16 linears: each producer quantises only for an FP8 consumer."""
-    from engine.quant import Float8Linear, quantize_fp8
+    from engine.runtime.fp8 import Float8Linear, quantize_fp8
 
     bf16 = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
     mixed = RewardEngine.from_preset("tiny", dtype="bf16", kernels_backend="torch")
@@ -236,14 +236,14 @@ def test_fp8_with_some_linears_kept_bf16(kept):
 
 
 def test_batch_buckets_pad_and_split():
-    from engine.graphs import bucket_for, chunks
+    from engine.runtime.graphs import bucket_for, chunks
 
     buckets = (1, 2, 4, 8, 16, 32)
     assert [bucket_for(b, buckets) for b in (1, 2, 3, 5, 16, 17, 24, 32)] == [1, 2, 4, 8, 16, 32, 32, 32]
     assert chunks(24, buckets) == [(0, 24, 32)]  # a GRPO group of 24: one graph, 8 padding rows dropped
     assert chunks(70, buckets) == [(0, 32, 32), (32, 64, 32), (64, 70, 8)]
     assert sum(hi - lo for lo, hi, _ in chunks(70, buckets)) == 70
-    from engine.graphs import DEFAULT_BUCKETS
+    from engine.runtime.graphs import DEFAULT_BUCKETS
 
     # GRPO groups of 12, 16 and 24 latents run unpadded with the default buckets
     assert [bucket_for(b, DEFAULT_BUCKETS) for b in (12, 16, 24, 20)] == [12, 16, 24, 24]
@@ -256,7 +256,7 @@ def test_fp8_fused_kernels_end_to_end_equal_the_torch_path():
     does not show), which would hide the comparison."""
     from conftest import make_diffusers_transformer
 
-    from engine.quant import quantize_fp8
+    from engine.runtime.fp8 import quantize_fp8
 
     model = make_diffusers_transformer(seed=5, dual_attention_layers=(0, 1))
     z0, pe, po, noise = random_inputs(batch=3, h=6, w=10, text_len=7, seed=31)
@@ -278,7 +278,7 @@ def test_fp8_fused_kernels_end_to_end_equal_the_torch_path():
 def test_adaln_on_host_gives_the_same_rewards_and_checkpoints(tmp_path):
     """adaln_on_host=True: the adaLN linears stream from host memory in condition() (on a CPU engine, through the
     same functional_call path), rewards and saved weights unchanged, gradients still reach them (fine-tuning)."""
-    from engine.mmdit import AdaLN
+    from engine.model.layers import AdaLN
 
     z0, pe, po, noise = random_inputs(batch=3, h=8, w=8, text_len=6, seed=12)
     plain = RewardEngine.from_preset("tiny", dtype=torch.float32, kernels_backend="torch")
@@ -307,7 +307,7 @@ def test_adaln_on_host_gives_the_same_rewards_and_checkpoints(tmp_path):
 
 def test_fp8_adaln_weights_on_host():
     """e4m3 adaLN weights (weight-only Float8Linear: buffers + bias) stream from the host the same way."""
-    from engine.quant import quantize_fp8
+    from engine.runtime.fp8 import quantize_fp8
 
     z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=15)
     feats = []
@@ -358,7 +358,7 @@ def test_kernels_get_contiguous_modulation_vectors(engine, monkeypatch):
 
 
 def _clear_flash_attn_caches() -> None:
-    from engine import attention
+    from engine.runtime import attention
 
     for fn in vars(attention).values():
         if callable(fn) and hasattr(fn, "cache_clear"):
@@ -377,9 +377,9 @@ def _clear_flash_attn_caches() -> None:
     ],
 )
 def test_auto_attention_resolution(monkeypatch, fa3, fa2, capability, expected):
-    """`auto` means what engine.attention's docstring says, whichever flash-attn packages import (faked in
+    """`auto` means what engine.runtime.attention's docstring says, whichever flash-attn packages import (faked in
     sys.modules: None there makes an import fail)."""
-    from engine import attention
+    from engine.runtime import attention
 
     def fake(name: str) -> types.ModuleType:
         module = types.ModuleType(name)

@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for the H100/H200 (sm_90) at the specialisations the ops launch, without a GPU.
 
 The interpreter runs kernels the GPU compiler rejects (a kernel whose constexpr parameters the compiler does not see
-as constexpr interprets fine and fails to compile); `kernels.cross_compile` closes that gap with the ptxas in the
+as constexpr interprets fine and fails to compile); `tools.cross_compile` closes that gap with the ptxas in the
 triton wheel. It runs in a subprocess: this process imported triton in interpreter mode.
 """
 
@@ -18,8 +18,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels import cross_compile  # noqa: E402
 from kernels.backend import _bind_helpers  # noqa: E402
+from tools import cross_compile  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,10 +37,10 @@ def compiled(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("cross_compile") / "compiled.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it records in its own subprocess
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's own default, stated (silences a warning in 3.9)
-    cmd = [sys.executable, "-m", "kernels.cross_compile", "--json", str(out)]
+    cmd = [sys.executable, "-m", "tools.cross_compile", "--json", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if not out.exists():
-        pytest.fail(f"kernels.cross_compile wrote nothing (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+        pytest.fail(f"tools.cross_compile wrote nothing (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
     return json.loads(out.read_text())
 
 

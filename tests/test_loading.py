@@ -190,7 +190,7 @@ def test_save_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path, 
 
 
 def test_fp8_engine_does_not_save_its_e4m3_backbone(tmp_path):
-    from engine.quant import quantize_fp8
+    from engine.runtime.fp8 import quantize_fp8
 
     engine = RewardEngine.from_preset("tiny", dtype="bf16")
     quantize_fp8(engine.backbone, require_fp8_gpu=False)

@@ -43,9 +43,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from engine import ops
 from engine.api import RewardEngine
 from engine.config import RewardConfig
 from engine.loading import base_source
@@ -266,32 +264,17 @@ def step_noise(step: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------------------- model
 
 
-class ConditionedBlock(nn.Module):
-    """One MMDiT block and its adaLN modulation in a single forward: the unit FSDP2 gathers once and activation
-    checkpointing recomputes (the engine's inference path computes all modulations up front, which would need every
-    block's weights outside that block's forward)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.block(x, c, self.block.modulation(temb))
-
-
 class TrainableReward(nn.Module):
-    """The engine's backbone and head re-assembled into one differentiable forward (Eq. 1-5). Shares the engine's
-    parameters; equals `engine.score` for the same noise."""
+    """The engine's backbone and head as one differentiable module (Eq. 1-5): the root FSDP2 shards, with one unit per
+    backbone block. Shares the engine's parameters and backends and runs the backbone's own forward, handing it temb
+    instead of precomputed modulations so each block computes its adaLN vectors inside its forward (FSDP2 gathers
+    those weights with the block; checkpointing recomputes them). Equals `engine.score` for the same noise."""
 
     def __init__(self, engine: RewardEngine, grad_checkpointing: bool = False):
         super().__init__()
-        backbone = engine.backbone
-        self.pos_embed, self.time_text_embed = backbone.pos_embed, backbone.time_text_embed
-        self.context_embedder = backbone.context_embedder
-        self.blocks = nn.ModuleList(ConditionedBlock(b) for b in backbone.transformer_blocks)
-        self.head = engine.head
-        self.layers, self.t = backbone.layers, engine.reward_config.t
-        self.kernels_backend, self.grad_checkpointing = engine.kernels_backend, grad_checkpointing
+        self.backbone, self.head = engine.backbone, engine.head
+        self.backbone.gradient_checkpointing = grad_checkpointing
+        self.layers, self.t, self.backends = self.backbone.layers, engine.reward_config.t, engine.backends
 
     def features(
         self,
@@ -304,22 +287,9 @@ class TrainableReward(nn.Module):
     ) -> torch.Tensor:
         """z0 [B, C, h, w] transformer-space latents, prompt_embeds [B, L, joint_dim], pooled [B, pooled_dim]; noise
         [B, C, h, w] or (seed, image_offset) as in `engine.features` -> pooled features [B, n_layers, D] float32."""
-        dtype = self.context_embedder.weight.dtype
-        with ops.use(self.kernels_backend):
-            timesteps = torch.full((z0.shape[0],), 1000.0 * self.t, device=z0.device)
-            temb = self.time_text_embed(timesteps, pooled.to(dtype))  # [B, D]
-            c = self.context_embedder(prompt_embeds.to(dtype))  # [B, L, D]
-            z_t = ops.near_clean(z0, self.t, noise=noise, seed=seed, image_offset=image_offset)  # Eq. 1
-            x = self.pos_embed(z_t.to(dtype))  # [B, N_img, D]
-            pooled_layers = []
-            for index, block in enumerate(self.blocks):
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x, c = checkpoint(block, x, c, temb, use_reentrant=False)
-                else:
-                    x, c = block(x, c, temb)  # Eq. 2
-                if index in self.layers:
-                    pooled_layers.append(ops.mean_pool(x))  # Eq. 3, [B, D] fp32
-            return torch.stack(pooled_layers, dim=1)  # Eq. 4
+        dtype = self.backbone.context_embedder.weight.dtype
+        context, temb = self.backbone.embed_prompt(prompt_embeds.to(dtype), pooled.to(dtype), self.t)
+        return self.backbone(z0, context, temb, self.t, self.backends, noise, seed, image_offset)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Rewards [B] float32 (Eq. 5); arguments as `features`."""
@@ -328,12 +298,7 @@ class TrainableReward(nn.Module):
 
 def engine_backbone_key(key: str) -> str | None:
     """TrainableReward state-dict key -> the engine backbone's key (None for head keys)."""
-    if key.startswith("head."):
-        return None
-    if key.startswith("blocks."):
-        index, rest = key[len("blocks.") :].split(".block.", 1)
-        return f"transformer_blocks.{index}.{rest}"
-    return key
+    return key.removeprefix("backbone.") if key.startswith("backbone.") else None
 
 
 def bt_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
@@ -377,7 +342,7 @@ def shard(model: TrainableReward, world: int, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
-    for block in model.blocks:
+    for block in model.backbone.transformer_blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

@@ -32,7 +32,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter, Histogram
 
 from engine.api import RewardEngine
-from engine.mmdit import Conditioning
+from engine.model.conditioning import Conditioning
 from engine.serve.wire import RequestError, check_request, decode_request, encode_response
 from kernels.noise import noise_ref
 

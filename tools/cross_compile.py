@@ -8,7 +8,7 @@ attributes and launch options (``num_warps``) that Triton's own launcher would d
 GPU. Each compiled kernel's resource use (registers, spilled bytes, shared memory) is read from its cubin with the
 bundled ``cuobjdump``: a kernel that spills is slow before anyone has timed it.
 
-    python -m kernels.cross_compile [--arch 90 ...] [--json PATH]
+    python -m tools.cross_compile [--arch 90 ...] [--json PATH]
 
 Run it without ``TRITON_INTERPRET``: triton decorates its own library in one mode per process, so the recording
 runs in a subprocess with ``TRITON_INTERPRET=1`` and hands over each launch's arguments as descriptions (a tensor's
@@ -266,7 +266,7 @@ def recorded_launches() -> list[Launch]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "launches.json"
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [sys.executable, "-m", "kernels.cross_compile", "--record", str(path)]
+        cmd = [sys.executable, "-m", "tools.cross_compile", "--record", str(path)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"recording the launches failed:\n{done.stdout}{done.stderr}")
@@ -278,7 +278,7 @@ def cross_compile(arches: tuple[int, ...] = (90,), launches: list[Launch] | None
     (recorded in a subprocess)."""
     if interpreting():
         raise RuntimeError(
-            "kernels.cross_compile compiles for the GPU: run it without TRITON_INTERPRET (it records the launches in "
+            "tools.cross_compile compiles for the GPU: run it without TRITON_INTERPRET (it records the launches in "
             "a subprocess that sets it)"
         )
     by_name = {name: kernel for kernel, name in kernel_names().items()}
@@ -289,7 +289,7 @@ def cross_compile(arches: tuple[int, ...] = (90,), launches: list[Launch] | None
 
 
 def main(argv: list[str] | None = None) -> list[Compiled]:
-    parser = argparse.ArgumentParser(prog="python -m kernels.cross_compile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.cross_compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (90: H100/H200)")
     parser.add_argument("--json", type=Path, help="write every compiled specialisation here")
     parser.add_argument("--record", type=Path, help="only record the launches to this file (needs TRITON_INTERPRET=1)")

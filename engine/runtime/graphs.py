@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine import ops
-from engine.api import PromptEmb, RewardEngine
-from engine.mmdit import Conditioning
+if TYPE_CHECKING:  # the scorer wraps an engine; the runtime does not import the API layer
+    from engine.api import PromptEmb, RewardEngine
 
 # Powers of two plus the GRPO group sizes 12 and 24 (a group of 24 padded to 32 would be a third wasted work).
 DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -66,11 +66,13 @@ class GraphedScorer:
 
     def _run(self, s: _Captured) -> torch.Tensor:
         engine = self.engine
-        cond = Conditioning(context=s.context, modulation=s.modulation, t=engine.reward_config.t)
-        with torch.inference_mode(), ops.use(engine.kernels_backend):
-            return engine.head(engine.backbone(s.latents, cond, noise=s.noise))
+        with torch.inference_mode():
+            features = engine.backbone(
+                s.latents, s.context, s.modulation, engine.reward_config.t, engine.backends, noise=s.noise
+            )
+            return engine.head(features)
 
-    def _capture(self, key: tuple[int, int, int, int], cond: Conditioning) -> _Captured:
+    def _capture(self, key: tuple[int, int, int, int], cond) -> _Captured:
         bucket, h, w, text_len = key
         engine, start = self.engine, time.perf_counter()
         dev, dt = engine.device, engine.dtype
