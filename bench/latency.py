@@ -419,7 +419,7 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
 
 
 def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
-    from bench.baselines import HPSv3Reward, resize_to_448
+    from bench.hpsv3 import HPSv3Reward, resize_to_448
     from engine.pixel import PixelFrontEnd
     from engine.tiny_base import default_tiny_base
 

@@ -11,17 +11,16 @@ import torch
 from bench.baselines import (
     BaselineUnavailable,
     DiffusersHookReward,
-    HPSv3Reward,
     build_sd3_transformer,
     compile_modes,
     compile_regional,
     compile_whole,
     is_engine_fp8_linear,
     quantize_torchao_fp8,
-    resize_to_448,
     torchao_fp8_config,
 )
 from bench.harness import MemoryPeak, Timing, environment_info, measure_peak, time_fn
+from bench.hpsv3 import HPSv3Reward, resize_to_448
 
 # Every SD3 feature (qk RMSNorm, dual attention in block 0, the context_pre_only last block) at toy widths: D = 32.
 TINY_SD3 = {
