@@ -27,7 +27,7 @@ if "--cpu-smoke" in sys.argv:  # before anything imports triton: its CPU interpr
 
 import torch  # noqa: E402
 
-from bench.latency import dtype_kwargs, random_inputs  # noqa: E402
+from bench.workload import dtype_kwargs, random_inputs  # noqa: E402
 
 T0 = time.perf_counter()
 

@@ -1,0 +1,320 @@
+"""The runs behind `python -m bench.latency`: a row collector (`Bench`) and one function per `--interface`.
+
+Every row is timed and memory-measured the same way (`Bench.run`); the diffusers and HPSv3 baselines are built in
+the same process as the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.costs import engine_costs
+from bench.harness import ceilings, environment_info, measure_peak, time_fn
+from bench.targets import COMPILE_CUDAGRAPHS, EAGER, REGIONAL_COMPILE, TORCHAO_FP8
+from bench.workload import dtype_kwargs, latent_inputs
+from engine import RewardEngine
+from engine.config import BackboneConfig
+
+FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hpsv3 interfaces on GPU)
+    "vae": dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=1024,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+}
+
+
+# --baselines names and the row labels they produce (labels shared with bench.targets and bench.report)
+BASELINES = {"eager": EAGER, "regional": REGIONAL_COMPILE, "cudagraphs": COMPILE_CUDAGRAPHS, "torchao-fp8": TORCHAO_FP8}
+
+
+class Bench:
+    """Collects rows; every row is timed and memory-measured the same way."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device, self.rows = args, device, []
+        self.env = environment_info(device)
+        self.env["ceilings"] = ceilings(device)  # the FLOP floor's denominator (CPU: sanity numbers only)
+        self.start = time.perf_counter()
+
+    def progress(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def floor_pct(self, flops_per_image: float, per_image_ms: float, dtype: str) -> tuple[float, float]:
+        """Achieved TFLOP/s, and the FLOP floor (counted FLOPs at the measured matmul ceiling of this dtype: the fp8
+        GEMM ceiling for fp8 engines, bf16's otherwise) as a percentage of the measured time."""
+        c = self.env["ceilings"]
+        ceiling = c.get("fp8_matmul_tflop_s") if dtype.startswith("fp8") else None
+        tflop_s = flops_per_image / (per_image_ms * 1e-3) / 1e12
+        return tflop_s, 100 * tflop_s / (ceiling or c["matmul_tflop_s"])
+
+    def skip(self, label: str, reason: str, **fields: Any) -> dict:
+        """A row for a path that cannot run here: no timing, the reason instead (reports leave it out)."""
+        row = {"path": label, "skipped": reason, **fields, "device": self.env["gpu"] or "cpu"}
+        self.rows.append(row)
+        self.progress(f"  {label:<34} {reason}")
+        return row
+
+    def run(self, label: str, fn: Callable[[Any], Any], inputs: list, batch: int, **fields: Any) -> dict:
+        timing = time_fn(fn, inputs, warmup=3, iters=self.args.iters, device=self.device).per_image(batch)
+        peak = measure_peak(fn, inputs[0], device=self.device)
+        row = {
+            "path": label,
+            "batch": batch,
+            "per_image_ms": round(timing.median_ms, 3),
+            "p10_ms": round(timing.p10_ms, 3),
+            "p90_ms": round(timing.p90_ms, 3),
+            "peak_gib": None if peak.allocated_gib is None else round(peak.allocated_gib, 3),
+            "nvml_gib": None if peak.nvml_used_gib is None else round(peak.nvml_used_gib, 3),
+            **fields,
+            "device": self.env["gpu"] or "cpu",
+            "torch": self.env["torch"],
+            "commit": self.env["git_commit"],
+            "date": self.env["date"],
+        }
+        if fields.get("flops_per_image"):
+            tflop_s, pct = self.floor_pct(fields["flops_per_image"], timing.median_ms, fields.get("dtype", ""))
+            row.update(tflop_s=float(f"{tflop_s:.3g}"), floor_pct=round(pct, 1))  # (3 digits: CPU runs are tiny)
+        self.rows.append(row)
+        self.progress(f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB")
+        return row
+
+
+def device_weight_bytes(engine: RewardEngine) -> int:
+    """Bytes of the engine's parameters and buffers that live on its device (host-resident adaLN weights excluded)."""
+    tensors = [*engine.parameters(), *engine.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == engine.device)
+
+
+def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
+    args, device = b.args, b.device
+    for dtype in [] if args.no_engine else dtypes:
+        extra = dtype_kwargs(dtype)
+        b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
+        if args.checkpoint:
+            engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
+        elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
+            from engine.tiny_base import default_tiny_base
+
+            engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
+        else:
+            engine = RewardEngine.from_preset(preset, device=device, **extra)
+        engine.check_finite = False  # the RL-loop setting: no host syncs
+        # what was built (a checkpoint brings its own config and layers): shapes, FLOPs and labels follow it
+        cfg, layers = engine.config, engine.reward_config.layers
+        model = cfg.preset_name() or "custom"
+        graphed = None
+        if device.type == "cuda" and not args.no_graphs:
+            from engine.runtime.graphs import GraphedScorer
+
+            graphed = GraphedScorer(engine)
+        for side in resolutions:
+            flops = engine_costs(cfg, side, args.text_len, layers=layers)["flops_per_image"]
+            for batch in args.batch:
+                inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
+                common = dict(
+                    interface="latent",
+                    preset=model,
+                    layers=list(layers),
+                    resolution=side,
+                    dtype=dtype,
+                    flops_per_image=flops,
+                    weights_gib=round(device_weight_bytes(engine) / 2**30, 3),
+                    random_weights=not args.checkpoint,
+                )
+                b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
+                # prompt-only work on its own (per prompt), and scoring against conditioning made beforehand: the
+                # GRPO pattern, one condition() per prompt batch serving its group of latents
+                prompt_only = {k: v for k, v in common.items() if k != "flops_per_image"}  # not the forward's FLOPs
+                b.run("condition() per prompt", lambda x: engine.condition(x[1], x[2]), inputs, batch, **prompt_only)
+                cached = [(x[0], engine.condition(x[1], x[2])) for x in inputs]
+                if graphed is not None:
+                    row = b.run(
+                        "engine cuda-graph", lambda x: graphed.score(x[0], (x[1], x[2])), inputs, batch, **common
+                    )
+                    row["first_call_s"] = round(max(graphed.capture_seconds.values()), 2)
+                    b.run("engine cuda-graph, cond cached", lambda x: graphed.score(*x), cached, batch, **common)
+                else:
+                    b.run("engine eager, cond cached", lambda x: engine.score(*x), cached, batch, **common)
+                cached = None
+        engine = graphed = None  # free before the next dtype's model is built
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.baselines:
+        bench_diffusers(b, preset, resolutions)
+
+
+def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
+    """The diffusers baselines named by --baselines, each on a freshly built model with the same random weights
+    (seed 0): eager + hooks, regional compile, whole-model compile with CUDA graphs per --compile-modes, torchao FP8
+    + the same compile. A baseline this machine cannot run gets a "skipped: <reason>" row instead of timings."""
+    from bench.baselines import (
+        BaselineUnavailable,
+        DiffusersHookReward,
+        build_sd3_transformer,
+        compile_modes,
+        compile_regional,
+        compile_whole,
+        quantize_torchao_fp8,
+    )
+    from engine.config import RewardConfig
+
+    device, dtype = b.device, (torch.bfloat16 if b.device.type == "cuda" else torch.float32)
+    cfg = BackboneConfig.from_name(preset)
+    layers = RewardConfig.for_backbone(cfg).layers
+    modes = b.args.compile_modes or compile_modes(device)
+
+    def prepare(name: str, transformer, mode: str | None) -> None:
+        if name == "regional":
+            compile_regional(transformer)
+        if name == "torchao-fp8":
+            quantize_torchao_fp8(transformer)
+        if name in ("cudagraphs", "torchao-fp8"):
+            compile_whole(transformer, mode)
+
+    for name in b.args.baselines:
+        label = BASELINES[name]
+        for mode in modes if name in ("cudagraphs", "torchao-fp8") else [None]:
+            fields = dict(
+                interface="latent",
+                preset=preset,
+                dtype="fp8" if name == "torchao-fp8" else ("bf16" if dtype == torch.bfloat16 else "fp32"),
+                random_weights=True,
+            )
+            if mode is not None:
+                fields["compile_mode"] = mode
+            b.progress(f"building diffusers for '{label}'" + (f", mode {mode}" if mode else ""))
+            torch.manual_seed(0)
+            transformer = build_sd3_transformer(cfg.to_dict(), dtype, device)
+            reward = DiffusersHookReward(transformer, layers, 0.1)
+            try:
+                prepare(name, transformer, mode)
+            except BaselineUnavailable as e:
+                b.skip(label, str(e), **fields)
+            else:
+                fn = lambda x: reward.score(x[0], x[1], x[2])
+                for side in resolutions:
+                    for batch in b.args.batch:
+                        inputs = latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)
+                        first_call_s = first_call_seconds(fn, inputs[0], device)  # compiles (and captures) here
+                        row = b.run(label, fn, inputs, batch, resolution=side, **fields)
+                        row["first_call_s"] = round(first_call_s, 2)
+            reward.remove()
+            reward = transformer = fn = None
+            torch._dynamo.reset()  # drops compiled graphs and their CUDA-graph pools before the next model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def first_call_seconds(fn: Callable[[Any], Any], x: Any, device: torch.device) -> float:
+    """Wall-clock seconds of one call, synchronised: a compiled path's compile (and graph capture) time."""
+    start = time.perf_counter()
+    fn(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
+    """Pixel path as a policy would use it: VAE decode its latents, then VAE encode + text encoders + engine. The VAE
+    and text encoders run in bf16 on GPU (fp32 on CPU), the engine in each requested dtype; rows say which."""
+    from engine.pixel import PixelFrontEnd
+    from engine.tiny_base import default_tiny_base
+
+    device = b.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    front_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
+    base = b.args.base or default_tiny_base()
+    front = PixelFrontEnd.from_pretrained(base, device=device, dtype=dtype, max_sequence_length=b.args.text_len - 77)
+    engines = {}
+    for name in dtypes:
+        kwargs = dtype_kwargs(name)
+        engine = (
+            RewardEngine.from_base(base, device=device, **kwargs)
+            if preset == "tiny"
+            else RewardEngine.from_preset(preset, device=device, **kwargs)
+        )
+        engine.check_finite = False
+        engines[name] = engine
+    cfg = next(iter(engines.values())).config
+    for side in resolutions:
+        for batch in b.args.batch:
+            common = dict(interface="pixel", preset=preset, resolution=side, dtype=front_dtype, random_weights=True)
+            latents = [x[0] for x in latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)]
+            images = [front.vae_decode(z) for z in latents]
+            prompts = [[f"a photo number {i} of a cat, variant {j}" for j in range(batch)] for i in range(3)]
+            b.run("vae decode", front.vae_decode, latents, batch, **common)
+            b.run("vae encode", lambda x: front.encode_images(x), images, batch, **common)
+            b.run(
+                "text encoders (uncached)",
+                lambda p: (front.prompt_encoder.clear_cache(), front.encode_prompts(p)),
+                prompts,
+                batch,
+                **common,
+            )
+            b.run("text encoders (cached)", front.encode_prompts, prompts, batch, **common)
+            embs = [front.encode_prompts(p) for p in prompts]
+            for name, engine in engines.items():
+                z = [x.to(engine.dtype) for x in latents]
+                e = [tuple(t.to(engine.dtype) for t in emb) for emb in embs]
+                b.run(
+                    "engine on encoded",
+                    lambda i, engine=engine, z=z, e=e: engine.score(z[i], e[i]),
+                    [0, 1, 2],
+                    batch,
+                    **{**common, "dtype": name},
+                )
+
+
+def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
+    from bench.hpsv3 import HPSv3Reward, resize_to_448
+    from engine.pixel import PixelFrontEnd
+    from engine.tiny_base import default_tiny_base
+
+    device = b.device
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    hps = HPSv3Reward("qwen2-vl-7b" if on_gpu else "tiny", dtype=dtype, device=device)
+    front = PixelFrontEnd.from_pretrained(b.args.base or default_tiny_base(), device=device, dtype=dtype)
+    vae = front.image_encoder.vae
+    if on_gpu and b.args.base is None:  # the real SD3 VAE's size, random weights
+        from diffusers import AutoencoderKL
+
+        with torch.device(device):
+            vae = AutoencoderKL(**FULL_SIZE["vae"]).to(dtype).eval()
+        front.image_encoder.vae = vae
+    for side in resolutions:
+        for batch in b.args.batch:
+            common = dict(
+                interface="hpsv3",
+                preset="qwen2-vl-7b" if on_gpu else "tiny",
+                resolution=side,
+                dtype="bf16" if on_gpu else "fp32",
+                random_weights=True,
+            )
+            latents = [torch.randn(batch, 16, side // 8, side // 8, device=device, dtype=dtype) for _ in range(3)]
+            images = [resize_to_448(front.vae_decode(z)) for z in latents]
+            b.run("vae decode", front.vae_decode, latents, batch, **common)
+            b.run("hpsv3 (448², 480 tokens)", hps.score, images, batch, **common)
+            b.run(
+                "vae decode + hpsv3", lambda z: hps.score(resize_to_448(front.vae_decode(z))), latents, batch, **common
+            )
