@@ -61,7 +61,7 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
 
 
 def test_agreement_metrics_by_hand():
-    from bench.gpu_check import _agreement
+    from bench.fp8_fidelity import _agreement
 
     a = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     b = torch.tensor([1.0, 3.0, 2.0, 4.0], dtype=torch.float64)
@@ -76,7 +76,7 @@ def test_agreement_metrics_by_hand():
 
 
 def test_group_order_agreement_by_hand():
-    from bench.gpu_check import _group_order_agreement
+    from bench.fp8_fidelity import _group_order_agreement
 
     a = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     b = torch.tensor([1.0, 3.0, 2.0, 4.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
