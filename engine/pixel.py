@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from engine.checks import resolve_device
+
 # One image: a PIL image, an image file, a uint8 HWC/HW array, or a float CHW tensor in [0, 1].
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 # A batch: a sequence of ImageLike, a float NCHW tensor in [0, 1] (Flow-GRPO's convention) or a uint8 NHWC array.
@@ -50,13 +52,6 @@ ImageBatch = Sequence[ImageLike] | torch.Tensor | np.ndarray
 DEFAULT_CACHE_BYTES = 1 << 30
 # Progress bars appear by default from this many items on: below it a bar is noise in tests and RL logs.
 _PROGRESS_MIN_ITEMS = 64
-
-
-def _default_device(device: torch.device | str | None) -> torch.device:
-    """`device`, or CUDA when available else the CPU; refused when CUDA is named but unusable."""
-    from engine.api import resolve_device  # api imports this module lazily; the check lives there
-
-    return resolve_device(device)
 
 
 def _progress(total: int, desc: str, unit: str, progress: bool | None) -> tqdm:
@@ -115,7 +110,7 @@ class PromptEncoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizers
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoders
-        self.device = _default_device(device)
+        self.device = resolve_device(device)
         self.encoders_device = self.device if encoders_device is None else torch.device(encoders_device)
         self.dtype = dtype
         self.max_sequence_length = self._check_length(max_sequence_length)
@@ -510,7 +505,7 @@ class ImageEncoder:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = _default_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         self.vae_dtype = torch.float32 if upcast else dtype
@@ -635,7 +630,7 @@ class PixelFrontEnd:
         ``text_encoders_device="cpu"`` keeps the ~11 GB of text encoders off the GPU (prompts then encode slowly,
         but the cache makes repeats free); outputs still land on ``device``.
         """
-        device = _default_device(device)
+        device = resolve_device(device)
         prompts = PromptEncoder.from_pretrained(
             base_dir, device=device, dtype=dtype, max_sequence_length=max_sequence_length, cache_bytes=cache_bytes,
             encoders_device=text_encoders_device,

@@ -119,9 +119,9 @@ class RemoteLatentReward:
     """
 
     def __init__(self, url: str, token: str | None = None, *, seed: int | None = None, **client_kwargs: Any):
-        from engine.rl import _check_seed
+        from engine.checks import check_seed
 
-        _check_seed(seed)
+        check_seed(seed)
         self.client = ScoreClient(url, token, **client_kwargs)
         self.seed = seed
 
@@ -178,11 +178,11 @@ def remote_reward_fn(
     ``device`` (what `engine.rl.dit_reward_fn` runs in-process, without the MMDiT), encodes the images and prompts,
     and sends latents. It saves the reward backbone's memory, not the encoders'. ``seed``: image i of a call uses
     noise stream i, as `RewardEngine.score_images`."""
-    from engine.pixel import PixelFrontEnd, _default_device
-    from engine.rl import _check_seed
+    from engine.checks import check_seed, resolve_device
+    from engine.pixel import PixelFrontEnd
 
-    _check_seed(seed)
-    front = PixelFrontEnd.from_pretrained(base, device=_default_device(device))
+    check_seed(seed)
+    front = PixelFrontEnd.from_pretrained(base, device=resolve_device(device))
     client = ScoreClient(url, token, **client_kwargs)
 
     def reward_fn(images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
