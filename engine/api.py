@@ -24,14 +24,9 @@ from engine.checks import (
 )
 from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
-from engine.loading import (
-    TensorSource,
-    base_source,
-    load_backbone,
-    load_head,
-    read_reward_config,
-    save_reward_checkpoint,
-)
+from engine.io.backbone import base_source, load_backbone, random_backbone
+from engine.io.checkpoint import load_head, read_reward_config, save_reward_checkpoint
+from engine.io.sources import TensorSource
 from engine.model.conditioning import Conditioning
 from engine.model.mmdit import MMDiTReward, diffusers_state_dict
 from engine.runtime.backends import Backends
@@ -236,8 +231,6 @@ class RewardEngine(nn.Module):
         **backends: Any,
     ) -> RewardEngine:
         """A preset backbone with RANDOM weights (latency/memory do not depend on the values)."""
-        from engine.loading import random_backbone
-
         cfg = BackboneConfig.from_name(name)
         reward = RewardConfig.for_backbone(cfg, t=t, **({"layers": tuple(layers)} if layers is not None else {}))
         device = resolve_device(device)
