@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.pixel import ImageEncoder, PixelFrontEnd, PromptEncoder, _progress, load_images
+from engine.pixel import ImageEncoder, PixelFrontEnd, PromptEncoder, load_images
+from engine.pixel.common import progress_bar as _progress
 from engine.tiny_base import make_tiny_base
 from kernels.noise import noise_ref
 
