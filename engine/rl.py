@@ -176,7 +176,7 @@ def dit_reward_factory(
 # ----------------------------------------------------------------------------------------------- latent form
 
 
-def _first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Group labels [B] -> (first member of each distinct group [G], group id of each latent [B] in [0, G))."""
     labels, inverse = torch.unique(group, return_inverse=True)
     positions = torch.arange(group.shape[0], device=group.device)
@@ -185,9 +185,11 @@ def _first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return first, inverse
 
 
-def _group_labels(
+def group_labels(
     batch: int, device: torch.device, group_index: Any, prompts: Sequence[str] | None
 ) -> torch.Tensor | None:
+    """GRPO group labels [B] long on `device`, from `group_index` (one label per latent) or `prompts` (one group
+    per distinct prompt); None when neither is given."""
     if group_index is not None and prompts is not None:
         raise ValueError("pass group_index or prompts (which define the groups), not both")
     if prompts is not None:
@@ -258,7 +260,7 @@ def dit_latent_reward_fn(
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
         batch = latents.shape[0]
-        group = _group_labels(batch, latents.device, group_index, prompts)
+        group = group_labels(batch, latents.device, group_index, prompts)
         if group is not None:
             if prompt_index is not None:
                 raise ValueError(
@@ -273,7 +275,7 @@ def dit_latent_reward_fn(
                         f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
                         "row per distinct prompt use prompt_index"
                     )
-            first, prompt_index = _first_of_each_group(group)
+            first, prompt_index = first_of_each_group(group)
             first = first.to(prompt_embeds.device)
             if engine.check_finite and not (
                 torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)

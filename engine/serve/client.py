@@ -135,11 +135,11 @@ class RemoteLatentReward:
         group_index: torch.Tensor | Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        from engine.rl import _first_of_each_group, _group_labels
+        from engine.rl import first_of_each_group, group_labels
 
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
-        group = _group_labels(latents.shape[0], latents.device, group_index, prompts)
+        group = group_labels(latents.shape[0], latents.device, group_index, prompts)
         if group is not None:
             if prompt_index is not None:
                 raise ValueError(
@@ -150,7 +150,7 @@ class RemoteLatentReward:
                     f"with group_index/prompts, prompt_embeds needs one row per latent ({latents.shape[0]}), got "
                     f"{prompt_embeds.shape[0]}; for one row per distinct prompt use prompt_index"
                 )
-            first, prompt_index = _first_of_each_group(group)
+            first, prompt_index = first_of_each_group(group)
             first = first.to(prompt_embeds.device)
             if not (
                 torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)
