@@ -18,6 +18,7 @@ from engine.checks import (
     check_conditioning_fits,
     check_latents,
     check_prompts,
+    check_seed,
     resolve_device,
     resolve_dtype,
     select_rows,
@@ -277,8 +278,7 @@ class RewardEngine(nn.Module):
         VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
         and scored on the latent path; images of different sizes are scored in separate groups. With `seed`, image i
         of the call uses noise stream i whatever the sizes of the others (its reward does not depend on them)."""
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        check_seed(seed)
         groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress)
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
