@@ -21,7 +21,7 @@ import torch
 
 from bench.harness import positive_int
 from engine.api import RewardEngine
-from engine.loading import read_reward_config
+from engine.io.checkpoint import read_reward_config
 from training.cache import encode_image_files
 from training.data import add_path_rule_arguments, read_file
 

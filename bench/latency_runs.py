@@ -111,7 +111,7 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
         if args.checkpoint:
             engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
         elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
-            from engine.tiny_base import default_tiny_base
+            from tools.tiny_base import default_tiny_base
 
             engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
         else:
@@ -238,7 +238,7 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
     """Pixel path as a policy would use it: VAE decode its latents, then VAE encode + text encoders + engine. The VAE
     and text encoders run in bf16 on GPU (fp32 on CPU), the engine in each requested dtype; rows say which."""
     from engine.pixel import PixelFrontEnd
-    from engine.tiny_base import default_tiny_base
+    from tools.tiny_base import default_tiny_base
 
     device = b.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -288,7 +288,7 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
 def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
     from bench.hpsv3 import HPSv3Reward, resize_to_448
     from engine.pixel import PixelFrontEnd
-    from engine.tiny_base import default_tiny_base
+    from tools.tiny_base import default_tiny_base
 
     device = b.device
     on_gpu = device.type == "cuda"

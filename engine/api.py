@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -11,20 +10,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from engine.checks import (
+    as_prompt_pair,
+    check_conditioning_fits,
+    check_latents,
+    check_prompts,
+    check_seed,
+    resolve_device,
+    resolve_dtype,
+    select_rows,
+)
 from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
-from engine.loading import (
-    TensorSource,
-    base_source,
-    load_backbone,
-    load_head,
-    read_reward_config,
-    save_reward_checkpoint,
-)
+from engine.io.backbone import base_source, load_backbone, random_backbone
+from engine.io.checkpoint import load_head, read_reward_config, save_reward_checkpoint
+from engine.io.sources import TensorSource
 from engine.model.conditioning import Conditioning
 from engine.model.mmdit import MMDiTReward, diffusers_state_dict
 from engine.runtime.backends import Backends
@@ -32,56 +35,6 @@ from kernels.backend import accumulation_dtype
 from kernels.noise import noise_ref
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
-
-
-def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
-    if dtype is None:
-        return default
-    if isinstance(dtype, str):
-        if dtype == "fp8":  # bf16 weights, quantised to e4m3 after loading (engine.runtime.fp8)
-            return torch.bfloat16
-        names = {
-            "fp32": torch.float32,
-            "float32": torch.float32,
-            "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16,
-            "fp16": torch.float16,
-            "float16": torch.float16,
-            "fp64": torch.float64,  # gradient checks only (torch.autograd.gradcheck), never a serving dtype
-            "float64": torch.float64,
-        }
-        if dtype not in names:
-            raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
-        return names[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16, torch.float16 or torch.float64, got {dtype}")
-    return dtype
-
-
-def resolve_device(device: torch.device | str | int | None, default: torch.device | str | None = None) -> torch.device:
-    """`device` as a torch.device, refused with a ValueError when it does not parse or names a CUDA device this
-    process cannot use. None means `default`, or CUDA when available else the CPU."""
-    if device is None:
-        device = default if default is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
-        raise TypeError(f"device must be a torch.device, a string like 'cuda:0' or 'cpu', or None, got "
-                        f"{type(device).__name__}")  # fmt: skip
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={str(device)!r} but CUDA is not available here (torch {torch.__version__}, CUDA build "
-                f"{torch.version.cuda}): pass device='cpu', or install a CUDA build of torch on a GPU machine"
-            )
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={str(device)!r} but this process sees {torch.cuda.device_count()} CUDA device(s): pick one "
-                f"of cuda:0..cuda:{torch.cuda.device_count() - 1} (see CUDA_VISIBLE_DEVICES)"
-            )
-    return resolved
 
 
 class RewardEngine(nn.Module):
@@ -198,7 +151,7 @@ class RewardEngine(nn.Module):
             cfg,
             reward.layers,
             [transformer.state_dict()],
-            _dtype(dtype, param.dtype),
+            resolve_dtype(dtype, param.dtype),
             resolve_device(device, default=param.device),
         )
         return cls(
@@ -222,7 +175,9 @@ class RewardEngine(nn.Module):
         reward = RewardConfig.for_backbone(
             cfg, t=t, head_hidden=tuple(head_hidden), **({"layers": tuple(layers)} if layers is not None else {})
         )
-        backbone = load_backbone(cfg, reward.layers, [source], _dtype(dtype, torch.bfloat16), resolve_device(device))
+        backbone = load_backbone(
+            cfg, reward.layers, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device)
+        )
         engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
         return engine
@@ -257,7 +212,7 @@ class RewardEngine(nn.Module):
                 f"directory or single .safetensors file>"
             )
         device = resolve_device(device)
-        backbone = load_backbone(cfg, reward.layers, sources, _dtype(dtype, torch.bfloat16), device)
+        backbone = load_backbone(cfg, reward.layers, sources, resolve_dtype(dtype, torch.bfloat16), device)
         engine = cls(
             backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, fp8=dtype == "fp8", **backends
         )
@@ -277,12 +232,10 @@ class RewardEngine(nn.Module):
         **backends: Any,
     ) -> RewardEngine:
         """A preset backbone with RANDOM weights (latency/memory do not depend on the values)."""
-        from engine.loading import random_backbone
-
         cfg = BackboneConfig.from_name(name)
         reward = RewardConfig.for_backbone(cfg, t=t, **({"layers": tuple(layers)} if layers is not None else {}))
         device = resolve_device(device)
-        backbone = random_backbone(cfg, reward.layers, _dtype(dtype, torch.bfloat16), device, seed)
+        backbone = random_backbone(cfg, reward.layers, resolve_dtype(dtype, torch.bfloat16), device, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = cls._new_head(reward, cfg)
@@ -325,8 +278,7 @@ class RewardEngine(nn.Module):
         VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
         and scored on the latent path; images of different sizes are scored in separate groups. With `seed`, image i
         of the call uses noise stream i whatever the sizes of the others (its reward does not depend on them)."""
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        check_seed(seed)
         groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress)
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
@@ -361,7 +313,7 @@ class RewardEngine(nn.Module):
         """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. `grad=True`
         keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs, unlike
         inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
-        self._check_prompts(prompt_embeds, pooled)
+        check_prompts(prompt_embeds, pooled, self.config, self.device, finite=self.check_finite)
         with torch.enable_grad() if grad else torch.no_grad():
             cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
         if self.check_finite:  # finite inputs can still overflow the adaLN linears (pooled x 1e20)
@@ -399,13 +351,7 @@ class RewardEngine(nn.Module):
     def _features(self, latents, prompt_emb, noise, seed, grad, prompt_index, image_offset) -> torch.Tensor:
         """`features` without the final copy: inference-mode tensors when grad=False (`score` reads them under
         no_grad, which hands back an ordinary tensor)."""
-        self._check_latents(latents, noise)
-        if grad and self.fp8:
-            raise ValueError(
-                "grad=True needs a bf16/fp32 engine: the FP8 path is inference-only (its quantised GEMMs have no "
-                "backward); build the engine with dtype='bf16' for reward backprop"
-            )
-        cond = self._select(self._conditioning(prompt_emb, grad), latents.shape[0], prompt_index)
+        cond = self.conditioning_for(latents, prompt_emb, noise, prompt_index, grad=grad)
         context = torch.enable_grad() if grad else torch.inference_mode()
         with context:
             feats = self.backbone(
@@ -431,9 +377,9 @@ class RewardEngine(nn.Module):
                 f"of adaLN weights to the device on every call; make a Conditioning once per prompt batch with "
                 f"engine.condition(prompt_embeds, pooled) and score against it",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        return self.condition(*self._as_pair(prompt_emb), grad=grad)
+        return self.condition(*as_prompt_pair(prompt_emb, self.config), grad=grad)
 
     def score(
         self,
@@ -459,114 +405,32 @@ class RewardEngine(nn.Module):
 
     # ------------------------------------------------------------------------------------------- validation
 
-    def _as_pair(self, prompt_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (
-            isinstance(prompt_emb, (tuple, list))
-            and len(prompt_emb) == 2
-            and all(isinstance(t, torch.Tensor) for t in prompt_emb)
-        ):
-            raise TypeError(
-                "prompt_emb must be the SD3 pair (prompt_embeds [B, L, "
-                f"{self.config.joint_attention_dim}], pooled [B, {self.config.pooled_projection_dim}]) or a "
-                f"Conditioning from engine.condition(), got {type(prompt_emb).__name__}"
-            )
-        return prompt_emb[0], prompt_emb[1]
-
-    def _check_prompts(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-        cfg = self.config
-        for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-            self._check_device(name, x)
-        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
+    def conditioning_for(
+        self,
+        latents: torch.Tensor,
+        prompt_emb: PromptEmb,
+        noise: torch.Tensor | None = None,
+        prompt_index: torch.Tensor | Sequence[int] | None = None,
+        *,
+        grad: bool = False,
+    ) -> Conditioning:
+        """Check latents [B, C, H, W] (and noise) and return the Conditioning row of each latent: what every forward
+        of this engine reads (`features`, `score`, `engine.runtime.graphs.GraphedScorer`). Arguments as `features`."""
+        check_latents(latents, noise, self.config, self.device, finite=self.check_finite)
+        if grad and self.fp8:
             raise ValueError(
-                f"prompt_embeds must be [B, L, {cfg.joint_attention_dim}] (CLIP-L ‖ CLIP-G padded, then "
-                f"T5), got {list(prompt_embeds.shape)}"
+                "grad=True needs a bf16/fp32 engine: the FP8 path is inference-only (its quantised GEMMs have no "
+                "backward); build the engine with dtype='bf16' for reward backprop"
             )
-        if pooled.ndim != 2 or pooled.shape[-1] != cfg.pooled_projection_dim:
-            raise ValueError(
-                f"pooled must be [B, {cfg.pooled_projection_dim}] (CLIP-L ‖ CLIP-G pooled), got {list(pooled.shape)}"
-            )
-        if prompt_embeds.shape[0] != pooled.shape[0]:
-            raise ValueError(
-                f"prompt_embeds and pooled batch sizes differ: {prompt_embeds.shape[0]} vs {pooled.shape[0]}"
-            )
-        if prompt_embeds.shape[0] == 0 or prompt_embeds.shape[1] == 0:
-            raise ValueError(f"empty prompt batch: prompt_embeds has shape {list(prompt_embeds.shape)}")
-        self._check_finite("prompt_embeds", prompt_embeds)
-        self._check_finite("pooled", pooled)
-
-    def _check_latents(self, latents: Any, noise: torch.Tensor | None) -> None:
-        cfg = self.config
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(
-                f"latents must be a torch.Tensor [B, {cfg.in_channels}, H, W], got {type(latents).__name__}"
-            )
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
-        if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"latents must be [B, {cfg.in_channels}, H, W] transformer-space latents, got {list(latents.shape)}"
-            )
-        if latents.shape[0] == 0:
-            raise ValueError("empty batch: latents has batch size 0")
-        p, limit = cfg.patch_size, cfg.patch_size * cfg.pos_embed_max_size
-        h, w = latents.shape[-2:]
-        if h == 0 or w == 0:
-            raise ValueError(f"latents have no pixels: {h}x{w}")
-        if h % p or w % p:
-            raise ValueError(f"latent height and width must be multiples of the patch size {p}, got {h}x{w}")
-        if h > limit or w > limit:
-            raise ValueError(
-                f"latent size {h}x{w} exceeds this model's positional table: at most {limit}x{limit} "
-                f"latent pixels ({limit * 8}x{limit * 8} image pixels)"
-            )
-        self._check_device("latents", latents)
-        self._check_finite("latents", latents)
-        if noise is not None:
-            if not isinstance(noise, torch.Tensor):
-                raise TypeError(f"noise must be a torch.Tensor like latents, got {type(noise).__name__}")
-            if noise.shape != latents.shape:
-                raise ValueError(f"noise must have the latents' shape {list(latents.shape)}, got {list(noise.shape)}")
-            self._check_device("noise", noise)
-            self._check_finite("noise", noise)
-
-    def _check_device(self, name: str, x: torch.Tensor) -> None:
-        if x.device != self.device and not (x.device.type == self.device.type == "cuda" and x.device.index is None):
-            raise ValueError(
-                f"{name} is on {x.device} but the engine is on {self.device}: move it with .to(engine.device)"
-            )
-
-    def _check_finite(self, name: str, x: torch.Tensor) -> None:
-        # One device sync per input; disable with check_finite=False inside captured/compiled loops.
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf values")
+        cond = self._conditioning(prompt_emb, grad)
+        self._check_conditioning(cond)
+        return select_rows(cond, latents.shape[0], prompt_index, self.device, finite=self.check_finite)
 
     def _check_conditioning(self, cond: Conditioning) -> None:
         """A Conditioning from this engine's `condition()` with its current weights, or one built by hand that fits
         (shapes, dtype, device, t) and is finite (one sync, when `check_finite`)."""
-        dim = self.config.hidden_size
         n_vectors = sum(self.backbone.modulation_sizes)
-        context, modulation = cond.context, cond.modulation
-        if (
-            modulation.ndim != 3
-            or modulation.shape[1:] != (n_vectors, dim)
-            or context.ndim != 3
-            or context.shape[0] != modulation.shape[0]
-            or context.shape[-1] != dim
-        ):
-            raise ValueError(
-                f"this Conditioning does not fit the engine (context {list(context.shape)}, modulation "
-                f"{list(modulation.shape)}; expected [P, L, {dim}] and [P, {n_vectors}, {dim}]): make it with this "
-                f"engine's condition()"
-            )
-        if context.dtype != self.dtype or modulation.dtype != self.dtype:
-            raise ValueError(f"Conditioning is {modulation.dtype}, the engine computes in {self.dtype}: re-condition")
-        if cond.t != self.reward_config.t:
-            raise ValueError(f"Conditioning was made at t={cond.t}, the engine scores at t={self.reward_config.t}")
-        self._check_device("Conditioning", context)
+        check_conditioning_fits(cond, self.config, n_vectors, self.dtype, self.reward_config.t, self.device)
         if cond.origin is None:
             if self.check_finite:
                 cond.check_finite()
@@ -582,42 +446,3 @@ class RewardEngine(nn.Module):
                 "this Conditioning was made before the engine's prompt-path weights changed (an optimizer step or "
                 "load_state_dict since): re-make it with engine.condition(prompt_embeds, pooled)"
             )
-
-    def _check_prompt_index(self, prompt_index: Any, batch: int, num_prompts: int) -> torch.Tensor:
-        """prompt_index -> [batch] long on the engine's device, each in [0, num_prompts). The range check is free
-        for a list or a CPU tensor and costs one sync for a device tensor (then only when `check_finite`)."""
-        expected = f"{batch} integers in [0, {num_prompts - 1}] (one prompt row per latent)"
-        if isinstance(prompt_index, torch.Tensor):
-            self._check_device("prompt_index", prompt_index)
-            index = prompt_index
-        elif isinstance(prompt_index, (str, bytes)) or not isinstance(prompt_index, (Sequence, np.ndarray)):
-            raise TypeError(f"prompt_index must be {expected}, got {type(prompt_index).__name__}")
-        else:
-            bad = [v for v in prompt_index if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
-            if bad:
-                raise TypeError(f"prompt_index must be {expected}, got an element {bad[0]!r}")
-            bad = [v for v in prompt_index if not 0 <= v < num_prompts]  # before int64: 2**70 would overflow
-            if bad:
-                raise ValueError(f"prompt_index must be {expected}, got {bad[0]}")
-            index = torch.tensor([int(v) for v in prompt_index], dtype=torch.long)
-        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-            raise TypeError(f"prompt_index must be {expected}, got a {index.dtype} tensor")
-        if index.shape != (batch,):
-            raise ValueError(f"prompt_index must be {expected}, got shape {list(index.shape)}")
-        if (self.check_finite or index.device.type == "cpu") and bool((index < 0).any() | (index >= num_prompts).any()):
-            bad = index[(index < 0) | (index >= num_prompts)][0].item()
-            raise ValueError(f"prompt_index must be {expected}, got {bad}")
-        return index.to(self.device, torch.long)
-
-    def _select(self, cond: Conditioning, batch: int, prompt_index: Any) -> Conditioning:
-        self._check_conditioning(cond)
-        if prompt_index is not None:
-            return cond.select(self._check_prompt_index(prompt_index, batch, cond.num_prompts))
-        if cond.num_prompts == batch:
-            return cond
-        if cond.num_prompts == 1:
-            return cond.select(torch.zeros(batch, dtype=torch.long, device=cond.context.device))
-        raise ValueError(
-            f"batch sizes disagree: {batch} latents but {cond.num_prompts} prompts; pass one prompt per "
-            f"latent, a single prompt, or prompt_index=[...] mapping latents to prompts"
-        )

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from engine.api import RewardEngine, resolve_device
-from engine.pixel import ImageBatch, _default_device
+from engine.api import RewardEngine
+from engine.checks import check_seed, resolve_device
+from engine.pixel import ImageBatch
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
 ImageRewardFn = Callable[[ImageBatch, Sequence[str], Any], tuple[np.ndarray, dict[str, Any]]]
@@ -45,11 +46,6 @@ class LatentRewardFn(Protocol):
         group_index: torch.Tensor | Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
     ) -> torch.Tensor: ...
-
-
-def _check_seed(seed: int | None) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ pixel form
@@ -88,7 +84,7 @@ def dit_reward_fn(
     For Flow-GRPO's ``multi_score`` registry use `dit_reward_factory`: this function itself is not a factory
     ``multi_score`` can call.
     """
-    _check_seed(seed)
+    check_seed(seed)
     if isinstance(engine_or_checkpoint, RewardEngine):
         if base is not None:
             raise ValueError("base is for loading a checkpoint path; a built RewardEngine already has its base")
@@ -100,7 +96,7 @@ def dit_reward_fn(
                 "diffusers directory>"
             )
         engine = RewardEngine.from_pretrained(
-            engine_or_checkpoint, base=base, dtype=dtype, device=_default_device(device), **engine_kwargs
+            engine_or_checkpoint, base=base, dtype=dtype, device=resolve_device(device), **engine_kwargs
         )
     else:
         raise TypeError(
@@ -146,7 +142,7 @@ def dit_reward_factory(
 
     (with ``from engine.rl import dit_reward_factory`` at the top), then train with ``score_dict={"dit_reward": 1.0}``.
     """
-    _check_seed(seed)
+    check_seed(seed)
     if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
         raise TypeError(
             f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
@@ -180,7 +176,7 @@ def dit_reward_factory(
 # ----------------------------------------------------------------------------------------------- latent form
 
 
-def _first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Group labels [B] -> (first member of each distinct group [G], group id of each latent [B] in [0, G))."""
     labels, inverse = torch.unique(group, return_inverse=True)
     positions = torch.arange(group.shape[0], device=group.device)
@@ -189,9 +185,11 @@ def _first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return first, inverse
 
 
-def _group_labels(
+def group_labels(
     batch: int, device: torch.device, group_index: Any, prompts: Sequence[str] | None
 ) -> torch.Tensor | None:
+    """GRPO group labels [B] long on `device`, from `group_index` (one label per latent) or `prompts` (one group
+    per distinct prompt); None when neither is given."""
     if group_index is not None and prompts is not None:
         raise ValueError("pass group_index or prompts (which define the groups), not both")
     if prompts is not None:
@@ -248,7 +246,7 @@ def dit_latent_reward_fn(
     """
     if not isinstance(engine, RewardEngine):
         raise TypeError(f"engine must be a RewardEngine, got {type(engine).__name__}")
-    _check_seed(seed)
+    check_seed(seed)
 
     def latent_reward_fn(
         latents: torch.Tensor,
@@ -262,7 +260,7 @@ def dit_latent_reward_fn(
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
         batch = latents.shape[0]
-        group = _group_labels(batch, latents.device, group_index, prompts)
+        group = group_labels(batch, latents.device, group_index, prompts)
         if group is not None:
             if prompt_index is not None:
                 raise ValueError(
@@ -277,7 +275,7 @@ def dit_latent_reward_fn(
                         f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
                         "row per distinct prompt use prompt_index"
                     )
-            first, prompt_index = _first_of_each_group(group)
+            first, prompt_index = first_of_each_group(group)
             first = first.to(prompt_embeds.device)
             if engine.check_finite and not (
                 torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)

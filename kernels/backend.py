@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import types
@@ -36,8 +37,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (checked without importing it)."""
+    """True when the ``triton`` package can be imported (checked once per process, without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -56,7 +58,12 @@ def resolve(backend: str | None = None, device: torch.device | str | None = None
       process.
     - ``triton``: Triton or an error (``RuntimeError``) saying why it cannot run and how to fix it.
     - ``torch``: the pure-torch references.
+
+    Every public kernel calls this on each launch, so a direct caller gets these errors too; for a name an engine
+    already resolved (``"triton"``/``"torch"`` with a ``torch.device``) it costs about a microsecond.
     """
+    if backend == "torch":
+        return "torch"
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
     requested = requested.strip().lower()
     if requested not in BACKENDS:
@@ -64,7 +71,10 @@ def resolve(backend: str | None = None, device: torch.device | str | None = None
     if requested == "torch":
         return "torch"
 
-    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if device is None:
+        on_cuda = torch.cuda.is_available()
+    else:  # (rebuilding a torch.device from one costs more than the rest of this function)
+        on_cuda = (device if isinstance(device, torch.device) else torch.device(device)).type == "cuda"
     has_triton = triton_available()
 
     if requested == "auto":

@@ -7,8 +7,8 @@ image and text tokens straight into the [image ‖ text] buffers attention reads
     rms(x) = x / sqrt(mean_hd(x²) + eps)   (per head, fp32)
 
 Eager this is three chunk views, four RMSNorms (each upcast, square, mean, rsqrt, scale) and three concatenations:
-~10 passes over the projections; here one read and one write. Inference path only: under autograd the reference is
-used (training is not bound by this op).
+~10 passes over the projections; here one read and one write. Inference only: the kernel has no backward, so a
+differentiable forward runs the reference (`engine.runtime.ops.Ops` chooses; training is not bound by this op).
 """
 
 from __future__ import annotations
@@ -92,8 +92,15 @@ def joint_qkv(
         raise ValueError(f"txt_qkv must be [B, N, 3D] or [B, N, 2D] with D = {dim}, got {list(txt_qkv.shape)}")
     head_dim = dim // heads
     pow2 = head_dim & (head_dim - 1) == 0  # the kernel's head axis is one power-of-two block (every SD3 model: 64)
-    if torch.is_grad_enabled() or not pow2 or resolve(backend, img_qkv.device) == "torch":
+    if not pow2 or resolve(backend, img_qkv.device) == "torch":
         return joint_qkv_ref(img_qkv, txt_qkv, heads, norms, eps)
+    inputs = {"img_qkv": img_qkv, "txt_qkv": txt_qkv, **{f"norms[{i}]": w for i, w in enumerate(norms or ())}}
+    graded = [name for name, t in inputs.items() if t is not None and t.requires_grad]
+    if graded and torch.is_grad_enabled():
+        raise ValueError(
+            f"the Triton joint_qkv has no backward, but {', '.join(graded)} require grad: pass backend='torch' "
+            f"under autograd (the engine's Ops does for a differentiable forward), or run under torch.no_grad()"
+        )
     batch, n_img, _ = img_qkv.shape
     n_txt = 0 if txt_qkv is None else txt_qkv.shape[1]
     q = img_qkv.new_empty(batch, n_img + (n_txt if txt_has_q else 0), heads, head_dim)

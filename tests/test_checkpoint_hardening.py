@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from engine import RewardEngine
-from engine.loading import diffusers_to_original, read_reward_config
+from engine.io.checkpoint import read_reward_config
+from engine.io.single_file import diffusers_to_original
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = (1, 3)
@@ -128,7 +129,7 @@ _KILL_CHILD = textwrap.dedent(
     import safetensors.torch
     import torch
     from engine import RewardEngine
-    import engine.loading as loading
+    import engine.io.checkpoint as loading
 
     target, point = sys.argv[1], sys.argv[2]
     engine = RewardEngine.from_preset("tiny", layers=(1, 3), dtype=torch.float32, seed=1)
@@ -332,20 +333,20 @@ def test_non_utf8_config_is_named(full_checkpoint):
 
 
 def test_layers_beyond_the_depth_are_refused_before_loading(full_checkpoint, monkeypatch):
-    import engine.loading
+    from engine.io.sources import TensorSource
 
     edit_config(full_checkpoint, _set(("reward", "layers"), [1, 5]))
 
     def no_reads(*args, **kwargs):
         raise AssertionError("a tensor was read before the layers were checked")
 
-    monkeypatch.setattr(engine.loading.TensorSource, "stored", no_reads)
+    monkeypatch.setattr(TensorSource, "stored", no_reads)
     with pytest.raises(ValueError, match=r"reward_config.json.*layers \[5\].*4 blocks"):
         RewardEngine.from_pretrained(full_checkpoint, dtype=torch.float32)
 
 
 def test_layers_beyond_a_shallower_base_file_are_refused_before_loading(tmp_path, base_file, monkeypatch):
-    import engine.loading
+    from engine.io.sources import TensorSource
 
     target = tiny_engine().save_pretrained(tmp_path / "r")  # head only: the backbone comes from the base
     shallow = tmp_path / "shallow.safetensors"
@@ -353,7 +354,7 @@ def test_layers_beyond_a_shallower_base_file_are_refused_before_loading(tmp_path
     save_file(
         {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.joint_blocks.3.")}, str(shallow)
     )
-    monkeypatch.setattr(engine.loading.TensorSource, "stored", lambda *a: pytest.fail("tensor read before check"))
+    monkeypatch.setattr(TensorSource, "stored", lambda *a: pytest.fail("tensor read before check"))
     with pytest.raises(ValueError, match=r"layers \[3\].*shallow.safetensors.*3 blocks"):
         RewardEngine.from_pretrained(target, base=shallow, dtype=torch.float32)
 

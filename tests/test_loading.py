@@ -11,7 +11,7 @@ from conftest import make_diffusers_transformer, random_inputs
 from safetensors.torch import load_file, save_file
 
 from engine import RewardEngine
-from engine.loading import diffusers_to_original
+from engine.io.single_file import diffusers_to_original
 
 LAYERS = (1, 3)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.config import PRESETS, SD3_LATENT_SCALE, SD3_LATENT_SHIFT, BackboneConfig
-from engine.tiny_base import TINY_BASE_VERSION, default_tiny_base, main, make_tiny_base
+from tools.tiny_base import TINY_BASE_VERSION, default_tiny_base, main, make_tiny_base
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from engine.api import RewardEngine
-from engine.tiny_base import default_tiny_base
+from tools.tiny_base import default_tiny_base
 from training.cache import LatentCache, build_cache
 from training.data import load_pairs, read_file
 from training.train import (

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_training import Killed, kill_at, make_split
 
-from engine.tiny_base import default_tiny_base
+from tools.tiny_base import default_tiny_base
 from training.cache import build_cache
 from training.train import TrainConfig, latest_checkpoint, train
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import BackboneConfig, Conditioning, RewardConfig, RewardEngine
-from engine.api import resolve_device
+from engine.checks import resolve_device
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.api import RewardEngine
-from engine.loading import base_source
+from engine.io.backbone import base_source
 from training.cache import LatentCache
 from training.data import HPSV3_CONFIDENCE, add_path_rule_arguments, load_pairs
 from training.train import accuracy, pair_rewards

@@ -46,7 +46,7 @@ from torch import nn
 
 from engine.api import RewardEngine
 from engine.config import RewardConfig
-from engine.loading import base_source
+from engine.io.backbone import base_source
 from training.cache import LatentCache
 from training.data import (
     BAD_IMAGE_POLICIES,
@@ -579,7 +579,7 @@ def check_same_data(saved: dict[str, str], current: dict[str, str], cfg: TrainCo
 def check_export_target(target: Path) -> None:
     """ValueError now, not after training, if the final export could not replace `target` (out_dir/reward): it holds
     files that are not part of a reward checkpoint."""
-    from engine.loading import CHECKPOINT_FILES
+    from engine.io.checkpoint import CHECKPOINT_FILES
 
     if not target.exists():
         return

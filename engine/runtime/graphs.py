@@ -105,8 +105,7 @@ class GraphedScorer:
     ) -> torch.Tensor:
         """Rewards [B] float32; arguments as `RewardEngine.score` (inputs validated the same way)."""
         engine = self.engine
-        engine._check_latents(latents, noise)
-        cond = engine._select(engine._conditioning(prompt_emb), latents.shape[0], prompt_index)
+        cond = engine.conditioning_for(latents, prompt_emb, noise, prompt_index)
         return torch.cat(
             [
                 self._score_chunk(latents[lo:hi], cond, lo, hi, noise)

@@ -51,8 +51,10 @@ class Ops:
         return kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend=self.kernels)
 
     def joint_qkv(self, img_qkv: torch.Tensor, txt_qkv: torch.Tensor | None, heads: int, norms: tuple | None):
-        """Fused projections [B, N, 3D] of both streams -> q, k, v [B, N_img + N_txt, H, hd], qk-normed."""
-        return kernels.joint_qkv(img_qkv, txt_qkv, heads, norms, backend=self.kernels)
+        """Fused projections [B, N, 3D] of both streams -> q, k, v [B, N_img + N_txt, H, hd], qk-normed. Its Triton
+        kernel has no backward: a differentiable forward runs the reference."""
+        backend = "torch" if self.differentiable else self.kernels
+        return kernels.joint_qkv(img_qkv, txt_qkv, heads, norms, backend=backend)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax attention through the one seam (`engine.runtime.attention`). [B, N, H, hd] layout."""

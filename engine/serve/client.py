@@ -119,9 +119,9 @@ class RemoteLatentReward:
     """
 
     def __init__(self, url: str, token: str | None = None, *, seed: int | None = None, **client_kwargs: Any):
-        from engine.rl import _check_seed
+        from engine.checks import check_seed
 
-        _check_seed(seed)
+        check_seed(seed)
         self.client = ScoreClient(url, token, **client_kwargs)
         self.seed = seed
 
@@ -135,11 +135,11 @@ class RemoteLatentReward:
         group_index: torch.Tensor | Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        from engine.rl import _first_of_each_group, _group_labels
+        from engine.rl import first_of_each_group, group_labels
 
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
-        group = _group_labels(latents.shape[0], latents.device, group_index, prompts)
+        group = group_labels(latents.shape[0], latents.device, group_index, prompts)
         if group is not None:
             if prompt_index is not None:
                 raise ValueError(
@@ -150,7 +150,7 @@ class RemoteLatentReward:
                     f"with group_index/prompts, prompt_embeds needs one row per latent ({latents.shape[0]}), got "
                     f"{prompt_embeds.shape[0]}; for one row per distinct prompt use prompt_index"
                 )
-            first, prompt_index = _first_of_each_group(group)
+            first, prompt_index = first_of_each_group(group)
             first = first.to(prompt_embeds.device)
             if not (
                 torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)
@@ -178,11 +178,11 @@ def remote_reward_fn(
     ``device`` (what `engine.rl.dit_reward_fn` runs in-process, without the MMDiT), encodes the images and prompts,
     and sends latents. It saves the reward backbone's memory, not the encoders'. ``seed``: image i of a call uses
     noise stream i, as `RewardEngine.score_images`."""
-    from engine.pixel import PixelFrontEnd, _default_device
-    from engine.rl import _check_seed
+    from engine.checks import check_seed, resolve_device
+    from engine.pixel import PixelFrontEnd
 
-    _check_seed(seed)
-    front = PixelFrontEnd.from_pretrained(base, device=_default_device(device))
+    check_seed(seed)
+    front = PixelFrontEnd.from_pretrained(base, device=resolve_device(device))
     client = ScoreClient(url, token, **client_kwargs)
 
     def reward_fn(images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
