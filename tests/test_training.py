@@ -293,7 +293,7 @@ def test_full_backbone_learns_exports_and_bench_agrees(task: dict, tmp_path: Pat
     model = TrainableReward(trained)
     model.load_state_dict(ckpt, strict=False)  # the trainer's final weights, in the trainer's module
     with torch.no_grad():
-        expected = model(batch["winners"], batch["prompt_embeds"], batch["pooled"], noise=noise)
+        expected = model(batch["winners"], batch["prompt_embeds"], batch["pooled"], noise=noise)[:, 0]
     got = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     normalized = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise, normalize=True)
