@@ -171,7 +171,7 @@ def validate(cfg: TrainConfig) -> None:
             f"{cfg.lora_alpha}, {cfg.lora_targets}"
         )
     if cfg.mode == "lora" and importlib.util.find_spec("peft") is None:
-        raise ValueError("mode='lora' trains adapters with peft, which is not installed: pip install 'dit-reward[train]'")
+        raise ValueError("mode='lora' trains adapters with peft, which is not installed: pip install dit-reward[train]")
     if cfg.save_adapter and cfg.mode != "lora":
         raise ValueError("save_adapter writes LoRA adapters: it needs mode='lora'")
     if cfg.schedule not in ("cosine", "constant"):
