@@ -212,7 +212,7 @@ def test_config_validation_and_schedule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(None, ["cache=x", "stepz=3"])
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"cache": "c", "base": "b", "train_json": ["t"], "val_json": ["v"], "mode": "lora"}))
+    path.write_text(json.dumps({"cache": "c", "base": "b", "train_json": ["t"], "val_json": ["v"], "mode": "partial"}))
     with pytest.raises(ValueError, match="mode must be"):
         load_config(path)
     cfg = TrainConfig(steps=100, warmup_ratio=0.05, min_lr_ratio=0.1)

@@ -84,7 +84,8 @@ def batch_indices(step: int, n_pairs: int, batch_size: int, seed: int) -> list[i
 
 def step_noise(step: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Fresh eps for training step `step`, ``[2, B, C, h, w]`` (winners, losers) for the GLOBAL batch, on the CPU; each
-    rank takes its slice, so the noise does not depend on the number of ranks."""
+    micro-batch of each rank takes its slice, so the noise depends on neither the number of ranks nor
+    grad_accum_steps."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
     return torch.randn(shape, generator=generator)
 
