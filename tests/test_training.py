@@ -68,7 +68,13 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict:
     train_json, val_json = make_split(root, "train", 256, seed=0), make_split(root, "val", 40, seed=1)
     base = default_tiny_base()
     cache = build_cache(
-        [train_json, val_json], base, root / "cache", max_sequence_length=16, shard_size=64, progress=False
+        [train_json, val_json],
+        base,
+        root / "cache",
+        max_sequence_length=16,
+        shard_size=64,
+        area=64 * 64,
+        progress=False,
     )
     return {"root": root, "train": train_json, "val": val_json, "base": base, "cache": cache}
 
@@ -168,20 +174,22 @@ def test_data_rejects_malformed_records_and_reads_weights(tmp_path: Path) -> Non
 
 def test_cache_resumes_and_rejects_other_inputs(task: dict, tmp_path: Path) -> None:
     out = tmp_path / "cache"
-    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, progress=False)
+    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, area=64 * 64, progress=False)
     shards = sorted(out.glob("images-*.safetensors"))
     reference = {p.name: p.read_bytes() for p in shards}
     shards[1].unlink()  # as if interrupted before this shard was renamed into place ...
     (out / f".{shards[1].name}.tmp-99").write_bytes(b"partial")  # ... leaving its temp file
     untouched = shards[0].stat().st_mtime_ns
-    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, progress=False)
+    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, area=64 * 64, progress=False)
     assert shards[0].stat().st_mtime_ns == untouched  # complete shards are skipped
     assert {p.name: p.read_bytes() for p in sorted(out.glob("images-*.safetensors"))} == reference
     assert not list(out.glob(".*.tmp-*"))
     pair = read_file(task["val"], None)[0]
     assert LatentCache(out).latent(pair.winner).shape == (16, 8, 8)
     with pytest.raises(ValueError, match="other inputs or settings"):
-        build_cache([task["val"]], task["base"], out, max_sequence_length=32, shard_size=16, progress=False)
+        build_cache(
+            [task["val"]], task["base"], out, max_sequence_length=32, shard_size=16, area=64 * 64, progress=False
+        )
 
 
 def test_cache_holds_every_pair_a_fractional_weight_can_draw(task: dict, tmp_path: Path) -> None:
@@ -191,7 +199,9 @@ def test_cache_holds_every_pair_a_fractional_weight_can_draw(task: dict, tmp_pat
     half = f"{tmp_path / 'part.json'}:0.5"
     (tmp_path / "part.json").write_text(json.dumps(records))
     root = {"image_root": task["root"]}  # absolute paths into the dataset, a JSON file elsewhere
-    cache = build_cache([half], task["base"], tmp_path / "cache", max_sequence_length=16, progress=False, **root)
+    cache = build_cache(
+        [half], task["base"], tmp_path / "cache", max_sequence_length=16, area=64 * 64, progress=False, **root
+    )
     cache = LatentCache(cache)
     for seed in range(4):  # the trainer draws the half with its own seed
         pairs, _ = load_pairs([half], seed=seed, **root)
@@ -209,7 +219,7 @@ def test_cache_holds_every_validation_pair(task: dict, tmp_path: Path) -> None:
     held_out = tmp_path / "held_out.json"
     held_out.write_text(json.dumps(records))
     args = ["--json", task["val"], "--val-json", held_out, "--base", task["base"], "--out", tmp_path / "cache"]
-    main([*map(str, args), "--max-sequence-length", "16", "--image-root", str(task["root"])])
+    main([*map(str, args), "--max-sequence-length", "16", "--area", "4096", "--image-root", str(task["root"])])
     LatentCache(tmp_path / "cache").check(read_file(held_out, None, image_root=task["root"]))  # what the trainer reads
 
 
