@@ -16,7 +16,7 @@ from conftest import random_inputs  # noqa: E402
 
 from engine import RewardEngine  # noqa: E402
 from kernels.backend import observe_launches  # noqa: E402
-from training.train import TrainableReward  # noqa: E402
+from training.model import TrainableReward  # noqa: E402
 
 
 def _launch_counter() -> tuple[Counter, callable]:

@@ -21,16 +21,11 @@ from PIL import Image
 from engine.api import RewardEngine
 from engine.tiny_base import default_tiny_base
 from training.cache import LatentCache, build_cache
+from training.checkpoint import latest_checkpoint, read_checkpoint_file
+from training.config import TrainConfig, load_config
 from training.data import load_pairs, read_file
-from training.train import (
-    TrainableReward,
-    TrainConfig,
-    get_lr,
-    latest_checkpoint,
-    load_config,
-    read_checkpoint_file,
-    train,
-)
+from training.model import TrainableReward
+from training.train import get_lr, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,9 @@ from test_training import Killed, kill_at, make_split
 
 from engine.tiny_base import default_tiny_base
 from training.cache import build_cache
-from training.train import TrainConfig, latest_checkpoint, train
+from training.checkpoint import latest_checkpoint
+from training.config import TrainConfig
+from training.train import train
 
 # Helpers that only the hardened trainer has are imported inside the tests that use them, so that each test fails on
 # its own assertion, not at collection, when run against a trainer without them.
@@ -109,7 +111,7 @@ def test_no_code_outside_tests_can_unpickle() -> None:
 
 
 def test_checkpoint_state_round_trips_exactly(tmp_path: Path) -> None:
-    from training.train import read_checkpoint_file, write_checkpoint_file
+    from training.checkpoint import read_checkpoint_file, write_checkpoint_file
 
     payload = {
         "step": 3,
@@ -132,13 +134,13 @@ def test_checkpoint_state_round_trips_exactly(tmp_path: Path) -> None:
 def test_a_full_disk_is_reported_with_the_bytes_needed(
     small: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import training.train
+    import training.checkpoint
     from training.files import DiskFullError
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(training.train, "save_file", no_space)
+    monkeypatch.setattr(training.checkpoint, "save_file", no_space)
     out = tmp_path / "run"
     with pytest.raises(
         DiskFullError, match=r"disk full writing .*step_00000001\.safetensors: it needs about \d+ bytes"
@@ -165,8 +167,8 @@ def tiny_disk(tmp_path: Path):
 
 def test_a_real_full_disk_keeps_the_old_file(tiny_disk: Path) -> None:
     from training.cache import _save_shard
+    from training.checkpoint import read_checkpoint_file, write_checkpoint_file
     from training.files import DiskFullError, atomic_write_text
-    from training.train import read_checkpoint_file, write_checkpoint_file
 
     target = tiny_disk / "step_00000001.safetensors"
     write_checkpoint_file(target, {"step": 1, "w": torch.zeros(1000)})
@@ -225,7 +227,7 @@ def test_resume_on_changed_data_is_refused_unless_told(small: dict, tmp_path: Pa
         train(config(small, out, **common))
     assert max(int(p.stem[5:]) for p in (out / "checkpoints").glob("step_*.safetensors")) == 2  # nothing ran
 
-    from training.train import read_checkpoint_file
+    from training.checkpoint import read_checkpoint_file
 
     metrics = train(config(small, out, **common, resume_on_changed_data=True))
     assert "val_accuracy" in metrics

@@ -23,7 +23,7 @@ from engine.api import RewardEngine
 from engine.loading import base_source
 from training.cache import LatentCache
 from training.data import HPSV3_CONFIDENCE, add_path_rule_arguments, load_pairs
-from training.train import accuracy, pair_rewards
+from training.evaluation import accuracy, pair_rewards
 
 
 def all_block_features(

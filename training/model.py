@@ -1,0 +1,50 @@
+"""The trainable reward model: the engine's backbone and head as one differentiable module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.api import RewardEngine
+
+
+class TrainableReward(nn.Module):
+    """The engine's backbone and head as one differentiable module (Eq. 1-5): the root FSDP2 shards, with one unit per
+    backbone block. Shares the engine's parameters and backends and runs the backbone's own forward, handing it temb
+    instead of precomputed modulations so each block computes its adaLN vectors inside its forward (FSDP2 gathers
+    those weights with the block; checkpointing recomputes them). Equals `engine.score` for the same noise."""
+
+    def __init__(self, engine: RewardEngine, grad_checkpointing: bool = False):
+        super().__init__()
+        self.backbone, self.head = engine.backbone, engine.head
+        self.backbone.gradient_checkpointing = grad_checkpointing
+        self.layers, self.t, self.backends = self.backbone.layers, engine.reward_config.t, engine.backends
+
+    def features(
+        self,
+        z0: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
+        image_offset: int = 0,
+    ) -> torch.Tensor:
+        """z0 [B, C, h, w] transformer-space latents, prompt_embeds [B, L, joint_dim], pooled [B, pooled_dim]; noise
+        [B, C, h, w] or (seed, image_offset) as in `engine.features` -> pooled features [B, n_layers, D] float32."""
+        dtype = self.backbone.context_embedder.weight.dtype
+        context, temb = self.backbone.embed_prompt(prompt_embeds.to(dtype), pooled.to(dtype), self.t)
+        return self.backbone(z0, context, temb, self.t, self.backends, noise, seed, image_offset)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Rewards [B] float32 (Eq. 5); arguments as `features`."""
+        return self.head(self.features(*args, **kwargs))
+
+
+def engine_backbone_key(key: str) -> str | None:
+    """TrainableReward state-dict key -> the engine backbone's key (None for head keys)."""
+    return key.removeprefix("backbone.") if key.startswith("backbone.") else None
+
+
+__all__ = ["TrainableReward", "engine_backbone_key"]
