@@ -298,15 +298,16 @@ def test_full_backbone_learns_exports_and_bench_agrees(task: dict, tmp_path: Pat
     trained.head.load_state_dict(engine.head.state_dict())
     cache, pairs = LatentCache(task["cache"]), read_file(task["val"], None)[:6]
     batch = cache.batch(pairs)
-    noise = torch.randn_like(batch["winners"])
+    winners = torch.stack(batch["winners"])  # one bucket: 64x64 images at area 64x64
+    noise = torch.randn_like(winners)
     ckpt = read_checkpoint_file(sorted((out / "checkpoints").glob("step_*.safetensors"))[-1])["model"]
     model = TrainableReward(trained)
     model.load_state_dict(ckpt, strict=False)  # the trainer's final weights, in the trainer's module
     with torch.no_grad():
-        expected = model(batch["winners"], batch["prompt_embeds"], batch["pooled"], noise=noise)
-    got = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise)
+        expected = model(winners, batch["prompt_embeds"], batch["pooled"], noise=noise)
+    got = engine.score(winners, (batch["prompt_embeds"], batch["pooled"]), noise=noise)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    normalized = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise, normalize=True)
+    normalized = engine.score(winners, (batch["prompt_embeds"], batch["pooled"]), noise=noise, normalize=True)
     torch.testing.assert_close(normalized, (got - metrics["reward_mean"]) / metrics["reward_std"])
 
     report = bench_run([task["val"]], out / "reward", task["base"])
@@ -454,8 +455,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(task: dict) -> None:
     engine = RewardEngine.from_base(task["base"], dtype=torch.float32, head_hidden=[16])
     engine.requires_grad_(True)
     batch = LatentCache(task["cache"]).batch(read_file(task["val"], None)[:4])
-    args = (batch["winners"], batch["prompt_embeds"], batch["pooled"])
-    noise = torch.randn_like(batch["winners"])
+    args = (torch.stack(batch["winners"]), batch["prompt_embeds"], batch["pooled"])
+    noise = torch.randn_like(args[0])
     grads = []
     for checkpointing in (False, True):
         engine.zero_grad(set_to_none=True)

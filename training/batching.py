@@ -133,4 +133,4 @@ def rank_positions(keys: Sequence[Hashable], rank: int, world: int) -> list[int]
     return order[rank::world]
 
 
-__all__ = ["grouped_forward", "pair_forward", "rank_positions", "shape_schedule"]
+__all__ = ["Forward", "grouped_forward", "pair_forward", "rank_positions", "shape_schedule"]

@@ -306,7 +306,7 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
                 "eval_seed": cfg.eval_seed,
                 "val_accuracy": metrics["val_accuracy"],
                 "max_sequence_length": cache_settings["max_sequence_length"],
-                "max_side": cache_settings["max_side"],
+                "area": cache_settings["area"],
                 "cache_dtype": cache_settings["dtype"],
             },
         )

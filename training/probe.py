@@ -31,10 +31,11 @@ def all_block_features(
 ) -> torch.Tensor:
     """Pooled features of every pooled block: [n_pairs, 2 (winner, loser), n_layers, D] float32 on the CPU."""
 
-    def features(z0: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, **noise: Any) -> torch.Tensor:
-        return engine.features(z0, (embeds.to(engine.dtype), pooled.to(engine.dtype)), **noise).flatten(1)
+    def features(z0: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        prompt = (embeds.to(engine.dtype), pooled.to(engine.dtype))
+        return engine.features(z0, prompt, noise=noise.to(engine.dtype)).flatten(1)
 
-    f = pair_rewards(features, pairs, cache, batch_size, seed, engine.device)  # [n, 2 * L * D]
+    f = pair_rewards(features, pairs, cache, batch_size, seed, engine.device)  # [n, 2, L * D]
     return f.view(len(pairs), 2, len(engine.reward_config.layers), -1)
 
 

@@ -6,8 +6,10 @@
 Modes: ``full`` fine-tunes the backbone and the head (fresh noise every step at the configured t); ``frozen`` runs
 the backbone once per image (fixed, seeded noise), caches the pooled features and trains only the head (seconds).
 
-Everything a step consumes is a pure function of (config, step): the pairs (a seeded permutation per epoch), the noise
-(a generator seeded from the step) and the learning rate (`get_lr`). A checkpoint therefore needs only the trainable
+Everything a step consumes is a pure function of (config, step): the pairs (`training.buckets.BucketSampler`: batches
+of one (winner bucket, loser bucket) combination where possible), the noise (streams of a seed derived from the step)
+and the learning rate (`get_lr`). Images of several sizes run one forward per latent shape (`training.batching`);
+under FSDP2 every rank runs the global batch's shapes in one order. A checkpoint therefore needs only the trainable
 weights, the optimizer state and the step, and a resumed run equals an uninterrupted one. Checkpoints are safetensors
 files (tensors) with their structure, the config and the data fingerprint as JSON metadata: resume never unpickles
 anything. They are written to a temp file and ``os.replace``d; resume takes the newest one that loads and never sees
@@ -37,6 +39,8 @@ import torch.distributed as dist
 from engine.api import RewardEngine
 from engine.config import RewardConfig
 from engine.loading import base_source
+from training.batching import pair_forward, rank_positions
+from training.buckets import BucketSampler
 from training.cache import LatentCache
 from training.checkpoint import (
     check_export_target,
@@ -72,23 +76,11 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batch_indices(step: int, n_pairs: int, batch_size: int, seed: int) -> list[int]:
-    """Pair indices of global batch `step`: a seeded permutation per epoch read as one endless stream, so the data
-    position of a resumed run is step * batch_size and nothing else."""
-    out = []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, n_pairs)
-        if offset == 0 or not out:
-            perm = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
-def step_noise(step: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Fresh eps for training step `step`, ``[2, B, C, h, w]`` (winners, losers) for the GLOBAL batch, on the CPU; each
-    rank takes its slice, so the noise does not depend on the number of ranks."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-    return torch.randn(shape, generator=generator)
+def step_noise_seed(step: int, seed: int) -> int:
+    """Seed of training step `step`'s fresh eps: image k of the GLOBAL batch (pair k // 2's winner for even k, loser
+    for odd) uses stream k of it (`kernels.noise.noise_ref`), so the noise depends on neither the number of ranks nor
+    the other images' sizes."""
+    return seed * 1_000_003 + step + 1
 
 
 def detect_peak_flops(device: torch.device) -> float | None:
@@ -132,7 +124,9 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     cache = LatentCache(cfg.cache)
 
     # Data: pairs from the JSON files, tensors from the cache.
+    # Bad images as the cache found them (it decoded every image once): nothing is decoded again here.
     roots = {"image_root": cfg.image_root, "allow_outside_root": cfg.allow_outside_root}
+    roots["image_check"] = cache.image_problem
     pairs, report = load_pairs(cfg.train_json, cfg.confidence_threshold, cfg.on_bad_image, cfg.seed, **roots)
     val_sets = {str(p): read_file(p, None, cfg.on_bad_image, **roots) for p in cfg.val_json}  # every pair counts
     empty = [name for name, val_pairs in val_sets.items() if not val_pairs]
@@ -160,23 +154,28 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     engine.head.requires_grad_(True)
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
-    local = slice(d.rank * cfg.batch_size // d.world, (d.rank + 1) * cfg.batch_size // d.world)
+    # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
+    # rank and a pure function of the step (exact on resume).
+    sampler = BucketSampler([cache.pair_key(p) for p in pairs], cfg.batch_size, cfg.seed)
 
     if full:
 
-        def step_rewards(step: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            """Rewards [2, b] (winners, losers) of this rank's slice, fresh noise at t."""
-            z0 = torch.stack([batch["winners"], batch["losers"]])  # [2, b, C, h, w]
-            noise = step_noise(step, (2, cfg.batch_size, *z0.shape[2:]), cfg.seed)[:, local]
-            embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+        def step_rewards(step: int, batch: dict[str, Any]) -> torch.Tensor:
+            """Rewards [2, b] (winners, losers) of this rank's pairs, fresh noise at t; one forward per latent shape,
+            the shapes of the whole global batch in sorted order on every rank (FSDP2 needs one block sequence)."""
             with autocast:
-                r = model(
-                    z0.flatten(0, 1).to(d.device),
-                    embeds.repeat(2, 1, 1).to(d.device),
-                    pooled.repeat(2, 1).to(d.device),
-                    noise=noise.flatten(0, 1).to(d.device),
+                r = pair_forward(
+                    model,
+                    batch["winners"],
+                    batch["losers"],
+                    batch["prompt_embeds"],
+                    batch["pooled"],
+                    seed=step_noise_seed(step, cfg.seed),
+                    streams=batch["streams"],
+                    schedule=batch["schedule"],
+                    device=d.device,
                 )
-            return r.view(2, -1)
+            return r.T
 
         def validation_rewards(name: str) -> torch.Tensor:
             model.eval()
@@ -189,7 +188,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         def features(file_pairs: list[PreferencePair], seed: int) -> torch.Tensor:  # [n, 2, n_layers, D]
             with autocast:
                 f = pair_rewards(
-                    lambda *a, **k: model.features(*a, **k).flatten(1),
+                    lambda z0, embeds, pooled, noise: model.features(z0, embeds, pooled, noise=noise).flatten(1),
                     file_pairs,
                     cache,
                     cfg.eval_batch_size,
@@ -201,7 +200,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         train_features = features(pairs, cfg.seed)
         val_features = {name: features(v, cfg.eval_seed) for name, v in val_sets.items()}
 
-        def step_rewards(step: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        def step_rewards(step: int, batch: dict[str, Any]) -> torch.Tensor:
             f = train_features[torch.tensor(batch["indices"])].to(d.device)  # [b, 2, L, D]
             return model.head(f.transpose(0, 1).flatten(0, 1)).view(2, -1)
 
@@ -209,9 +208,18 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
             with torch.no_grad():
                 return model.head(val_features[name].flatten(0, 1).to(d.device)).view(-1, 2).cpu()
 
-    def load_batch(step: int) -> dict[str, torch.Tensor]:
-        indices = batch_indices(step, len(pairs), cfg.batch_size, cfg.seed)[local]  # this rank's pairs only
-        return cache.batch([pairs[i] for i in indices]) if full else {"indices": indices}
+    def load_batch(step: int) -> dict[str, Any]:
+        chosen = sampler.batch(step)  # the global batch
+        positions = rank_positions([cache.pair_key(pairs[i]) for i in chosen], d.rank, d.world)  # this rank's part
+        indices = [chosen[k] for k in positions]
+        if not full:
+            return {"indices": indices}
+        images = [image for i in chosen for image in (pairs[i].winner, pairs[i].loser)]
+        return {
+            **cache.batch([pairs[i] for i in indices]),
+            "streams": [2 * k + side for k in positions for side in (0, 1)],  # global image numbers, interleaved
+            "schedule": sorted({cache.latent_shape(image) for image in images}),
+        }
 
     # Model FLOPs per step, measured once before sharding: 3x the forward (backward ~ 2x forward), the MFU convention.
     from torch.utils.flop_counter import FlopCounterMode
@@ -322,4 +330,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["batch_indices", "get_lr", "main", "step_noise", "train"]
+__all__ = ["get_lr", "main", "step_noise_seed", "train"]
