@@ -113,6 +113,8 @@ class RewardEngine(nn.Module):
         reward.check_against(backbone.cfg)
         if tuple(reward.layers) != backbone.layers:
             raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
+        if head.outputs != reward.head_outputs:
+            raise ValueError(f"the head predicts {head.outputs} outputs, the reward config says {reward.head_outputs}")
         self.backbone, self.reward_config = backbone, reward
         if fp8:
             from engine.runtime.fp8 import quantize_fp8
@@ -215,12 +217,18 @@ class RewardEngine(nn.Module):
         device: torch.device | str = "cpu",
         head_hidden: Sequence[int] = (1024, 256),
         config: BackboneConfig | None = None,
+        head_outputs: int = 1,
         **backends: Any,
     ) -> RewardEngine:
-        """A base SD3/SD3.5 model (diffusers dir or single file) with a fresh head: the trainer's starting point."""
+        """A base SD3/SD3.5 model (diffusers dir or single file) with a fresh head: the trainer's starting point.
+        `head_outputs=2` gives an uncertainty head (mean, log-std)."""
         cfg, source = base_source(base, config)
         reward = RewardConfig.for_backbone(
-            cfg, t=t, head_hidden=tuple(head_hidden), **({"layers": tuple(layers)} if layers is not None else {})
+            cfg,
+            t=t,
+            head_hidden=tuple(head_hidden),
+            head_outputs=head_outputs,
+            **({"layers": tuple(layers)} if layers is not None else {}),
         )
         backbone = load_backbone(cfg, reward.layers, [source], _dtype(dtype, torch.bfloat16), resolve_device(device))
         engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
@@ -290,7 +298,7 @@ class RewardEngine(nn.Module):
 
     @staticmethod
     def _new_head(reward: RewardConfig, cfg: BackboneConfig) -> RewardHead:
-        return RewardHead(len(reward.layers), cfg.hidden_size, reward.head_hidden)
+        return RewardHead(len(reward.layers), cfg.hidden_size, reward.head_hidden, reward.head_outputs)
 
     def _attach_pixel(self, base: str | os.PathLike) -> None:
         """Remember a full SD3.5 diffusers directory: `score_images` loads its VAE and text encoders on first use."""
@@ -446,16 +454,28 @@ class RewardEngine(nn.Module):
         prompt_index: torch.Tensor | Sequence[int] | None = None,
         image_offset: int = 0,
         normalize: bool = False,
-    ) -> torch.Tensor:
-        """Rewards [B] float32 (float64 for a float64 engine) (Eq. 5) — see `features` for the arguments.
-        `normalize=True` returns (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise
-        unbounded)."""
+        return_std: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [B] float32 (float64 for a float64 engine) (Eq. 5) — see `features` for the arguments; for an
+        uncertainty head (`reward_config.head_outputs == 2`) the predicted mean. `normalize=True` returns
+        (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise unbounded).
+        `return_std=True` (uncertainty heads only) returns (rewards, std) [B] each, std = exp(log-std), divided by the
+        stored std too when `normalize`."""
+        if return_std and self.head.outputs != 2:
+            raise ValueError(
+                "return_std=True needs an uncertainty head (head_outputs 2, trained with loss='uncertainty'); this "
+                "checkpoint's head predicts a point reward: call score without return_std"
+            )
         feats = self._features(latents, prompt_emb, noise, seed, grad, prompt_index, image_offset)
         with torch.enable_grad() if grad else torch.no_grad():
-            reward = self.head(feats)
+            prediction = self.head.predict(feats)  # [B, head_outputs]
+            reward = prediction[:, 0]
             if normalize:
                 reward = (reward - self.reward_config.reward_mean) / self.reward_config.reward_std
-        return reward
+            if not return_std:
+                return reward
+            std = prediction[:, 1].exp()
+            return reward, std / self.reward_config.reward_std if normalize else std
 
     # ------------------------------------------------------------------------------------------- validation
 

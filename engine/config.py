@@ -184,6 +184,7 @@ class RewardConfig:
     layers: tuple[int, ...] = (15, 23, 28, 37)
     t: float = 0.1
     head_hidden: tuple[int, ...] = (1024, 256)
+    head_outputs: int = 1  # 1: a point reward; 2: mean and log-std (HPSv3's uncertainty loss)
     # Reward normalisation stats over validation pairs (set by the trainer; identity by default).
     reward_mean: float = 0.0
     reward_std: float = 1.0
@@ -204,6 +205,10 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.t must lie in (0, 1), got {self.t}")
         if any(h < 1 for h in self.head_hidden):
             raise ValueError(f"RewardConfig.head_hidden sizes must be positive, got {self.head_hidden}")
+        if isinstance(self.head_outputs, bool) or self.head_outputs not in (1, 2):
+            raise ValueError(
+                f"RewardConfig.head_outputs must be 1 (reward) or 2 (mean, log-std), got {self.head_outputs!r}"
+            )
         if not self.reward_std > 0:
             raise ValueError(f"RewardConfig.reward_std must be > 0, got {self.reward_std}")
 

@@ -627,7 +627,12 @@ def read_reward_config(directory: str | os.PathLike) -> tuple[dict, RewardConfig
     legacy = {k: v for k, v in meta.items() if k not in (*CORE_FIELDS, METADATA)}
     reward_fields = _require_dict(meta.get("reward"), "reward", path)
     reward = _build(
-        RewardConfig, reward_fields, "reward", path, required={f.name for f in dataclasses.fields(RewardConfig)}
+        RewardConfig,
+        reward_fields,
+        "reward",
+        path,
+        # head_outputs is optional: a checkpoint without it has a point-reward head
+        required={f.name for f in dataclasses.fields(RewardConfig)} - {"head_outputs"},
     )
     backbone_section = _require_dict(meta.get("backbone"), "backbone", path)
     backbone = _build(
@@ -658,7 +663,7 @@ def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> R
     path = checked_path(directory, HEAD_FILE, f"the head file {Path(directory) / HEAD_FILE}")
     source = TensorSource([path])
     with torch.device("meta"):  # shapes first: a config's head sizes allocate nothing until the file agrees
-        head = RewardHead(len(reward.layers), dim, reward.head_hidden)
+        head = RewardHead(len(reward.layers), dim, reward.head_hidden, reward.head_outputs)
     expected = head.state_dict()
     for key in expected:
         if key not in source:
@@ -675,7 +680,8 @@ def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> R
     for key, tensor in raw.items():
         _check_floating(key, tensor, source.describe())  # before the cast would hide an integer tensor
     state = checked_weights({k: v.to(torch.float32) for k, v in raw.items()}, source.describe(), torch.float32)
-    head = RewardHead(len(reward.layers), dim, reward.head_hidden)  # the sizes agree with the file: allocate
+    # the sizes agree with the file: allocate
+    head = RewardHead(len(reward.layers), dim, reward.head_hidden, reward.head_outputs)
     head.load_state_dict(state)  # (copied into fresh parameters, not adopted from the file's buffer)
     return head
 

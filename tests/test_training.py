@@ -223,7 +223,7 @@ def test_config_validation_and_schedule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(None, ["cache=x", "stepz=3"])
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"cache": "c", "base": "b", "train_json": ["t"], "val_json": ["v"], "mode": "lora"}))
+    path.write_text(json.dumps({"cache": "c", "base": "b", "train_json": ["t"], "val_json": ["v"], "mode": "partial"}))
     with pytest.raises(ValueError, match="mode must be"):
         load_config(path)
     cfg = TrainConfig(steps=100, warmup_ratio=0.05, min_lr_ratio=0.1)
@@ -305,7 +305,7 @@ def test_full_backbone_learns_exports_and_bench_agrees(task: dict, tmp_path: Pat
     model = TrainableReward(trained)
     model.load_state_dict(ckpt, strict=False)  # the trainer's final weights, in the trainer's module
     with torch.no_grad():
-        expected = model(winners, batch["prompt_embeds"], batch["pooled"], noise=noise)
+        expected = model(winners, batch["prompt_embeds"], batch["pooled"], noise=noise)[:, 0]
     got = engine.score(winners, (batch["prompt_embeds"], batch["pooled"]), noise=noise)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     normalized = engine.score(winners, (batch["prompt_embeds"], batch["pooled"]), noise=noise, normalize=True)

@@ -27,6 +27,7 @@ from training.config import TrainConfig
 from training.data import PreferencePair, file_digest, parse_sources
 from training.distributed import Dist
 from training.files import atomic_write
+from training.lora import add_lora, merge_lora, save_adapter
 from training.model import TrainableReward, engine_backbone_key
 
 
@@ -190,6 +191,7 @@ _RESUME_FREE = {
     "peak_flops",
     "eval_batch_size",
     "resume_on_changed_data",
+    "save_adapter",
 }
 # The data fields: a run told to resume on changed data (resume_on_changed_data) may change them.
 _DATA_FIELDS = {
@@ -205,6 +207,7 @@ _DATA_FIELDS = {
 
 def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     current = asdict(cfg)
+    saved = asdict(TrainConfig()) | saved  # a field the checkpoint predates had its default then
     free = _RESUME_FREE | (_DATA_FIELDS if cfg.resume_on_changed_data else set())
     if cfg.mode == "frozen":  # the training features are extracted in eval_batch_size batches too: another batching
         free = free - {"eval_batch_size"}  # changes them in the last bit, and the resumed head would differ
@@ -222,7 +225,9 @@ def data_fingerprint(
     """What the training inputs were: each data file's sha256, digests of the kept training and validation pairs (the
     filters' and the image root's effect) and the cache's own fingerprint."""
     digest = lambda value: hashlib.sha256(json.dumps(value).encode()).hexdigest()
-    kept = lambda ps: digest([[p.source, p.index, str(p.winner), str(p.loser), p.prompt, p.confidence] for p in ps])
+    kept = lambda ps: digest(
+        [[p.source, p.index, str(p.winner), str(p.loser), p.prompt, p.confidence, p.choice_dist] for p in ps]
+    )
     out = {f"train_json {path.resolve()}": file_digest(path) for path, _ in parse_sources(cfg.train_json)}
     out |= {f"val_json {Path(path).resolve()}": file_digest(path) for path in cfg.val_json}
     out["training pairs"] = kept(pairs)
@@ -278,7 +283,9 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict) -
 
 def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metrics: dict, d: Dist) -> Path:
     """The final reward checkpoint (out_dir/reward) via `engine.save_pretrained`, with the validation reward mean/std
-    (for `score(normalize=True)`) and what bench.accuracy needs to reproduce the validation."""
+    (for `score(normalize=True)`), the per-file validation accuracy and what bench.accuracy needs to reproduce the
+    validation. A LoRA run's adapters are merged into the backbone weights (the checkpoint loads without peft);
+    `save_adapter` also writes them alone to out_dir/adapter in peft's format."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options())  # collective under FSDP
@@ -286,25 +293,49 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
     if d.main:
         if d.world > 1:  # the engine's modules hold shards now: write from an unsharded copy of the final weights
             engine = RewardEngine.from_base(
-                cfg.base, layers=cfg.layers, t=cfg.t, dtype=torch.float32, head_hidden=cfg.head_hidden
+                cfg.base,
+                layers=cfg.layers,
+                t=cfg.t,
+                dtype=torch.float32,
+                head_hidden=cfg.head_hidden,
+                head_outputs=model.head.outputs,
             )
+            if cfg.mode == "lora":
+                add_lora(engine.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
             engine.backbone.load_state_dict(
                 {engine_backbone_key(k): v for k, v in state.items() if engine_backbone_key(k) is not None},
                 strict=False,
             )
             engine.head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+        if cfg.mode == "lora":
+            if cfg.save_adapter:
+                save_adapter(
+                    engine.backbone, Path(cfg.out_dir) / "adapter", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets
+                )
+            merge_lora(engine.backbone)
         engine.reward_config = dataclasses.replace(
             engine.reward_config, reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)
         )
         cache_settings = LatentCache(cfg.cache).settings
         engine.save_pretrained(
             target,
-            include_backbone=cfg.mode == "full",
+            include_backbone=cfg.mode != "frozen",
             training={
                 "mode": cfg.mode,
+                "loss": cfg.loss,
+                **({"tied_threshold": cfg.tied_threshold} if cfg.loss == "btt" else {}),
+                **(
+                    {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets}
+                    if cfg.mode == "lora"
+                    else {}
+                ),
                 "steps": cfg.steps,
+                "batch_size": cfg.batch_size,
+                "grad_accum_steps": cfg.grad_accum_steps,
                 "eval_seed": cfg.eval_seed,
                 "val_accuracy": metrics["val_accuracy"],
+                "val_accuracy_mean": metrics["val_accuracy_mean"],
+                "val_accuracy_per_file": metrics["val_accuracy_per_file"],
                 "max_sequence_length": cache_settings["max_sequence_length"],
                 "area": cache_settings["area"],
                 "cache_dtype": cache_settings["dtype"],

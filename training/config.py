@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -15,6 +16,10 @@ from typing import Any
 
 from engine.config import RewardConfig
 from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE
+from training.lora import DEFAULT_LORA_TARGETS
+from training.losses import LOSSES
+
+MODES = ("full", "frozen", "lora")
 
 
 @dataclass
@@ -32,10 +37,20 @@ class TrainConfig:
     layers: list[int] | None = None  # pooled blocks; None = the engine's default for this depth (paper: 15,23,28,37)
     t: float = 0.1  # Eq. 1 noise level (paper); stored with the head
     head_hidden: list[int] = field(default_factory=lambda: [1024, 256])  # the paper's MLP head
-    mode: str = "full"  # "full": backbone + head; "frozen": head only, on features computed once
+    mode: str = (
+        "full"  # "full": backbone + head; "frozen": head only, on features computed once; "lora": adapters + head
+    )
+    lora_rank: int = 16  # adapter rank: small next to D (2432 in SD3.5-L), as HPSv3/Flow-GRPO use
+    lora_alpha: float = 16.0  # adapter scale alpha / rank = 1: the lr needs no retuning when the rank changes
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # attention qkv/out, FFN
+    save_adapter: bool = False  # lora: also write out_dir/adapter (peft's format) next to the merged reward/
+    # loss
+    loss: str = "bt"  # "bt" (Eq. 6), "uncertainty" (HPSv3: the head predicts mean and log-std), "btt" (BT with ties)
+    tied_threshold: float = 0.1  # btt: a pair is a tie when |c1 - c2| / (c1 + c2) <= this (a 55/45 vote or closer)
     # optimisation
     steps: int = 2000  # optimizer steps
-    batch_size: int = 32  # global pairs per step, split evenly over the ranks
+    batch_size: int = 32  # global pairs per optimizer step = processes x grad_accum_steps x micro-batch
+    grad_accum_steps: int = 1  # micro-steps per optimizer step: a large effective batch with one micro-batch's memory
     lr_backbone: float = 1e-5  # small: the backbone is pretrained and its features are what we pay for
     lr_head: float = 1e-4  # the head starts from random init and needs a larger step
     weight_decay: float = 0.01  # AdamW default scale; regularises the freshly initialised head
@@ -70,7 +85,7 @@ class TrainConfig:
                 value = [value]
             if isinstance(value, (list, tuple)):
                 setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
-        for name in ("layers", "head_hidden", "betas"):
+        for name in ("layers", "head_hidden", "betas", "lora_targets"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
 
@@ -144,8 +159,21 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"config field {name!r} needs one or more HPSv3-format JSON files, got {getattr(cfg, name)}"
             )
-    if cfg.mode not in ("full", "frozen"):
-        raise ValueError(f"mode must be 'full' or 'frozen', got {cfg.mode!r}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
+    if not 0.0 <= cfg.tied_threshold < 1.0:
+        raise ValueError(f"tied_threshold must lie in [0, 1) (|c1 - c2| / (c1 + c2)), got {cfg.tied_threshold}")
+    if cfg.lora_rank < 1 or not cfg.lora_alpha > 0 or not cfg.lora_targets:
+        raise ValueError(
+            f"lora_rank must be >= 1, lora_alpha > 0 and lora_targets non-empty, got {cfg.lora_rank}, "
+            f"{cfg.lora_alpha}, {cfg.lora_targets}"
+        )
+    if cfg.mode == "lora" and importlib.util.find_spec("peft") is None:
+        raise ValueError("mode='lora' trains adapters with peft, which is not installed: pip install dit-reward[train]")
+    if cfg.save_adapter and cfg.mode != "lora":
+        raise ValueError("save_adapter writes LoRA adapters: it needs mode='lora'")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
     if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
@@ -163,7 +191,7 @@ def validate(cfg: TrainConfig) -> None:
         )
     except ValueError as e:
         raise ValueError(f"config fields layers/t/head_hidden: {e}") from e
-    for name in ("steps", "batch_size", "eval_batch_size", "log_every", "keep_checkpoints"):
+    for name in ("steps", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
     for name in ("eval_every", "checkpoint_every"):
@@ -184,4 +212,4 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"eval_seed must be an int in [0, 2**63), got {cfg.eval_seed}")
 
 
-__all__ = ["TrainConfig", "load_config", "validate"]
+__all__ = ["MODES", "TrainConfig", "load_config", "validate"]

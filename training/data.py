@@ -50,6 +50,7 @@ class PreferencePair:
     confidence: float | None = None
     model1: str | None = None
     model2: str | None = None
+    choice_dist: tuple[float, float] | None = None  # annotators' votes (or shares) for path1 and path2
 
 
 @dataclass
@@ -209,6 +210,20 @@ def _check_record(record: Any, where: str) -> float | None:
     return float(confidence)
 
 
+def _choice_dist(record: dict, where: str) -> tuple[float, float] | None:
+    """A record's ``choice_dist``: null, or two finite numbers >= 0 with a positive sum (votes for path1, path2)."""
+    value = record.get("choice_dist")
+    if value is None:
+        return None
+    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not numbers or len(value) != 2 or not all(math.isfinite(v) and v >= 0 for v in value) or sum(value) <= 0:
+        raise ValueError(
+            f"{where}: choice_dist must be null or two numbers >= 0 with a positive sum (votes for path1, path2), "
+            f"got {value!r}"
+        )
+    return float(value[0]), float(value[1])
+
+
 def read_file(
     path: str | os.PathLike,
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
@@ -239,6 +254,7 @@ def read_file(
     for i, record in enumerate(_records(path)):
         where = f"{path} record {i}"
         confidence = _check_record(record, where)
+        choice_dist = _choice_dist(record, where)
         images = [resolve_image_path(record[k], root, allow_outside_root, where, k) for k in ("path1", "path2")]
         if images[0] == images[1]:
             raise ValueError(f"{where}: path1 and path2 are the same image {images[0]}; a pair compares two images")
@@ -268,6 +284,7 @@ def read_file(
                 confidence=confidence,
                 model1=record.get("model1"),
                 model2=record.get("model2"),
+                choice_dist=choice_dist,
             )
         )
     report.kept[source] += len(pairs)

@@ -38,8 +38,9 @@ class TrainableReward(nn.Module):
         return self.backbone(z0, context, temb, self.t, self.backends, noise, seed, image_offset)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Rewards [B] float32 (Eq. 5); arguments as `features`."""
-        return self.head(self.features(*args, **kwargs))
+        """Head predictions [B, head_outputs] float32 (Eq. 5): column 0 is the reward (an uncertainty head's mean),
+        column 1 an uncertainty head's log-std; arguments as `features`."""
+        return self.head.predict(self.features(*args, **kwargs))
 
 
 def engine_backbone_key(key: str) -> str | None:

@@ -1,25 +1,22 @@
-"""Bradley-Terry training of DiT-Reward (DESIGN.md Eq. 1-6) on cached latents and text embeddings.
+"""Training of DiT-Reward (DESIGN.md Eq. 1-6) on cached latents and text embeddings.
 
     python -m training.train --config run.json [key=value ...]               # one process
     torchrun --nproc_per_node 8 -m training.train --config run.json            # FSDP2, one block per shard unit
 
-Modes: ``full`` fine-tunes the backbone and the head (fresh noise every step at the configured t); ``frozen`` runs
-the backbone once per image (fixed, seeded noise), caches the pooled features and trains only the head (seconds).
+Modes: ``full`` fine-tunes the backbone and the head (fresh noise every step at the configured t); ``lora`` trains
+LoRA adapters on the blocks' projections and the head, and exports the adapters merged into plain backbone weights;
+``frozen`` runs the backbone once per image (fixed, seeded noise), caches the pooled features and trains only the head
+(seconds). Losses (`training.losses`): ``bt`` (Eq. 6), ``uncertainty`` (the head predicts a mean and a log-std per
+image) and ``btt`` (ties from the records' ``choice_dist``).
 
 Everything a step consumes is a pure function of (config, step): the pairs (`training.buckets.BucketSampler`: batches
 of one (winner bucket, loser bucket) combination where possible), the noise (streams of a seed derived from the step)
-and the learning rate (`get_lr`). Images of several sizes run one forward per latent shape (`training.batching`);
-under FSDP2 every rank runs the global batch's shapes in one order. A checkpoint therefore needs only the trainable
-weights, the optimizer state and the step, and a resumed run equals an uninterrupted one. Checkpoints are safetensors
-files (tensors) with their structure, the config and the data fingerprint as JSON metadata: resume never unpickles
-anything. They are written to a temp file and ``os.replace``d; resume takes the newest one that loads and never sees
-a half-written file (a crashed writer's temp file is removed at the next start), and log.jsonl is cut back to the
-resumed step. A checkpoint records a fingerprint of the training inputs (the JSON files' content hashes, the kept
-pairs, the cache); resuming on other data is refused unless ``resume_on_changed_data``. One run at a time holds
+and the learning rate (`get_lr`). A step's `batch_size` pairs are split over the processes and, within a process, over
+`grad_accum_steps` micro-batches whose mean losses are averaged: the update equals one batch of `batch_size` pairs.
+Images of several sizes run one forward per latent shape (`training.batching`); under FSDP2 the ranks' k-th
+micro-batches run the same shapes in one order. A checkpoint (`training.checkpoint`) therefore needs only the trainable
+weights, the optimizer state and the step, and a resumed run equals an uninterrupted one. One run at a time holds
 ``out_dir/.lock``.
-
-Not implemented: HPSv3's uncertainty loss (it needs a head that predicts a variance, which the engine's head and
-checkpoint format do not have); gradient accumulation (the per-rank batch is the micro-batch).
 """
 
 from __future__ import annotations
@@ -58,7 +55,8 @@ from training.data import PreferencePair, load_pairs, read_file
 from training.distributed import Dist, all_mean, setup_distributed, shard
 from training.evaluation import accuracy, pair_rewards
 from training.files import exclusive_lock
-from training.losses import bt_loss
+from training.lora import add_lora
+from training.losses import HEAD_OUTPUTS, bt_loss, btt_loss, tied_mask, uncertainty_loss
 from training.model import TrainableReward
 
 # ----------------------------------------------------------------------------------------------------- schedule
@@ -95,6 +93,23 @@ def detect_peak_flops(device: torch.device) -> float | None:
 # -------------------------------------------------------------------------------------------------------- train
 
 
+def preference_loss(loss: str, winners: torch.Tensor, losers: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
+    """The mean `loss` over pairs: winners, losers [b, head_outputs] head predictions (reward, or mean and log-std);
+    ties [b] bool (read by ``btt`` only)."""
+    if loss == "uncertainty":
+        return uncertainty_loss(winners[:, 0], winners[:, 1], losers[:, 0], losers[:, 1])
+    if loss == "btt":
+        return btt_loss(winners[:, 0], losers[:, 0], ties)
+    return bt_loss(winners[:, 0], losers[:, 0])
+
+
+def pair_ties(pairs: list[PreferencePair], tied_threshold: float) -> torch.Tensor:
+    """[n] bool: pairs whose annotators' ``choice_dist`` is balanced within `tied_threshold`; a pair without one is
+    decided."""
+    votes = torch.tensor([p.choice_dist or (1.0, 0.0) for p in pairs], dtype=torch.float64).view(-1, 2)
+    return tied_mask(votes, tied_threshold) & torch.tensor([p.choice_dist is not None for p in pairs], dtype=torch.bool)
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the final metrics. `on_step(step, metrics)` runs after every step (and its
     checkpoint), e.g. to stop a run early in tests."""
@@ -102,8 +117,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     d = setup_distributed(cfg.device)
     if cfg.mode == "frozen" and d.world > 1:
         raise ValueError("mode='frozen' trains only the head (seconds on one device); run it without torchrun")
-    if cfg.batch_size % d.world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {d.world}")
+    if cfg.batch_size % (d.world * cfg.grad_accum_steps):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum_steps = {d.world} x "
+            f"{cfg.grad_accum_steps}: each micro-batch holds batch_size / (processes x grad_accum_steps) pairs"
+        )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # One run per out_dir: rank 0 holds the lock until train() returns or raises (ranks of one run share out_dir).
@@ -137,34 +155,64 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         )
     cache.check(pairs + [p for v in val_sets.values() for p in v])
     log(f"train pairs: {len(pairs)}\n{report}\nval pairs: {sum(map(len, val_sets.values()))}")
+    ties = pair_ties(pairs, cfg.tied_threshold)
+    if cfg.loss == "btt":
+        log(f"btt: {int(ties.sum())} of {len(pairs)} training pairs are ties (tied_threshold {cfg.tied_threshold})")
     fingerprint = data_fingerprint(cfg, pairs, val_sets, cache)
     found = latest_checkpoint(out_dir)  # its config and data are checked here; its state is restored below
     if found is not None:
         check_resumable(found[1]["config"], cfg, found[0])
         check_same_data(found[1]["fingerprint"], fingerprint, cfg, found[0])
 
-    # Model: same seed on every rank, so the freshly initialised head is identical before sharding.
+    # Model: same seed on every rank, so the freshly initialised head (and LoRA's A) is identical before sharding.
     torch.manual_seed(cfg.seed)
     engine = RewardEngine.from_base(
-        cfg.base, layers=cfg.layers, t=cfg.t, dtype=torch.float32, device=d.device, head_hidden=cfg.head_hidden
+        cfg.base,
+        layers=cfg.layers,
+        t=cfg.t,
+        dtype=torch.float32,
+        device=d.device,
+        head_hidden=cfg.head_hidden,
+        head_outputs=HEAD_OUTPUTS[cfg.loss],
     )
-    model = TrainableReward(engine, cfg.grad_checkpointing)
-    full = cfg.mode == "full"
-    engine.backbone.requires_grad_(full)
+    engine.backbone.requires_grad_(cfg.mode == "full")
+    if cfg.mode == "lora":  # adapters on the blocks' projections; the base weights stay frozen
+        add_lora(engine.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     engine.head.requires_grad_(True)
+    model = TrainableReward(engine, cfg.grad_checkpointing)
     model.train()
+    backbone_trains = cfg.mode != "frozen"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
     # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
     # rank and a pure function of the step (exact on resume).
     sampler = BucketSampler([cache.pair_key(p) for p in pairs], cfg.batch_size, cfg.seed)
+    slots = d.world * cfg.grad_accum_steps  # forwards per step over all ranks
 
-    if full:
+    def load_batch(step: int, micro_step: int) -> dict[str, Any]:
+        chosen = sampler.batch(step)  # the global batch
+        keys = [cache.pair_key(pairs[i]) for i in chosen]
+        # Micro-step m of rank r takes slot m * world + r of the global batch dealt by key (`rank_positions`): the
+        # ranks' m-th forwards hold the same number of pairs and share one shape schedule (FSDP2).
+        positions = rank_positions(keys, micro_step * d.world + d.rank, slots)
+        indices = [chosen[k] for k in positions]
+        batch = {"indices": indices, "ties": ties[indices].to(d.device)}
+        if not backbone_trains:
+            return batch
+        together = [k for r in range(d.world) for k in rank_positions(keys, micro_step * d.world + r, slots)]
+        images = [image for k in together for image in (pairs[chosen[k]].winner, pairs[chosen[k]].loser)]
+        return batch | {
+            **cache.batch([pairs[i] for i in indices]),
+            "streams": [2 * k + side for k in positions for side in (0, 1)],  # global image numbers, interleaved
+            "schedule": sorted({cache.latent_shape(image) for image in images}),
+        }
 
-        def step_rewards(step: int, batch: dict[str, Any]) -> torch.Tensor:
-            """Rewards [2, b] (winners, losers) of this rank's pairs, fresh noise at t; one forward per latent shape,
-            the shapes of the whole global batch in sorted order on every rank (FSDP2 needs one block sequence)."""
+    if backbone_trains:
+
+        def step_predictions(step: int, batch: dict[str, Any]) -> torch.Tensor:
+            """Head predictions [2, b, head_outputs] (winners, losers) of one micro-batch, fresh noise at t; one
+            forward per latent shape of the schedule."""
             with autocast:
-                r = pair_forward(
+                p = pair_forward(
                     model,
                     batch["winners"],
                     batch["losers"],
@@ -174,13 +222,14 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
                     streams=batch["streams"],
                     schedule=batch["schedule"],
                     device=d.device,
-                )
-            return r.T
+                )  # [b, 2, head_outputs]
+            return p.transpose(0, 1)
 
         def validation_rewards(name: str) -> torch.Tensor:
             model.eval()
             with autocast:
-                r = pair_rewards(model, val_sets[name], cache, cfg.eval_batch_size, cfg.eval_seed, d.device)
+                reward = lambda *a, **k: model(*a, **k)[:, 0]  # the mean of an uncertainty head
+                r = pair_rewards(reward, val_sets[name], cache, cfg.eval_batch_size, cfg.eval_seed, d.device)
             model.train()
             return r
     else:
@@ -200,42 +249,31 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         train_features = features(pairs, cfg.seed)
         val_features = {name: features(v, cfg.eval_seed) for name, v in val_sets.items()}
 
-        def step_rewards(step: int, batch: dict[str, Any]) -> torch.Tensor:
+        def step_predictions(step: int, batch: dict[str, Any]) -> torch.Tensor:
             f = train_features[torch.tensor(batch["indices"])].to(d.device)  # [b, 2, L, D]
-            return model.head(f.transpose(0, 1).flatten(0, 1)).view(2, -1)
+            return model.head.predict(f.transpose(0, 1).flatten(0, 1)).view(2, f.shape[0], -1)
 
         def validation_rewards(name: str) -> torch.Tensor:
             with torch.no_grad():
                 return model.head(val_features[name].flatten(0, 1).to(d.device)).view(-1, 2).cpu()
 
-    def load_batch(step: int) -> dict[str, Any]:
-        chosen = sampler.batch(step)  # the global batch
-        positions = rank_positions([cache.pair_key(pairs[i]) for i in chosen], d.rank, d.world)  # this rank's part
-        indices = [chosen[k] for k in positions]
-        if not full:
-            return {"indices": indices}
-        images = [image for i in chosen for image in (pairs[i].winner, pairs[i].loser)]
-        return {
-            **cache.batch([pairs[i] for i in indices]),
-            "streams": [2 * k + side for k in positions for side in (0, 1)],  # global image numbers, interleaved
-            "schedule": sorted({cache.latent_shape(image) for image in images}),
-        }
-
     # Model FLOPs per step, measured once before sharding: 3x the forward (backward ~ 2x forward), the MFU convention.
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        step_rewards(0, load_batch(0))
-    step_flops = 3 * counter.get_total_flops()
+        step_predictions(0, load_batch(0, 0))
+    step_flops = 3 * counter.get_total_flops() * cfg.grad_accum_steps
     peak = cfg.peak_flops or detect_peak_flops(d.device)
 
     if d.world > 1:
         shard(model, d.world, d.device)
     backbone_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr_head, "base_lr": cfg.lr_head}]
-    if full:
+    if backbone_trains:  # the whole backbone, or its LoRA adapters
         groups.insert(0, {"params": backbone_params, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    log(f"trainable parameters: {trainable / 1e6:.3f} M ({cfg.mode}, head outputs {HEAD_OUTPUTS[cfg.loss]})")
 
     step = 0
     if found is not None:
@@ -246,13 +284,29 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
 
     def evaluate() -> dict[str, Any]:
         rewards = {name: validation_rewards(name) for name in val_sets}
+        per_file = {name: accuracy(r) for name, r in rewards.items()}
         everything = torch.cat(list(rewards.values()))
         return {
-            "val_accuracy": accuracy(everything),
-            "val_accuracy_per_file": {name: accuracy(r) for name, r in rewards.items()},
+            "val_accuracy": accuracy(everything),  # over all validation pairs
+            "val_accuracy_mean": sum(per_file.values()) / len(per_file),  # over files, each file counting once
+            "val_accuracy_per_file": per_file,
             "reward_mean": float(everything.mean()),
             "reward_std": float(everything.std()),
         }
+
+    def log_line(metrics: dict[str, Any]) -> None:
+        log(
+            " ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in metrics.items()
+                if k != "val_accuracy_per_file"
+            )
+        )
+        for name, value in metrics.get("val_accuracy_per_file", {}).items():
+            log(f"  val_accuracy {value:.4f}  {name}")
+        if log_file is not None:
+            log_file.write(json.dumps(metrics) + "\n")
+            log_file.flush()
 
     if d.main:
         truncate_log(out_dir / "log.jsonl", step)
@@ -260,24 +314,28 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     metrics: dict[str, Any] = {}
     if step == 0:  # the untrained baseline (~50%), logged as step 0
         metrics = {"step": 0, **evaluate()}
-        log(f"step 0 val_accuracy {metrics['val_accuracy']:.4g}")
-        if log_file is not None:
-            log_file.write(json.dumps(metrics) + "\n")
-    window = {"loss": 0.0, "correct": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+        log_line(metrics)
+    window = {"loss": 0.0, "correct": 0.0, "t0": time.perf_counter(), "steps": 0}
     while step < cfg.steps:
         scale = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
-        r = step_rewards(step, load_batch(step))
-        loss = bt_loss(r[0], r[1])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for micro_step in range(cfg.grad_accum_steps):
+            last = micro_step == cfg.grad_accum_steps - 1
+            if d.world > 1:  # FSDP2 reduce-scatters gradients on the last micro-step only
+                model.set_requires_gradient_sync(last)
+            batch = load_batch(step, micro_step)
+            p = step_predictions(step, batch)  # [2, b, head_outputs]
+            # each micro-batch's mean loss / k: the k micro-steps sum to the mean over the whole batch
+            loss = preference_loss(cfg.loss, p[0], p[1], batch["ties"]) / cfg.grad_accum_steps
+            loss.backward()
+            window["loss"] += loss.detach()
+            window["correct"] += (p[0, :, 0] > p[1, :, 0]).float().mean().detach() / cfg.grad_accum_steps
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
         step += 1
-        window["loss"] += loss.detach()
-        window["correct"] += (r[0] > r[1]).float().mean().detach()
         window["steps"] += 1
 
         metrics = {"step": step}
@@ -286,23 +344,15 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
             elapsed = time.perf_counter() - window["t0"]  # the all_reduce / .tolist() above synchronised the device
             loss_value, acc_value = loss_acc.tolist()
             metrics |= {"loss": loss_value, "accuracy": acc_value, "lr_head": cfg.lr_head * scale}
-            if full:
+            if backbone_trains:
                 metrics["lr_backbone"] = cfg.lr_backbone * scale
             metrics["pairs_per_s"] = window["steps"] * cfg.batch_size / elapsed
             metrics["mfu"] = step_flops * window["steps"] / elapsed / peak if peak else None
-            window = {"loss": 0.0, "correct": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+            window = {"loss": 0.0, "correct": 0.0, "t0": time.perf_counter(), "steps": 0}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             metrics |= evaluate()
-        if len(metrics) > 1 and log_file is not None:
-            log(
-                " ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in metrics.items()
-                    if not isinstance(v, dict)
-                )
-            )
-            log_file.write(json.dumps(metrics) + "\n")
-            log_file.flush()
+        if len(metrics) > 1:
+            log_line(metrics)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
             save_checkpoint(model, optimizer, step, cfg, d, fingerprint)
         if on_step is not None:
@@ -330,4 +380,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["get_lr", "main", "step_noise_seed", "train"]
+__all__ = ["get_lr", "main", "pair_ties", "preference_loss", "step_noise_seed", "train"]

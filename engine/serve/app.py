@@ -160,10 +160,12 @@ def _error(e: Exception) -> dict[str, Any]:
     return {"error": str(e), "type": type(e).__name__}
 
 
-def _reward_outputs(engine: RewardEngine, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What a response carries per image. The engine's head gives a point reward only; an uncertainty head would add
-    ``std`` [B] here (and the client returns it alongside)."""
-    return {"rewards": rewards.float()}
+def _reward_outputs(engine: RewardEngine, scores: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+    """What a response carries per image: ``rewards`` [B] float32 and, for an uncertainty head (whose `engine.score`
+    is called with ``return_std=True``), ``std`` [B] float32 (the client returns it alongside)."""
+    if isinstance(scores, tuple):
+        return {"rewards": scores[0].float(), "std": scores[1].float()}
+    return {"rewards": scores.float()}
 
 
 @serve.deployment(name="Scorer")
@@ -301,6 +303,7 @@ class Scorer:
             concat_conditionings([item.cond for item in group]),  # type: ignore[misc]
             noise=torch.cat([item.noise for item in group]),  # type: ignore[misc]
             prompt_index=torch.cat([item.prompt_index + off for item, off in zip(group, offsets, strict=True)]),  # type: ignore[operator]
+            return_std=self.engine.head.outputs == 2,
         )
         self.batch_images.observe(latents.shape[0])
         outputs = _reward_outputs(self.engine, rewards)
@@ -315,12 +318,17 @@ class Scorer:
         seed = int(t["seed"]) if "seed" in t else None
         try:
             rewards = self.engine.score(
-                t["latents"], item.cond, noise=t.get("noise"), seed=seed, prompt_index=t.get("prompt_index")
+                t["latents"],
+                item.cond,
+                noise=t.get("noise"),
+                seed=seed,
+                prompt_index=t.get("prompt_index"),
+                return_std=self.engine.head.outputs == 2,
             )
         except (ValueError, TypeError) as e:
             item.result = _error(e)
             return
-        self.batch_images.observe(rewards.shape[0])
+        self.batch_images.observe(t["latents"].shape[0])
         item.result = {k: v.cpu() for k, v in _reward_outputs(self.engine, rewards).items()}
 
 
