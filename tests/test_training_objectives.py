@@ -303,9 +303,10 @@ def test_serve_returns_std_for_an_uncertainty_head(task: dict) -> None:
 
     engine = RewardEngine.from_base(task["base"], dtype=torch.float32, head_hidden=[64], head_outputs=2)
     batch = LatentCache(task["cache"]).batch(read_file(task["val"][0], None)[:3])
+    winners = torch.stack(batch["winners"])  # one bucket: 64x64 images at area 64x64
     prompt = (batch["prompt_embeds"], batch["pooled"])
-    mean, std = engine.score(batch["winners"], prompt, seed=0, return_std=True)
-    out = _reward_outputs(engine, engine.score(batch["winners"], prompt, seed=0, return_std=True))
+    mean, std = engine.score(winners, prompt, seed=0, return_std=True)
+    out = _reward_outputs(engine, engine.score(winners, prompt, seed=0, return_std=True))
     assert out.keys() == {"rewards", "std"}
     torch.testing.assert_close(out["rewards"], mean)
     torch.testing.assert_close(out["std"], std)
