@@ -3,9 +3,11 @@
     python -m bench.accuracy --test-json A.json [B.json ...] --checkpoint DIR --base SD35_DIR [--json OUT]
 
 A pair counts as correct when r(path1) > r(path2); a tie counts as wrong, as HPSv3 counts. Images go through the
-same encoding as `training.cache` and the reward's noise uses the checkpoint's validation seed with the trainer's
-stream layout (image 2i / 2i+1 of a file = pair i's path1 / path2), so on a file the trainer validated on this
-reports the trainer's logged accuracy.
+same encoding as `training.cache` (each image resized to its aspect bucket at the area recorded in the checkpoint, so
+the latents equal the cache's), batches of mixed sizes run one forward per latent shape (`training.batching`), and
+the reward's noise uses the checkpoint's validation seed with the trainer's stream layout (image 2i / 2i+1 of a file
+= pair i's path1 / path2), so on a file the trainer validated on this reports the trainer's logged accuracy. Prints one
+row per file and the mean over files (test sets are separate files: HPDv3-, HPDv2-, ImageReward-style).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from bench.harness import positive_int
 from engine.api import RewardEngine
 from engine.io.checkpoint import read_reward_config
+from training.batching import pair_forward
 from training.cache import encode_image_files
 from training.data import add_path_rule_arguments, read_file
 
@@ -34,28 +37,33 @@ def evaluate_file(
     path: str | Path,
     seed: int,
     batch_size: int = 32,
-    max_side: int | None = None,
+    area: int | None = None,
     image_root: str | Path | None = None,
     allow_outside_root: bool = False,
 ) -> dict[str, Any]:
     """Accuracy and reward statistics of every pair in one file (no confidence filter: a benchmark counts all).
-    `image_root` / `allow_outside_root`: the path rule of `training.data`."""
+    `area`: the pixel area of the aspect buckets the checkpoint was trained at (its cache's). `image_root` /
+    `allow_outside_root`: the path rule of `training.data`."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pairs = read_file(path, None, on_bad_image="error", image_root=image_root, allow_outside_root=allow_outside_root)
     if not pairs:
         raise ValueError(f"test file {path} holds no preference pairs")
+    if area is None:
+        raise ValueError("area is required: the bucket area the checkpoint's cache was built at (settings 'area')")
+    score = lambda z0, embeds, pooled, noise: engine.score(z0, (embeds, pooled), noise=noise)
     rewards = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        images = [image for p in chunk for image in (p.winner, p.loser)]  # interleaved: w0, l0, w1, l1, ...
         names = {image: f"{p.source} record {p.index}" for p in chunk for image in (p.winner, p.loser)}
-        latents = torch.stack(encode_image_files(front, images, max_side, names)).to(engine.device)
-        embeds, pooled = front.encode_prompts([p.prompt for p in chunk for _ in range(2)], progress=False)
-        r = engine.score(
-            latents, (embeds.to(engine.device), pooled.to(engine.device)), seed=seed, image_offset=2 * start
-        )
-        rewards.append(r.float().view(-1, 2).cpu())
+        winners = encode_image_files(front, [p.winner for p in chunk], area, names)
+        losers = encode_image_files(front, [p.loser for p in chunk], area, names)
+        embeds, pooled = front.encode_prompts([p.prompt for p in chunk], progress=False)
+        streams = range(2 * start, 2 * (start + len(chunk)))  # image 2i / 2i+1 of the file: pair i's two images
+        r = pair_forward(
+            score, winners, losers, embeds, pooled, seed=seed, streams=streams, device=engine.device
+        )  # [b, 2]
+        rewards.append(r.float().cpu())
     r = torch.cat(rewards)
     return {
         "file": str(Path(path).resolve()),
@@ -76,8 +84,10 @@ def run(
     seed: int | None = None,
     image_root: str | Path | None = None,
     allow_outside_root: bool = False,
+    area: int | None = None,
 ) -> dict[str, Any]:
-    """Score every file; returns {"checkpoint", "results": [per-file dicts], "seconds"}."""
+    """Score every file; returns {"checkpoint", "results": [per-file dicts], "mean": the mean over files of each
+    figure, "seconds"}. `area` defaults to the one the checkpoint records (`training.area`)."""
     from engine.pixel import PixelFrontEnd
 
     if dtype not in _DTYPES:
@@ -93,14 +103,23 @@ def run(
         max_sequence_length=int(training.get("max_sequence_length", 256)),
     )
     seed = int(training.get("eval_seed", 1234)) if seed is None else seed
+    area = training.get("area") if area is None else area
+    if area is None:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not record the bucket area of its training cache: pass area= (--area), the "
+            "--area the cache was built with"
+        )
     start = time.perf_counter()
     roots = {"image_root": image_root, "allow_outside_root": allow_outside_root}
-    results = [evaluate_file(engine, front, f, seed, batch_size, training.get("max_side"), **roots) for f in test_json]
+    results = [evaluate_file(engine, front, f, seed, batch_size, area, **roots) for f in test_json]
+    figures = ("accuracy", "ties", "mean_margin")
     return {
         "checkpoint": str(checkpoint),
         "base": str(base),
         "seed": seed,
+        "area": area,
         "results": results,
+        "mean": {k: sum(r[k] for r in results) / len(results) for k in ("pairs", *figures)},
         "seconds": time.perf_counter() - start,
     }
 
@@ -110,12 +129,12 @@ def format_table(report: dict[str, Any]) -> str:
     rows += [
         (
             Path(r["file"]).name,
-            str(r["pairs"]),
+            f"{r['pairs']:g}",
             f"{100 * r['accuracy']:.2f}%",
-            str(r["ties"]),
+            f"{r['ties']:g}",
             f"{r['mean_margin']:.4f}",
         )
-        for r in report["results"]
+        for r in [*report["results"], {"file": "mean", **report["mean"]}]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
@@ -131,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="backbone dtype")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="pairs per forward")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval seed)")
+    parser.add_argument(
+        "--area", type=positive_int, default=None, help="bucket pixel area (default: the checkpoint's, as cached)"
+    )
     add_path_rule_arguments(parser)
     args = parser.parse_args(argv)
     report = run(
@@ -143,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         image_root=args.image_root,
         allow_outside_root=args.allow_outside_root,
+        area=args.area,
     )
     print(format_table(report))
     if args.json_out:

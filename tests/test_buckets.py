@@ -80,3 +80,12 @@ def test_sampler_errors():
         BucketSampler([(1, 1)] * 4, 0, 0)
     with pytest.raises(ValueError, match="cannot fill"):
         BucketSampler([(1, 1)] * 3, 4, 0)
+
+
+@pytest.mark.parametrize("area", [64 * 64, 128 * 128, 1024 * 1024])
+def test_buckets_are_symmetric_one_per_ratio(area):
+    buckets = aspect_buckets(area)
+    assert sorted((w, h) for h, w in buckets) == sorted(buckets)  # wide images get the buckets tall ones get
+    assert aspect_buckets(64 * 64) == [
+        (32, 128), (32, 112), (48, 96), (48, 80), (64, 64), (80, 48), (96, 48), (112, 32), (128, 32)
+    ]  # fmt: skip

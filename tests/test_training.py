@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,13 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict:
     train_json, val_json = make_split(root, "train", 256, seed=0), make_split(root, "val", 40, seed=1)
     base = default_tiny_base()
     cache = build_cache(
-        [train_json, val_json], base, root / "cache", max_sequence_length=16, shard_size=64, progress=False
+        [train_json, val_json],
+        base,
+        root / "cache",
+        max_sequence_length=16,
+        shard_size=64,
+        area=64 * 64,
+        progress=False,
     )
     return {"root": root, "train": train_json, "val": val_json, "base": base, "cache": cache}
 
@@ -163,20 +170,22 @@ def test_data_rejects_malformed_records_and_reads_weights(tmp_path: Path) -> Non
 
 def test_cache_resumes_and_rejects_other_inputs(task: dict, tmp_path: Path) -> None:
     out = tmp_path / "cache"
-    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, progress=False)
+    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, area=64 * 64, progress=False)
     shards = sorted(out.glob("images-*.safetensors"))
     reference = {p.name: p.read_bytes() for p in shards}
     shards[1].unlink()  # as if interrupted before this shard was renamed into place ...
     (out / f".{shards[1].name}.tmp-99").write_bytes(b"partial")  # ... leaving its temp file
     untouched = shards[0].stat().st_mtime_ns
-    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, progress=False)
+    build_cache([task["val"]], task["base"], out, max_sequence_length=16, shard_size=16, area=64 * 64, progress=False)
     assert shards[0].stat().st_mtime_ns == untouched  # complete shards are skipped
     assert {p.name: p.read_bytes() for p in sorted(out.glob("images-*.safetensors"))} == reference
     assert not list(out.glob(".*.tmp-*"))
     pair = read_file(task["val"], None)[0]
     assert LatentCache(out).latent(pair.winner).shape == (16, 8, 8)
     with pytest.raises(ValueError, match="other inputs or settings"):
-        build_cache([task["val"]], task["base"], out, max_sequence_length=32, shard_size=16, progress=False)
+        build_cache(
+            [task["val"]], task["base"], out, max_sequence_length=32, shard_size=16, area=64 * 64, progress=False
+        )
 
 
 def test_cache_holds_every_pair_a_fractional_weight_can_draw(task: dict, tmp_path: Path) -> None:
@@ -186,7 +195,9 @@ def test_cache_holds_every_pair_a_fractional_weight_can_draw(task: dict, tmp_pat
     half = f"{tmp_path / 'part.json'}:0.5"
     (tmp_path / "part.json").write_text(json.dumps(records))
     root = {"image_root": task["root"]}  # absolute paths into the dataset, a JSON file elsewhere
-    cache = build_cache([half], task["base"], tmp_path / "cache", max_sequence_length=16, progress=False, **root)
+    cache = build_cache(
+        [half], task["base"], tmp_path / "cache", max_sequence_length=16, area=64 * 64, progress=False, **root
+    )
     cache = LatentCache(cache)
     for seed in range(4):  # the trainer draws the half with its own seed
         pairs, _ = load_pairs([half], seed=seed, **root)
@@ -204,7 +215,7 @@ def test_cache_holds_every_validation_pair(task: dict, tmp_path: Path) -> None:
     held_out = tmp_path / "held_out.json"
     held_out.write_text(json.dumps(records))
     args = ["--json", task["val"], "--val-json", held_out, "--base", task["base"], "--out", tmp_path / "cache"]
-    main([*map(str, args), "--max-sequence-length", "16", "--image-root", str(task["root"])])
+    main([*map(str, args), "--max-sequence-length", "16", "--area", "4096", "--image-root", str(task["root"])])
     LatentCache(tmp_path / "cache").check(read_file(held_out, None, image_root=task["root"]))  # what the trainer reads
 
 
@@ -288,15 +299,16 @@ def test_full_backbone_learns_exports_and_bench_agrees(task: dict, tmp_path: Pat
     trained.head.load_state_dict(engine.head.state_dict())
     cache, pairs = LatentCache(task["cache"]), read_file(task["val"], None)[:6]
     batch = cache.batch(pairs)
-    noise = torch.randn_like(batch["winners"])
+    winners = torch.stack(batch["winners"])  # one bucket: 64x64 images at area 64x64
+    noise = torch.randn_like(winners)
     ckpt = read_checkpoint_file(sorted((out / "checkpoints").glob("step_*.safetensors"))[-1])["model"]
     model = TrainableReward(trained)
     model.load_state_dict(ckpt, strict=False)  # the trainer's final weights, in the trainer's module
     with torch.no_grad():
-        expected = model(batch["winners"], batch["prompt_embeds"], batch["pooled"], noise=noise)[:, 0]
-    got = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise)
+        expected = model(winners, batch["prompt_embeds"], batch["pooled"], noise=noise)[:, 0]
+    got = engine.score(winners, (batch["prompt_embeds"], batch["pooled"]), noise=noise)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    normalized = engine.score(batch["winners"], (batch["prompt_embeds"], batch["pooled"]), noise=noise, normalize=True)
+    normalized = engine.score(winners, (batch["prompt_embeds"], batch["pooled"]), noise=noise, normalize=True)
     torch.testing.assert_close(normalized, (got - metrics["reward_mean"]) / metrics["reward_std"])
 
     report = bench_run([task["val"]], out / "reward", task["base"])
@@ -375,11 +387,12 @@ def test_pruning_keeps_the_newest_valid_checkpoint(task: dict, tmp_path: Path) -
     assert names() == ["step_00000006.safetensors"]
 
 
-def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:
-    common = {"steps": 6, "batch_size": 8, "log_every": 1}
-    train(config(task, tmp_path / "one", **common))
+def fsdp_matches_one_process(config_for: Callable[[Path], TrainConfig], tmp_path: Path, steps: int) -> None:
+    """Train `config_for(out_dir)` in one process and with FSDP2 on two CPU processes (gloo): same losses and weights
+    (only reduction order differs), and the FSDP export loads."""
+    train(config_for(tmp_path / "one"))
     cfg_path = tmp_path / "fsdp.json"
-    cfg_path.write_text(json.dumps(config(task, tmp_path / "two", **common).__dict__))
+    cfg_path.write_text(json.dumps(config_for(tmp_path / "two").__dict__))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [
@@ -401,16 +414,22 @@ def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:
     )
     one = [r["loss"] for r in read_log(tmp_path / "one") if "loss" in r]
     two = [r["loss"] for r in read_log(tmp_path / "two") if "loss" in r]
-    assert len(one) == len(two) == 6
+    assert len(one) == len(two) == steps
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)  # same global batch; only reduction order differs
-    a = read_checkpoint_file(tmp_path / "one" / "checkpoints" / "step_00000006.safetensors")["model"]
-    b = read_checkpoint_file(tmp_path / "two" / "checkpoints" / "step_00000006.safetensors")["model"]
+    a = read_checkpoint_file(tmp_path / "one" / "checkpoints" / f"step_{steps:08d}.safetensors")["model"]
+    b = read_checkpoint_file(tmp_path / "two" / "checkpoints" / f"step_{steps:08d}.safetensors")["model"]
     last_bias = "head.mlp.2.bias"  # BT gradients cancel on it (r_w - r_l): Adam turns rounding noise into steps
     for key in a:
         if key != last_bias:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4, msg=key)
     # The FSDP run's exported checkpoint loads like any other.
-    RewardEngine.from_pretrained(tmp_path / "two" / "reward", task["base"], dtype=torch.float32)
+    base = config_for(tmp_path / "two").base
+    RewardEngine.from_pretrained(tmp_path / "two" / "reward", base, dtype=torch.float32)
+
+
+def test_fsdp_two_processes_match_one(task: dict, tmp_path: Path) -> None:
+    common = {"steps": 6, "batch_size": 8, "log_every": 1}
+    fsdp_matches_one_process(lambda out: config(task, out, **common), tmp_path, steps=6)
 
 
 def test_probe_prints_layers_and_plots(task: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -435,7 +454,7 @@ def test_probe_prints_layers_and_plots(task: dict, tmp_path: Path, capsys: pytes
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "probe.json").read_text())
     assert len(result["per_layer"]) == 4 and all(0.0 <= a <= 1.0 for a in result["per_layer"])
-    assert "block  val accuracy" in printed and "2-3" in printed
+    assert "val acc t=0.1" in printed and "2-3" in printed
     assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -444,8 +463,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(task: dict) -> None:
     engine = RewardEngine.from_base(task["base"], dtype=torch.float32, head_hidden=[16])
     engine.requires_grad_(True)
     batch = LatentCache(task["cache"]).batch(read_file(task["val"], None)[:4])
-    args = (batch["winners"], batch["prompt_embeds"], batch["pooled"])
-    noise = torch.randn_like(batch["winners"])
+    args = (torch.stack(batch["winners"]), batch["prompt_embeds"], batch["pooled"])
+    noise = torch.randn_like(args[0])
     grads = []
     for checkpointing in (False, True):
         engine.zero_grad(set_to_none=True)

@@ -30,7 +30,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("small")
     train_json, val_json = make_split(root, "train", 24, seed=0), make_split(root, "val", 8, seed=1)
     base = default_tiny_base()
-    cache = build_cache([train_json, val_json], base, root / "cache", max_sequence_length=16, progress=False)
+    cache = build_cache(
+        [train_json, val_json], base, root / "cache", max_sequence_length=16, area=64 * 64, progress=False
+    )
     return {"root": root, "train": train_json, "val": val_json, "base": base, "cache": cache}
 
 

@@ -66,7 +66,13 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict:
     val_a, val_b = write_split(root, "val_a", 24, seed=1), write_split(root, "val_b", 24, seed=2)
     base = default_tiny_base()
     cache = build_cache(
-        [train_json, val_a, val_b], base, root / "cache", max_sequence_length=16, shard_size=64, progress=False
+        [train_json, val_a, val_b],
+        base,
+        root / "cache",
+        max_sequence_length=16,
+        shard_size=64,
+        area=64 * 64,
+        progress=False,
     )
     return {"train": train_json, "val": [val_a, val_b], "base": base, "cache": cache}
 
@@ -177,6 +183,7 @@ def test_lora_uncertainty_learns_and_exports_scores_like_the_trainer(task: dict,
     missing, unexpected = model.load_state_dict(state, strict=False)  # the trainer's weights, in the trainer's module
     assert not unexpected
     batch = LatentCache(task["cache"]).batch(read_file(task["val"][0], None)[:6])
+    batch["winners"] = torch.stack(batch["winners"])  # one bucket: 64x64 images at area 64x64
     noise = torch.randn_like(batch["winners"])
     with torch.no_grad():
         expected = model(batch["winners"], batch["prompt_embeds"], batch["pooled"], noise=noise)
@@ -301,9 +308,10 @@ def test_serve_returns_std_for_an_uncertainty_head(task: dict) -> None:
 
     engine = RewardEngine.from_base(task["base"], dtype=torch.float32, head_hidden=[64], head_outputs=2)
     batch = LatentCache(task["cache"]).batch(read_file(task["val"][0], None)[:3])
+    winners = torch.stack(batch["winners"])  # one bucket: 64x64 images at area 64x64
     prompt = (batch["prompt_embeds"], batch["pooled"])
-    mean, std = engine.score(batch["winners"], prompt, seed=0, return_std=True)
-    out = _reward_outputs(engine, engine.score(batch["winners"], prompt, seed=0, return_std=True))
+    mean, std = engine.score(winners, prompt, seed=0, return_std=True)
+    out = _reward_outputs(engine, engine.score(winners, prompt, seed=0, return_std=True))
     assert out.keys() == {"rewards", "std"}
     torch.testing.assert_close(out["rewards"], mean)
     torch.testing.assert_close(out["std"], std)

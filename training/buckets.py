@@ -29,14 +29,19 @@ def aspect_buckets(area: int, multiple: int = BUCKET_MULTIPLE, max_aspect: float
         raise ValueError(f"area must be an int >= {multiple * multiple} px, got {area!r}")
     if max_aspect < 1:
         raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
-    buckets = set()
+    by_ratio: dict[float, tuple[int, int]] = {}
     h = multiple
     while h <= math.sqrt(area * max_aspect) + multiple:
         w = max(multiple, round(area / h / multiple) * multiple)
-        if max(h, w) / min(h, w) <= max_aspect:
-            buckets.add((h, w))
+        # Both orientations: stepping h alone would give tall images finer buckets than wide ones at small areas.
+        for bucket in ((h, w), (w, h)):
+            ratio = bucket[0] / bucket[1]
+            if max(bucket) / min(bucket) <= max_aspect:
+                best = by_ratio.setdefault(ratio, bucket)
+                if abs(bucket[0] * bucket[1] - area) < abs(best[0] * best[1] - area):
+                    by_ratio[ratio] = bucket  # one bucket per ratio: the one nearest the area
         h += multiple
-    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
+    return sorted(by_ratio.values(), key=lambda b: b[0] / b[1])
 
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:

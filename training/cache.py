@@ -3,11 +3,19 @@ text encoders) into safetensors shards plus ``index.json``; training and probing
 encoders.
 
     python -m training.cache --json train.json --val-json val.json --base SD35_DIR --out CACHE_DIR \
-        [--max-sequence-length 256]
+        [--area 1048576] [--max-sequence-length 256] [--image-root DIR] [--on-bad-image skip]
+
+Aspect-ratio buckets (`training.buckets`): each image is resized to the bucket nearest its aspect ratio among the
+buckets of about ``--area`` pixels (default 1024², SD3.5-L's training size; the tiny test base works at 64²), sides
+multiples of 16. Each image keeps its own bucket, so the two images of a pair may differ in size; the index records
+every image's bucket, and the area is one of the cache's settings (a reward checkpoint records it, and
+`bench.accuracy` encodes with it, so its latents equal the cache's).
 
 Validation files go under ``--val-json``: the confidence filter applies to the training files only, since the trainer
 scores every held-out pair. Mixing weights (``train.json:0.5``) do not change what is cached: every pair of a file
-that passes the filters is, so whatever subset the trainer's seed draws is there.
+that passes the filters is, so whatever subset the trainer's seed draws is there. With ``--on-bad-image skip`` the
+index also records every image that is missing or does not decode, with the reason: the trainer and the probe read
+that instead of decoding every image again at start-up.
 
 Resumable: the plan (which item goes to which shard) is a pure function of the inputs and is written first; each shard
 is written to a temp file and ``os.replace``d into place, so a shard file that exists is complete, and a rerun after
@@ -25,24 +33,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from training.buckets import aspect_buckets, nearest_bucket
 from training.data import (
     BAD_IMAGE_POLICIES,
     HPSV3_CONFIDENCE,
     PreferencePair,
     add_path_rule_arguments,
+    image_problem,
     load_pairs,
     parse_sources,
     read_file,
 )
 from training.files import atomic_write, atomic_write_text
 
-CACHE_FORMAT = "dit-reward-cache/1"
+CACHE_FORMAT = "dit-reward-cache/2"  # /2: aspect-ratio buckets, bad images recorded
 INDEX = "index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_AREA = 1024 * 1024  # px: SD3.5-L's training resolution
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -51,17 +64,36 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)), nbytes)  # a shard on disk is whole or absent
 
 
+def image_bucket(height: int, width: int, area: int) -> tuple[int, int]:
+    """(height, width) in pixels of the bucket an image of `height` x `width` pixels is resized to at `area`."""
+    return nearest_bucket(height, width, aspect_buckets(area))
+
+
+def load_bucketed(encoder: Any, path: Path, area: int) -> torch.Tensor:
+    """One image file -> ``[3, h, w]`` in [0, 1] at its aspect bucket (decoded as the pixel front end decodes,
+    resized with its interpolation, checked against the backbone's size limit by `encoder.load`)."""
+    from engine.pixel import load_images
+
+    (pixels,) = load_images([path], size_multiple=1)  # decode and convert only, at the file's own size
+    bucket = image_bucket(*pixels.shape[-2:], area)
+    if tuple(pixels.shape[-2:]) != bucket:
+        pixels = F.interpolate(pixels[None], size=bucket, mode="bicubic", align_corners=False, antialias=True)[0]
+        pixels = pixels.clamp_(0.0, 1.0)  # bicubic overshoots at edges; the VAE expects [-1, 1] after 2x - 1
+    return encoder.load([pixels])[0]  # a bucket is a multiple of 16 px: not resampled again
+
+
 def encode_image_files(
-    front: Any, paths: Sequence[Path], max_side: int | None = None, names: Mapping[Path, str] | None = None
+    front: Any, paths: Sequence[Path], area: int = DEFAULT_AREA, names: Mapping[Path, str] | None = None
 ) -> list[torch.Tensor]:
-    """Image files -> one latent ``[C, H/8, W/8]`` per path (transformer space, the front end's dtype), in order.
-    The one image path of the project: the cache and `bench.accuracy` both call it, so their latents agree. An image
-    that fails to load is a ValueError naming the file and, from `names` (path -> "file record i"), its record."""
+    """Image files -> one latent ``[C, h/8, w/8]`` per path at its aspect bucket (transformer space, the front end's
+    dtype), in order. The one image path of the project: the cache and `bench.accuracy` both call it, so their
+    latents agree. An image that fails to load is a ValueError naming the file and, from `names` (path -> "file
+    record i"), its record."""
     encoder = front.image_encoder
     pixels = []
     for path in paths:
         try:
-            pixels += encoder.load([path], max_side)
+            pixels.append(load_bucketed(encoder, path, area))
         except (ValueError, TypeError, OSError) as e:
             record = f" ({names[path]})" if names and path in names else ""
             raise ValueError(f"image {path}{record}: {e}".replace("images[0]", "the image")) from e
@@ -72,10 +104,15 @@ def encode_image_files(
     return out  # type: ignore[return-value]
 
 
-def _plan(pairs: Sequence[PreferencePair], shard_size: int) -> dict[str, Any]:
+def _plan(pairs: Sequence[PreferencePair], shard_size: int, area: int) -> dict[str, Any]:
     images = sorted({str(p.winner) for p in pairs} | {str(p.loser) for p in pairs})
     prompts = sorted({p.prompt for p in pairs})
-    shards, index = [], {"images": {}, "prompts": {}}
+    buckets = {}
+    for image in images:
+        with Image.open(image) as opened:  # the header only: every image was decoded by the filter already
+            width, height = opened.size
+        buckets[image] = list(image_bucket(height, width, area))
+    shards, index = [], {"images": {}, "prompts": {}, "buckets": buckets}
     for kind, items in (("images", images), ("prompts", prompts)):
         for n, start in enumerate(range(0, len(items), shard_size)):
             name = f"{kind}-{n:05d}.safetensors"
@@ -103,7 +140,7 @@ def build_cache(
     shard_size: int = 256,
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
     on_bad_image: str = "error",
-    max_side: int | None = None,
+    area: int = DEFAULT_AREA,
     dtype: str = "fp32",
     device: str | None = None,
     batch_size: int = 16,
@@ -114,7 +151,9 @@ def build_cache(
 ) -> Path:
     """Encode the images and prompts of `json_files` and `val_json` into `out` (see the module docstring). Returns
     `out`. Held-out files (`val_json`) skip the confidence filter, as the trainer, the probe and bench.accuracy read
-    them: every held-out pair counts. `image_root` / `allow_outside_root`: the path rule of `training.data`."""
+    them: every held-out pair counts. `area`: the buckets' pixel area. `image_root` / `allow_outside_root`: the path
+    rule of `training.data`."""
+    aspect_buckets(area)  # ValueError for an area that has no buckets, before any work
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
@@ -126,7 +165,17 @@ def build_cache(
     # Every kept pair of each file, whatever its mixing weight: the trainer draws a fractional weight's subset with its
     # own seed, so the cache must hold all the pairs that draw can pick.
     files = [path for path, _ in parse_sources(json_files)]
-    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root}
+    bad_images: dict[str, list[str]] = {}
+
+    def check(path: Path) -> tuple[str, str] | None:  # decode once; remember what failed, for the trainer
+        if str(path) in bad_images:
+            return tuple(bad_images[str(path)])  # type: ignore[return-value]
+        problem = image_problem(path)
+        if problem is not None:
+            bad_images[str(path)] = list(problem)
+        return problem
+
+    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root, "image_check": check}
     pairs, report = load_pairs(files, confidence_threshold, on_bad_image, **roots)
     for path in val_json:
         held_out = read_file(path, None, on_bad_image, report, **roots)
@@ -137,11 +186,11 @@ def build_cache(
     settings = {
         "base": str(Path(base).resolve()),
         "max_sequence_length": max_sequence_length,
-        "max_side": max_side,
+        "area": area,
         "dtype": dtype,
     }
-    plan = _plan(pairs, shard_size)
-    fingerprint = hashlib.sha256(json.dumps([settings, plan["shards"]]).encode()).hexdigest()
+    plan = _plan(pairs, shard_size, area)
+    fingerprint = hashlib.sha256(json.dumps([settings, plan["shards"], plan["buckets"]]).encode()).hexdigest()
     index_path = out / INDEX
     if index_path.is_file():
         old = json.loads(index_path.read_text())
@@ -150,9 +199,8 @@ def build_cache(
                 f"{out} holds a cache of other inputs or settings ({old.get('settings')}); pass a new "
                 "--out directory (or delete this one)"
             )
-    atomic_write_text(
-        index_path, json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint, "settings": settings, **plan})
-    )
+    index = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "settings": settings, **plan}
+    atomic_write_text(index_path, json.dumps({**index, "bad_images": dict(sorted(bad_images.items()))}))
     for stale in out.glob(".*.tmp-*"):  # temp files of an interrupted run; never read
         stale.unlink(missing_ok=True)
 
@@ -173,7 +221,7 @@ def build_cache(
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             if shard["kind"] == "images":
-                latents = encode_image_files(front, [Path(p) for p in chunk], max_side, names)
+                latents = encode_image_files(front, [Path(p) for p in chunk], area, names)
                 for row, latent in enumerate(latents, start):
                     tensors[str(row)] = latent
             else:
@@ -205,6 +253,8 @@ class LatentCache:
         self.fingerprint: str = index["fingerprint"]  # of the inputs and settings the cache was built from
         self.images: dict[str, list[str]] = index["images"]
         self.prompts: dict[str, list[str]] = index["prompts"]
+        self.buckets: dict[str, tuple[int, int]] = {k: tuple(v) for k, v in index["buckets"].items()}
+        self.bad_images: dict[str, tuple[str, str]] = {k: tuple(v) for k, v in index["bad_images"].items()}
         incomplete = [s["file"] for s in index["shards"] if not (self.directory / s["file"]).is_file()]
         if incomplete:
             raise ValueError(
@@ -213,10 +263,13 @@ class LatentCache:
             )
         self._handles: dict[str, Any] = {}
 
-    def _get(self, name: str, key: str) -> torch.Tensor:
+    def _get_handle(self, name: str) -> Any:
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.directory / name), framework="pt")
-        return self._handles[name].get_tensor(key)
+        return self._handles[name]
+
+    def _get(self, name: str, key: str) -> torch.Tensor:
+        return self._get_handle(name).get_tensor(key)
 
     def check(self, pairs: Sequence[PreferencePair]) -> None:
         """ValueError naming the first image or prompt of `pairs` that the cache lacks."""
@@ -242,21 +295,36 @@ class LatentCache:
         name, row = self.prompts[prompt]
         return self._get(name, f"{row}.embeds"), self._get(name, f"{row}.pooled")
 
-    def batch(self, pairs: Sequence[PreferencePair]) -> dict[str, torch.Tensor]:
-        """Stacked tensors of `pairs`: winners/losers ``[B, C, h, w]``, prompt_embeds ``[B, L, D]``, pooled ``[B, P]``.
-        Every image of a batch must have one latent size (cache with --max-side / equal-size images)."""
-        winners = [self.latent(p.winner) for p in pairs]
-        losers = [self.latent(p.loser) for p in pairs]
-        sizes = {tuple(x.shape) for x in winners + losers}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"a batch mixes latent sizes {sorted(sizes)}: this trainer stacks pairs, so images must "
-                "share one size (resize the images, or cache them with --max-side)"
-            )
+    def image_problem(self, path: Path) -> tuple[str, str] | None:
+        """`training.data.image_problem` as the cache found it, without decoding: the recorded reason for an image
+        the cache could not read, ``missing_image`` for a file that is not there, else None (an image the cache lacks
+        for another reason is `check`'s error)."""
+        if str(path) in self.bad_images:
+            return self.bad_images[str(path)]
+        if str(path) not in self.images and not path.is_file():
+            return "missing_image", "no such file"
+        return None
+
+    def bucket(self, path: str | os.PathLike) -> tuple[int, int]:
+        """(height, width) in pixels of the aspect bucket one image was encoded at."""
+        return self.buckets[str(path)]
+
+    def pair_key(self, pair: PreferencePair) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(winner bucket, loser bucket): what the trainer's bucketed sampler groups pairs by."""
+        return self.bucket(pair.winner), self.bucket(pair.loser)
+
+    def latent_shape(self, path: str | os.PathLike) -> tuple[int, ...]:
+        """``(C, h, w)`` of one image's latent, from its shard's header (no data read)."""
+        name, key = self.images[str(path)]
+        return tuple(self._get_handle(name).get_slice(key).get_shape())
+
+    def batch(self, pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+        """Tensors of `pairs`: winners and losers as lists of B latents ``[C, h, w]`` (each image at its own bucket,
+        for `training.batching`), prompt_embeds ``[B, L, D]``, pooled ``[B, P]`` stacked."""
         embeds, pooled = zip(*(self.prompt(p.prompt) for p in pairs), strict=True)
         return {
-            "winners": torch.stack(winners),
-            "losers": torch.stack(losers),
+            "winners": [self.latent(p.winner) for p in pairs],
+            "losers": [self.latent(p.loser) for p in pairs],
             "prompt_embeds": torch.stack(embeds),
             "pooled": torch.stack(pooled),
         }
@@ -283,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error")
     add_path_rule_arguments(parser)
-    parser.add_argument("--max-side", type=int, default=None, help="downscale images so the longer side is <= this")
+    parser.add_argument(
+        "--area", type=int, default=DEFAULT_AREA, help="pixel area of the aspect-ratio buckets (default 1024*1024)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default=None, help="default: cuda if available")
     parser.add_argument("--batch-size", type=int, default=16, help="images/prompts per encoder call")
@@ -297,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         args.shard_size,
         threshold,
         args.on_bad_image,
-        args.max_side,
+        args.area,
         args.dtype,
         args.device,
         args.batch_size,
@@ -312,4 +382,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["LatentCache", "build_cache", "encode_image_files"]
+__all__ = ["DEFAULT_AREA", "LatentCache", "build_cache", "encode_image_files", "image_bucket", "load_bucketed"]

@@ -337,7 +337,7 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
                 "val_accuracy_mean": metrics["val_accuracy_mean"],
                 "val_accuracy_per_file": metrics["val_accuracy_per_file"],
                 "max_sequence_length": cache_settings["max_sequence_length"],
-                "max_side": cache_settings["max_side"],
+                "area": cache_settings["area"],
                 "cache_dtype": cache_settings["dtype"],
             },
         )

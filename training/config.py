@@ -206,7 +206,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"warmup_ratio must lie in [0, 1) and min_lr_ratio in [0, 1], got {cfg.warmup_ratio} and {cfg.min_lr_ratio}"
         )
-    if not 0 <= cfg.seed < 2**32:  # per-epoch and per-step generator seeds are derived from it (batch_indices)
+    if not 0 <= cfg.seed < 2**32:  # per-epoch and per-step seeds are derived from it (BucketSampler, step_noise_seed)
         raise ValueError(f"seed must be an int in [0, 2**32), got {cfg.seed}")
     if not 0 <= cfg.eval_seed < 2**63:  # the noise kernel's seed range (bench.accuracy reuses it)
         raise ValueError(f"eval_seed must be an int in [0, 2**63), got {cfg.eval_seed}")

@@ -27,7 +27,7 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,10 @@ def resolve_image_path(
             "(--allow-outside-root) to read paths anywhere"
         )
     return resolved
+
+
+# image_check(path) -> None for a good image, else (reason, detail): "missing_image" or "unreadable_image"
+ImageCheck = Callable[[Path], "tuple[str, str] | None"]
 
 
 def image_problem(path: Path) -> tuple[str, str] | None:
@@ -225,13 +229,14 @@ def read_file(
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
     on_bad_image: str = "error",
     report: FilterReport | None = None,
-    check_images: bool = True,
+    image_check: ImageCheck | None = None,
     image_root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
 ) -> list[PreferencePair]:
     """The kept pairs of one HPSv3-format file, in file order (see the module docstring for the rules). `image_root`
-    defaults to the file's folder; `check_images` decodes every image (False: paths are resolved and checked against
-    the root only)."""
+    defaults to the file's folder. `image_check(path)` says whether an image is bad, as `image_problem` (the default,
+    a full decode) does; the trainer and the probe pass `LatentCache.image_problem`, which reads what the cache found
+    instead of decoding again."""
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
@@ -244,6 +249,7 @@ def read_file(
     if not root.is_dir():
         raise ValueError(f"image_root {root} is not a directory (the folder that relative image paths resolve against)")
     report = report if report is not None else FilterReport()
+    image_check = image_problem if image_check is None else image_check
     source, pairs = str(path), []
     for i, record in enumerate(_records(path)):
         where = f"{path} record {i}"
@@ -256,7 +262,7 @@ def read_file(
             report.drop(source, "low_confidence", f"{where}: confidence {confidence} < {confidence_threshold}")
             continue
         checked = zip(("path1", "path2"), images, strict=True)
-        bad = [(k, p, found) for k, p in checked if check_images and (found := image_problem(p)) is not None]
+        bad = [(k, p, found) for k, p in checked if (found := image_check(p)) is not None]
         if bad:
             key, image, (reason, detail) = bad[0]
             if reason == "missing_image":
@@ -313,19 +319,17 @@ def load_pairs(
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
     on_bad_image: str = "error",
     seed: int = 0,
-    check_images: bool = True,
+    image_check: ImageCheck | None = None,
     image_root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
 ) -> tuple[list[PreferencePair], FilterReport]:
     """Read and mix several files. A file of weight w with `kept` pairs contributes int(w) whole copies of them plus
     round(frac(w) * kept) of them drawn at random, seeded by `seed` and the file (so weight 0.5 halves a file, 2
-    doubles it, 1.5 on 5 pairs gives 5 + round(2.5) = 7). The order is file by file; the trainer shuffles. `image_root`
-    and `allow_outside_root` as in `read_file`, for every file."""
+    doubles it, 1.5 on 5 pairs gives 5 + round(2.5) = 7). The order is file by file; the trainer shuffles.
+    `image_check`, `image_root` and `allow_outside_root` as in `read_file`, for every file."""
     report, mixed = FilterReport(), []
     for path, weight in parse_sources(sources):
-        pairs = read_file(
-            path, confidence_threshold, on_bad_image, report, check_images, image_root, allow_outside_root
-        )
+        pairs = read_file(path, confidence_threshold, on_bad_image, report, image_check, image_root, allow_outside_root)
         whole, frac = divmod(weight, 1.0)
         extra = random.Random(f"{seed}:{path.resolve()}").sample(pairs, round(frac * len(pairs)))
         extra.sort(key=lambda p: p.index)
@@ -364,6 +368,7 @@ __all__ = [
     "add_path_rule_arguments",
     "HPSV3_CONFIDENCE",
     "FilterReport",
+    "ImageCheck",
     "PreferencePair",
     "load_pairs",
     "parse_sources",

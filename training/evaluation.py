@@ -2,38 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from training.batching import Forward, pair_forward
 from training.cache import LatentCache
 from training.data import PreferencePair
 
 
-def interleave(winners: torch.Tensor, losers: torch.Tensor) -> torch.Tensor:
-    """[B, ...] x 2 -> [2B, ...] as w0, l0, w1, l1, ...: pair i's images are images 2i and 2i+1 of the file, whose
-    noise streams (seed path of Eq. 1) `bench.accuracy` reproduces."""
-    return torch.stack([winners, losers], dim=1).flatten(0, 1)
-
-
 @torch.no_grad()
 def pair_rewards(
-    score: Callable[..., torch.Tensor],
+    forward: Forward,
     pairs: list[PreferencePair],
     cache: LatentCache,
     batch_size: int,
     seed: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Rewards [n, 2] (winner, loser) of one file's pairs, with the validation noise: `score(z0, embeds, pooled,
-    seed=, image_offset=)` is called on interleaved batches."""
+    """Outputs [n, 2, ...] (winner, loser) of one file's pairs with the validation noise: `forward(z0, embeds, pooled,
+    noise)` runs once per latent shape of each batch (`training.batching`), and pair i's images use noise streams 2i
+    and 2i+1 of `seed`, as `bench.accuracy` does."""
     out = []
     for start in range(0, len(pairs), batch_size):
         b = cache.batch(pairs[start : start + batch_size])
-        z0 = interleave(b["winners"], b["losers"]).to(device)
-        embeds = b["prompt_embeds"].repeat_interleave(2, dim=0).to(device)
-        pooled = b["pooled"].repeat_interleave(2, dim=0).to(device)
-        out.append(score(z0, embeds, pooled, seed=seed, image_offset=2 * start).float().view(-1, 2).cpu())
+        streams = range(2 * start, 2 * (start + len(b["winners"])))
+        winners, losers, embeds, pooled = b["winners"], b["losers"], b["prompt_embeds"], b["pooled"]
+        r = pair_forward(forward, winners, losers, embeds, pooled, seed=seed, streams=streams, device=device)
+        out.append(r.float().cpu())
     return torch.cat(out)
 
 
@@ -42,4 +36,4 @@ def accuracy(rewards: torch.Tensor) -> float:
     return float((rewards[:, 0] > rewards[:, 1]).float().mean())
 
 
-__all__ = ["accuracy", "interleave", "pair_rewards"]
+__all__ = ["accuracy", "pair_rewards"]

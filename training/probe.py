@@ -1,11 +1,15 @@
 """Which blocks carry preference signal? Linear Bradley-Terry probes on the frozen backbone's pooled features.
 
-    python -m training.probe --cache DIR --train-json T.json --val-json V.json --base SD35_DIR --out probe/
+    python -m training.probe --cache DIR --train-json T.json --val-json V.json --base SD35_DIR --out probe/ \
+        [--t 0.1 0.3 0.5] [--similarity]
 
-One forward per image gives the pooled features of EVERY block (the engine built with layers = all blocks). A probe
-is a linear reward r(x) = w . f(x) on standardised features, fitted with the BT loss of Eq. 6 (plus a small L2) by
-full-batch L-BFGS: per block, and per pair of contiguous block groups (a group alone on the diagonal). Prints the
-accuracy-by-block table and writes probe.json and probe.png.
+One forward per image and t gives the pooled features of EVERY block (the engine built with layers = all blocks;
+images of several sizes run one forward per latent shape). A probe is a linear reward r(x) = w . f(x) on standardised
+features, fitted with the BT loss of Eq. 6 (plus a small L2) by full-batch L-BFGS: per block at every t, and per pair
+of contiguous block groups (a group alone on the diagonal) at the first t. Prints the accuracy-by-block table and
+writes probe.json and probe.png. With ``--similarity``, the same features (every training and validation image) give
+the linear CKA between every pair of blocks at each t (`training.similarity`, paper Fig. 4a/b): similarity.json,
+similarity.png and the most redundant block pairs, printed.
 """
 
 from __future__ import annotations
@@ -24,17 +28,22 @@ from engine.io.backbone import base_source
 from training.cache import LatentCache
 from training.data import HPSV3_CONFIDENCE, add_path_rule_arguments, load_pairs
 from training.evaluation import accuracy, pair_rewards
+from training.model import TrainableReward
+from training.similarity import cka_matrix, most_redundant, write_similarity
 
 
 def all_block_features(
-    engine: RewardEngine, cache: LatentCache, pairs: list, seed: int, batch_size: int = 64
+    engine: RewardEngine, cache: LatentCache, pairs: list, seed: int, batch_size: int = 64, t: float | None = None
 ) -> torch.Tensor:
-    """Pooled features of every pooled block: [n_pairs, 2 (winner, loser), n_layers, D] float32 on the CPU."""
+    """Pooled features of every pooled block at noise level `t` (default: the engine's): [n_pairs, 2 (winner, loser),
+    n_layers, D] float32 on the CPU. One engine serves every t: the backbone's forward takes t as an argument."""
+    model = TrainableReward(engine)  # the engine's own weights and forward, with t as a setting
+    model.t = engine.reward_config.t if t is None else t
 
-    def features(z0: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, **noise: Any) -> torch.Tensor:
-        return engine.features(z0, (embeds.to(engine.dtype), pooled.to(engine.dtype)), **noise).flatten(1)
+    def features(z0: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return model.features(z0.to(engine.dtype), embeds, pooled, noise=noise.to(engine.dtype)).flatten(1)
 
-    f = pair_rewards(features, pairs, cache, batch_size, seed, engine.device)  # [n, 2 * L * D]
+    f = pair_rewards(features, pairs, cache, batch_size, seed, engine.device)  # [n, 2, L * D]
     return f.view(len(pairs), 2, len(engine.reward_config.layers), -1)
 
 
@@ -69,7 +78,7 @@ def run_probe(
     train_json: Sequence[str],
     val_json: Sequence[str],
     base: str | Path,
-    t: float = 0.1,
+    t: float | Sequence[float] = 0.1,
     group_size: int = 4,
     seed: int = 0,
     eval_seed: int = 1234,
@@ -78,39 +87,59 @@ def run_probe(
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
     image_root: str | Path | None = None,
     allow_outside_root: bool = False,
+    similarity: bool = False,
 ) -> dict[str, Any]:
-    """Per-block and per-group-pair probe accuracies on the validation pairs. `image_root` / `allow_outside_root`: the
-    path rule of `training.data`."""
+    """Per-block probe accuracies on the validation pairs at each t in `t`, group-pair accuracies at the first, and with
+    `similarity` the [L, L] linear CKA matrix of every t (over all training and validation images). `image_root` /
+    `allow_outside_root`: the path rule of `training.data`."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:  # before the feature pass
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root}
+    ts = [float(t)] if isinstance(t, (int, float)) else [float(v) for v in t]
+    if not ts:
+        raise ValueError("t needs at least one noise level")
+    caches: list[LatentCache] = []
+
+    def image_check(path: Path) -> tuple[str, str] | None:  # bad images as the cache recorded them: no decoding
+        if not caches:
+            caches.append(LatentCache(cache_dir))
+        return caches[0].image_problem(path)
+
+    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root, "image_check": image_check}
     train_pairs, _ = load_pairs(train_json, confidence_threshold, **roots)  # data errors before the model loads
     val_pairs, _ = load_pairs(val_json, None, **roots)
     cfg, _ = base_source(base)
-    engine = RewardEngine.from_base(base, layers=tuple(range(cfg.num_layers)), t=t, dtype=dtype, device=device)
+    engine = RewardEngine.from_base(base, layers=tuple(range(cfg.num_layers)), t=ts[0], dtype=dtype, device=device)
     cache = LatentCache(cache_dir)
     cache.check(train_pairs + val_pairs)
-    train_f = all_block_features(engine, cache, train_pairs, seed)
-    val_f = all_block_features(engine, cache, val_pairs, eval_seed)
-    per_layer = [fit_probe(train_f[:, :, i], val_f[:, :, i]) for i in range(cfg.num_layers)]
     groups = contiguous_groups(cfg.num_layers, group_size)
-    pick = lambda f, a, b: f[:, :, sorted(set(a) | set(b))].flatten(2)
-    grid = [
-        [fit_probe(pick(train_f, a, b), pick(val_f, a, b)) if j >= i else None for j, b in enumerate(groups)]
-        for i, a in enumerate(groups)
-    ]
-    return {
-        "per_layer": per_layer,
-        "groups": [list(g) for g in groups],
-        "group_pairs": grid,
-        "train_pairs": len(train_pairs),
-        "val_pairs": len(val_pairs),
-        "t": t,
-    }
+    result: dict[str, Any] = {"t": ts[0], "per_layer_by_t": {}, "groups": [list(g) for g in groups]}
+    cka: dict[float, torch.Tensor] = {}
+    for k, t_value in enumerate(ts):
+        train_f = all_block_features(engine, cache, train_pairs, seed, t=t_value)
+        val_f = all_block_features(engine, cache, val_pairs, eval_seed, t=t_value)
+        per_layer = [fit_probe(train_f[:, :, i], val_f[:, :, i]) for i in range(cfg.num_layers)]
+        result["per_layer_by_t"][f"{t_value:g}"] = per_layer
+        if k == 0:
+            pick = lambda f, a, b: f[:, :, sorted(set(a) | set(b))].flatten(2)
+            result["per_layer"] = per_layer
+            result["group_pairs"] = [
+                [fit_probe(pick(train_f, a, b), pick(val_f, a, b)) if j >= i else None for j, b in enumerate(groups)]
+                for i, a in enumerate(groups)
+            ]
+        if similarity:
+            cka[t_value] = cka_matrix(torch.cat([train_f.flatten(0, 1), val_f.flatten(0, 1)]))  # [n_images, L, D]
+    if similarity:
+        result["similarity"] = {f"{t_value:g}": m for t_value, m in cka.items()}
+    return {**result, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = ["block  val accuracy"] + [f"{i:>5}  {100 * a:6.2f}%" for i, a in enumerate(result["per_layer"])]
+    by_t = result["per_layer_by_t"]
+    lines = ["block  " + " ".join(f"{'val acc t=' + t:>12}" for t in by_t)]
+    lines += [
+        f"{i:>5}  " + " ".join(f"{100 * a[i]:11.2f}%" for a in by_t.values())
+        for i in range(len(by_t[next(iter(by_t))]))
+    ]
     names = [f"{g[0]}-{g[-1]}" for g in result["groups"]]
     lines += ["", "group pairs (row ∪ column):", "       " + " ".join(f"{n:>7}" for n in names)]
     for name, row in zip(names, result["group_pairs"], strict=True):
@@ -152,7 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-json", nargs="+", required=True)
     parser.add_argument("--base", required=True, help="SD3/SD3.5 diffusers directory or single file")
     parser.add_argument("--out", default="probe", help="folder for probe.json and probe.png")
-    parser.add_argument("--t", type=float, default=0.1, help="noise level of Eq. 1")
+    parser.add_argument("--t", type=float, nargs="+", default=[0.1], help="noise level(s) of Eq. 1")
+    parser.add_argument(
+        "--similarity", action="store_true", help="also the linear CKA between every pair of blocks at each t"
+    )
+    parser.add_argument("--top", type=int, default=5, help="most redundant block pairs to print per t")
     parser.add_argument("--group-size", type=int, default=4, help="blocks per contiguous group")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -172,12 +205,21 @@ def main(argv: list[str] | None = None) -> None:
         dtype=dtype,
         image_root=args.image_root,
         allow_outside_root=args.allow_outside_root,
+        similarity=args.similarity,
     )
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    matrices = result.pop("similarity", None)
     (out / "probe.json").write_text(json.dumps(result, indent=2))
     print(f"plot: {plot(result, out / 'probe.png')}")
+    if matrices is not None:
+        layers = list(range(len(result["per_layer"])))
+        write_similarity(out, {float(t): m for t, m in matrices.items()}, layers, args.top)
+        for t, m in matrices.items():
+            pairs = ", ".join(f"{a}-{b} {c:.3f}" for a, b, c in most_redundant(m, layers, args.top))
+            print(f"t={t}: most redundant block pairs (linear CKA): {pairs}")
+        print(f"similarity: {out / 'similarity.json'}, {out / 'similarity.png'}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ LoRA adapters on the blocks' projections and the head, and exports the adapters 
 (seconds). Losses (`training.losses`): ``bt`` (Eq. 6), ``uncertainty`` (the head predicts a mean and a log-std per
 image) and ``btt`` (ties from the records' ``choice_dist``).
 
-Everything a step consumes is a pure function of (config, step): the pairs (a seeded permutation per epoch), the noise
-(a generator seeded from the step) and the learning rate (`get_lr`). A step's `batch_size` pairs are split over the
-processes and, within a process, over `grad_accum_steps` micro-batches whose mean losses are averaged: the update
-equals one batch of `batch_size` pairs. A checkpoint (`training.checkpoint`) therefore needs only the trainable
+Everything a step consumes is a pure function of (config, step): the pairs (`training.buckets.BucketSampler`: batches
+of one (winner bucket, loser bucket) combination where possible), the noise (streams of a seed derived from the step)
+and the learning rate (`get_lr`). A step's `batch_size` pairs are split over the processes and, within a process, over
+`grad_accum_steps` micro-batches whose mean losses are averaged: the update equals one batch of `batch_size` pairs.
+Images of several sizes run one forward per latent shape (`training.batching`); under FSDP2 the ranks' k-th
+micro-batches run the same shapes in one order. A checkpoint (`training.checkpoint`) therefore needs only the trainable
 weights, the optimizer state and the step, and a resumed run equals an uninterrupted one. One run at a time holds
 ``out_dir/.lock``.
 """
@@ -34,6 +36,8 @@ import torch.distributed as dist
 from engine.api import RewardEngine
 from engine.config import RewardConfig
 from engine.io.backbone import base_source
+from training.batching import pair_forward, rank_positions
+from training.buckets import BucketSampler
 from training.cache import LatentCache
 from training.checkpoint import (
     check_export_target,
@@ -70,24 +74,11 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batch_indices(step: int, n_pairs: int, batch_size: int, seed: int) -> list[int]:
-    """Pair indices of global batch `step`: a seeded permutation per epoch read as one endless stream, so the data
-    position of a resumed run is step * batch_size and nothing else."""
-    out = []
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, n_pairs)
-        if offset == 0 or not out:
-            perm = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
-def step_noise(step: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Fresh eps for training step `step`, ``[2, B, C, h, w]`` (winners, losers) for the GLOBAL batch, on the CPU; each
-    micro-batch of each rank takes its slice, so the noise depends on neither the number of ranks nor
-    grad_accum_steps."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-    return torch.randn(shape, generator=generator)
+def step_noise_seed(step: int, seed: int) -> int:
+    """Seed of training step `step`'s fresh eps: image k of the GLOBAL batch (pair k // 2's winner for even k, loser
+    for odd) uses stream k of it (`kernels.noise.noise_ref`), so the noise depends on neither the number of ranks nor
+    the other images' sizes."""
+    return seed * 1_000_003 + step + 1
 
 
 def detect_peak_flops(device: torch.device) -> float | None:
@@ -151,7 +142,9 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     cache = LatentCache(cfg.cache)
 
     # Data: pairs from the JSON files, tensors from the cache.
+    # Bad images as the cache found them (it decoded every image once): nothing is decoded again here.
     roots = {"image_root": cfg.image_root, "allow_outside_root": cfg.allow_outside_root}
+    roots["image_check"] = cache.image_problem
     pairs, report = load_pairs(cfg.train_json, cfg.confidence_threshold, cfg.on_bad_image, cfg.seed, **roots)
     val_sets = {str(p): read_file(p, None, cfg.on_bad_image, **roots) for p in cfg.val_json}  # every pair counts
     empty = [name for name, val_pairs in val_sets.items() if not val_pairs]
@@ -190,34 +183,47 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     model.train()
     backbone_trains = cfg.mode != "frozen"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
-    micro = cfg.batch_size // (d.world * cfg.grad_accum_steps)  # pairs per forward
-
-    def micro_positions(micro_step: int) -> slice:
-        """This rank's micro-batch `micro_step` as positions in the global batch (rank-major, then micro-step)."""
-        start = (d.rank * cfg.grad_accum_steps + micro_step) * micro
-        return slice(start, start + micro)
+    # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
+    # rank and a pure function of the step (exact on resume).
+    sampler = BucketSampler([cache.pair_key(p) for p in pairs], cfg.batch_size, cfg.seed)
+    slots = d.world * cfg.grad_accum_steps  # forwards per step over all ranks
 
     def load_batch(step: int, micro_step: int) -> dict[str, Any]:
-        positions = micro_positions(micro_step)
-        indices = batch_indices(step, len(pairs), cfg.batch_size, cfg.seed)[positions]  # this micro-batch's pairs
-        batch = cache.batch([pairs[i] for i in indices]) if backbone_trains else {}
-        return batch | {"indices": indices, "positions": positions, "ties": ties[indices].to(d.device)}
+        chosen = sampler.batch(step)  # the global batch
+        keys = [cache.pair_key(pairs[i]) for i in chosen]
+        # Micro-step m of rank r takes slot m * world + r of the global batch dealt by key (`rank_positions`): the
+        # ranks' m-th forwards hold the same number of pairs and share one shape schedule (FSDP2).
+        positions = rank_positions(keys, micro_step * d.world + d.rank, slots)
+        indices = [chosen[k] for k in positions]
+        batch = {"indices": indices, "ties": ties[indices].to(d.device)}
+        if not backbone_trains:
+            return batch
+        together = [k for r in range(d.world) for k in rank_positions(keys, micro_step * d.world + r, slots)]
+        images = [image for k in together for image in (pairs[chosen[k]].winner, pairs[chosen[k]].loser)]
+        return batch | {
+            **cache.batch([pairs[i] for i in indices]),
+            "streams": [2 * k + side for k in positions for side in (0, 1)],  # global image numbers, interleaved
+            "schedule": sorted({cache.latent_shape(image) for image in images}),
+        }
 
     if backbone_trains:
 
         def step_predictions(step: int, batch: dict[str, Any]) -> torch.Tensor:
-            """Head predictions [2, b, head_outputs] (winners, losers) of one micro-batch, fresh noise at t."""
-            z0 = torch.stack([batch["winners"], batch["losers"]])  # [2, b, C, h, w]
-            noise = step_noise(step, (2, cfg.batch_size, *z0.shape[2:]), cfg.seed)[:, batch["positions"]]
-            embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+            """Head predictions [2, b, head_outputs] (winners, losers) of one micro-batch, fresh noise at t; one
+            forward per latent shape of the schedule."""
             with autocast:
-                p = model(
-                    z0.flatten(0, 1).to(d.device),
-                    embeds.repeat(2, 1, 1).to(d.device),
-                    pooled.repeat(2, 1).to(d.device),
-                    noise=noise.flatten(0, 1).to(d.device),
-                )
-            return p.view(2, z0.shape[1], -1)
+                p = pair_forward(
+                    model,
+                    batch["winners"],
+                    batch["losers"],
+                    batch["prompt_embeds"],
+                    batch["pooled"],
+                    seed=step_noise_seed(step, cfg.seed),
+                    streams=batch["streams"],
+                    schedule=batch["schedule"],
+                    device=d.device,
+                )  # [b, 2, head_outputs]
+            return p.transpose(0, 1)
 
         def validation_rewards(name: str) -> torch.Tensor:
             model.eval()
@@ -231,7 +237,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         def features(file_pairs: list[PreferencePair], seed: int) -> torch.Tensor:  # [n, 2, n_layers, D]
             with autocast:
                 f = pair_rewards(
-                    lambda *a, **k: model.features(*a, **k).flatten(1),
+                    lambda z0, embeds, pooled, noise: model.features(z0, embeds, pooled, noise=noise).flatten(1),
                     file_pairs,
                     cache,
                     cfg.eval_batch_size,
@@ -374,4 +380,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["batch_indices", "get_lr", "main", "pair_ties", "preference_loss", "step_noise", "train"]
+__all__ = ["get_lr", "main", "pair_ties", "preference_loss", "step_noise_seed", "train"]
