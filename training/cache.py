@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -72,13 +71,10 @@ def image_bucket(height: int, width: int, area: int) -> tuple[int, int]:
 def load_bucketed(encoder: Any, path: Path, area: int) -> torch.Tensor:
     """One image file -> ``[3, h, w]`` in [0, 1] at its aspect bucket (decoded as the pixel front end decodes,
     resized with its interpolation, checked against the backbone's size limit by `encoder.load`)."""
-    from engine.pixel import load_images
+    from engine.pixel import load_images, resize_pixels
 
     (pixels,) = load_images([path], size_multiple=1)  # decode and convert only, at the file's own size
-    bucket = image_bucket(*pixels.shape[-2:], area)
-    if tuple(pixels.shape[-2:]) != bucket:
-        pixels = F.interpolate(pixels[None], size=bucket, mode="bicubic", align_corners=False, antialias=True)[0]
-        pixels = pixels.clamp_(0.0, 1.0)  # bicubic overshoots at edges; the VAE expects [-1, 1] after 2x - 1
+    pixels = resize_pixels(pixels, image_bucket(*pixels.shape[-2:], area))
     return encoder.load([pixels])[0]  # a bucket is a multiple of 16 px: not resampled again
 
 

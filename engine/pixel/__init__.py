@@ -13,7 +13,7 @@ Read from a local SD3/SD3.5 diffusers directory:
 """
 
 from engine.pixel.front_end import PixelFrontEnd, PreparedGroup
-from engine.pixel.images import ImageBatch, ImageLike, load_images
+from engine.pixel.images import ImageBatch, ImageLike, load_images, resize_pixels
 from engine.pixel.prompts import DEFAULT_CACHE_BYTES, PromptEncoder
 from engine.pixel.vae import ImageEncoder
 
@@ -26,4 +26,5 @@ __all__ = [
     "PreparedGroup",
     "PromptEncoder",
     "load_images",
+    "resize_pixels",
 ]

@@ -196,9 +196,14 @@ def load_images(
                 f"position embedding covers at most {max_image_side} pixels per side: pass max_side={max_image_side} "
                 "(or less) to downscale"
             )
-        x = x.float()
-        if target != (height, width):
-            x = F.interpolate(x[None], size=target, mode="bicubic", align_corners=False, antialias=True)[0]
-            x = x.clamp_(0.0, 1.0)  # bicubic overshoots at edges; the VAE expects [-1, 1] after 2x - 1
-        out.append(x)
+        out.append(resize_pixels(x.float(), target))
     return out
+
+
+def resize_pixels(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The one image resampling of the project: ``[3, H, W]`` in [0, 1] -> ``[3, *size]``, antialiased bicubic
+    (a no-op at the same size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+    return x.clamp_(0.0, 1.0)  # bicubic overshoots at edges; the VAE expects [-1, 1] after 2x - 1
