@@ -257,37 +257,58 @@ def dit_latent_reward_fn(
         group_index: torch.Tensor | Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-            raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
-        batch = latents.shape[0]
-        group = group_labels(batch, latents.device, group_index, prompts)
-        if group is not None:
-            if prompt_index is not None:
-                raise ValueError(
-                    "prompt_index indexes distinct prompt rows; group_index/prompts label per-latent rows: pass one"
-                )
-            for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-                if x.ndim == 0 or x.shape[0] != batch:
-                    rows = x.shape[0] if x.ndim else "a scalar"
-                    raise ValueError(
-                        f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
-                        "row per distinct prompt use prompt_index"
-                    )
-            first, prompt_index = first_of_each_group(group)
-            first = first.to(prompt_embeds.device)
-            if engine.check_finite and not (
-                torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)
-                and torch.equal(pooled[first][prompt_index], pooled)
-            ):
-                raise ValueError("prompt embeddings differ within a group: latents labelled alike must share a prompt")
-            prompt_embeds, pooled = prompt_embeds[first], pooled[first]
+        prompt_embeds, pooled, prompt_index = distinct_prompts(
+            latents, prompt_embeds, pooled, prompt_index, group_index, prompts, check_equal=engine.check_finite
+        )
         cond = engine.condition(prompt_embeds, pooled)  # once per distinct prompt
         return engine.score(latents, cond, seed=seed, grad=grad, prompt_index=prompt_index, normalize=normalize)
 
     latent_reward_fn.engine = engine  # type: ignore[attr-defined]
     return latent_reward_fn  # type: ignore[return-value]
+
+
+def distinct_prompts(
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    prompt_index: torch.Tensor | Sequence[int] | None,
+    group_index: torch.Tensor | Sequence[int] | None,
+    prompts: Sequence[str] | None,
+    *,
+    check_equal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Sequence[int] | None]:
+    """The latent reward call's prompt arguments as one row per distinct prompt and a `prompt_index` per latent.
+
+    With `group_index`/`prompts` (one label per latent; prompt rows one per latent), keeps the first row of each
+    group and returns its index; `check_equal` verifies that rows labelled alike are equal (one device sync).
+    Otherwise the arguments pass through (`prompt_index` indexes distinct prompt rows already)."""
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
+    batch = latents.shape[0]
+    group = group_labels(batch, latents.device, group_index, prompts)
+    if group is None:
+        return prompt_embeds, pooled, prompt_index
+    if prompt_index is not None:
+        raise ValueError(
+            "prompt_index indexes distinct prompt rows; group_index/prompts label per-latent rows: pass one"
+        )
+    for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[0] != batch:
+            rows = x.shape[0] if x.ndim else "a scalar"
+            raise ValueError(
+                f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
+                "row per distinct prompt use prompt_index"
+            )
+    first, prompt_index = first_of_each_group(group)
+    first = first.to(prompt_embeds.device)
+    if check_equal and not (
+        torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)
+        and torch.equal(pooled[first][prompt_index], pooled)
+    ):
+        raise ValueError("prompt embeddings differ within a group: latents labelled alike must share a prompt")
+    return prompt_embeds[first], pooled[first], prompt_index
 
 
 # ------------------------------------------------------------------------------------------------ advantages
@@ -338,6 +359,7 @@ def group_advantages(
 
 
 __all__ = [
+    "distinct_prompts",
     "ImageRewardFn",
     "LatentRewardFn",
     "dit_latent_reward_fn",

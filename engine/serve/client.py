@@ -135,29 +135,11 @@ class RemoteLatentReward:
         group_index: torch.Tensor | Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        from engine.rl import first_of_each_group, group_labels
+        from engine.rl import distinct_prompts
 
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-            raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
-        group = group_labels(latents.shape[0], latents.device, group_index, prompts)
-        if group is not None:
-            if prompt_index is not None:
-                raise ValueError(
-                    "prompt_index indexes distinct prompt rows; group_index/prompts label per-latent rows: pass one"
-                )
-            if prompt_embeds.shape[0] != latents.shape[0]:
-                raise ValueError(
-                    f"with group_index/prompts, prompt_embeds needs one row per latent ({latents.shape[0]}), got "
-                    f"{prompt_embeds.shape[0]}; for one row per distinct prompt use prompt_index"
-                )
-            first, prompt_index = first_of_each_group(group)
-            first = first.to(prompt_embeds.device)
-            if not (
-                torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)
-                and torch.equal(pooled[first][prompt_index], pooled)
-            ):
-                raise ValueError("prompt embeddings differ within a group: latents labelled alike must share a prompt")
-            prompt_embeds, pooled = prompt_embeds[first], pooled[first]
+        prompt_embeds, pooled, prompt_index = distinct_prompts(
+            latents, prompt_embeds, pooled, prompt_index, group_index, prompts
+        )
         out = self.client.score(latents, prompt_embeds, pooled, prompt_index, seed=self.seed)
         return out["rewards"].to(latents.device)
 
