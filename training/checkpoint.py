@@ -27,8 +27,8 @@ from training.config import TrainConfig
 from training.data import PreferencePair, file_digest, parse_sources
 from training.distributed import Dist
 from training.files import atomic_write
-from training.lora import add_lora, merge_lora, save_adapter
-from training.model import TrainableReward, engine_backbone_key
+from training.lora import merge_lora, save_adapter
+from training.model import TrainableReward, build_engine, engine_backbone_key
 
 
 def state_options(**kw: Any):
@@ -292,16 +292,7 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
     target = Path(cfg.out_dir) / "reward"
     if d.main:
         if d.world > 1:  # the engine's modules hold shards now: write from an unsharded copy of the final weights
-            engine = RewardEngine.from_base(
-                cfg.base,
-                layers=cfg.layers,
-                t=cfg.t,
-                dtype=torch.float32,
-                head_hidden=cfg.head_hidden,
-                head_outputs=model.head.outputs,
-            )
-            if cfg.mode == "lora":
-                add_lora(engine.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+            engine = build_engine(cfg)
             engine.backbone.load_state_dict(
                 {engine_backbone_key(k): v for k, v in state.items() if engine_backbone_key(k) is not None},
                 strict=False,

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from engine.api import RewardEngine
+from training.config import TrainConfig
+from training.lora import add_lora
+from training.losses import HEAD_OUTPUTS
 
 
 class TrainableReward(nn.Module):
@@ -43,9 +46,28 @@ class TrainableReward(nn.Module):
         return self.head.predict(self.features(*args, **kwargs))
 
 
+def build_engine(cfg: TrainConfig, device: torch.device | str = "cpu") -> RewardEngine:
+    """The engine a run trains: cfg.base's backbone in fp32 at cfg.layers / cfg.t and a fresh head for cfg.loss;
+    the backbone trains whole in mode "full", not at all in "frozen", and in "lora" only through adapters on
+    cfg.lora_targets. The trainer builds it, and the export of a sharded run builds its unsharded copy the same way."""
+    engine = RewardEngine.from_base(
+        cfg.base,
+        layers=cfg.layers,
+        t=cfg.t,
+        dtype=torch.float32,
+        device=device,
+        head_hidden=cfg.head_hidden,
+        head_outputs=HEAD_OUTPUTS[cfg.loss],
+    )
+    engine.backbone.requires_grad_(cfg.mode == "full")
+    if cfg.mode == "lora":  # adapters on the blocks' projections; the base weights stay frozen
+        add_lora(engine.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    return engine
+
+
 def engine_backbone_key(key: str) -> str | None:
     """TrainableReward state-dict key -> the engine backbone's key (None for head keys)."""
     return key.removeprefix("backbone.") if key.startswith("backbone.") else None
 
 
-__all__ = ["TrainableReward", "engine_backbone_key"]
+__all__ = ["TrainableReward", "build_engine", "engine_backbone_key"]

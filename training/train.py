@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.api import RewardEngine
 from engine.config import RewardConfig
 from engine.io.backbone import base_source
 from training.batching import pair_forward, rank_positions
@@ -55,9 +54,8 @@ from training.data import PreferencePair, load_pairs, read_file
 from training.distributed import Dist, all_mean, setup_distributed, shard
 from training.evaluation import accuracy, pair_rewards
 from training.files import exclusive_lock
-from training.lora import add_lora
 from training.losses import HEAD_OUTPUTS, bt_loss, btt_loss, tied_mask, uncertainty_loss
-from training.model import TrainableReward
+from training.model import TrainableReward, build_engine
 
 # ----------------------------------------------------------------------------------------------------- schedule
 
@@ -166,18 +164,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
 
     # Model: same seed on every rank, so the freshly initialised head (and LoRA's A) is identical before sharding.
     torch.manual_seed(cfg.seed)
-    engine = RewardEngine.from_base(
-        cfg.base,
-        layers=cfg.layers,
-        t=cfg.t,
-        dtype=torch.float32,
-        device=d.device,
-        head_hidden=cfg.head_hidden,
-        head_outputs=HEAD_OUTPUTS[cfg.loss],
-    )
-    engine.backbone.requires_grad_(cfg.mode == "full")
-    if cfg.mode == "lora":  # adapters on the blocks' projections; the base weights stay frozen
-        add_lora(engine.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    engine = build_engine(cfg, d.device)
     engine.head.requires_grad_(True)
     model = TrainableReward(engine, cfg.grad_checkpointing)
     model.train()
