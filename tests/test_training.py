@@ -31,8 +31,11 @@ from training.train import get_lr, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_split(root: Path, name: str, n_pairs: int, seed: int, sigma: float = 100.0, size: int = 64) -> Path:
-    """Write PNGs under root/name and an HPSv3-format root/name.json with relative paths."""
+def make_split(
+    root: Path, name: str, n_pairs: int, seed: int, sigma: float = 100.0, size: int = 64, ties_every: int = 0
+) -> Path:
+    """Write PNGs under root/name and an HPSv3-format root/name.json with relative paths. With `ties_every`, every
+    such pair's `choice_dist` is balanced (a tie for `btt`) and every other pair's decided."""
     rng = np.random.default_rng(seed)
     (root / name).mkdir(parents=True)
     records = []
@@ -48,7 +51,7 @@ def make_split(root: Path, name: str, n_pairs: int, seed: int, sigma: float = 10
                 "path1": f"{name}/{i}_clean.png",
                 "path2": f"{name}/{i}_noisy.png",
                 "confidence": None if i % 2 else 1.0,
-                "choice_dist": None,
+                "choice_dist": ([5, 5] if i % ties_every == 0 else [9, 1]) if ties_every else None,
                 "model1": "clean",
                 "model2": "noisy",
             }

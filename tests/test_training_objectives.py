@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_training import make_split
 
 from engine.api import RewardEngine
 from tools.tiny_base import default_tiny_base
@@ -33,37 +33,11 @@ from training.train import pair_ties, preference_loss, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_split(root: Path, name: str, n_pairs: int, seed: int, ties_every: int = 0) -> Path:
-    """PNGs under root/name and an HPSv3-format root/name.json; path1 is the clean pattern, path2 the noisy one."""
-    rng = np.random.default_rng(seed)
-    (root / name).mkdir(parents=True)
-    records = []
-    for i in range(n_pairs):
-        grid = Image.fromarray(rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8))
-        clean = np.asarray(grid.resize((64, 64), Image.BICUBIC)).astype(np.float32)
-        noisy = np.clip(clean + rng.normal(0, 100.0, clean.shape), 0, 255)
-        Image.fromarray(clean.astype(np.uint8)).save(root / name / f"{i}_clean.png")
-        Image.fromarray(noisy.astype(np.uint8)).save(root / name / f"{i}_noisy.png")
-        tie = ties_every and i % ties_every == 0
-        records.append(
-            {
-                "prompt": f"a smooth pattern {i % 5}",
-                "path1": f"{name}/{i}_clean.png",
-                "path2": f"{name}/{i}_noisy.png",
-                "confidence": None,
-                "choice_dist": [5, 5] if tie else [9, 1],
-            }
-        )
-    path = root / f"{name}.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("objectives")
-    train_json = write_split(root, "train", 128, seed=0, ties_every=4)
-    val_a, val_b = write_split(root, "val_a", 24, seed=1), write_split(root, "val_b", 24, seed=2)
+    train_json = make_split(root, "train", 128, seed=0, ties_every=4)
+    val_a, val_b = make_split(root, "val_a", 24, seed=1), make_split(root, "val_b", 24, seed=2)
     base = default_tiny_base()
     cache = build_cache(
         [train_json, val_a, val_b],
