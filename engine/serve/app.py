@@ -5,8 +5,10 @@
 
 Backpressure is Ray Serve's: each Scorer replica takes at most ``max_ongoing_requests``; beyond that requests wait in
 the handle's queue, and past ``max_queued_requests`` the handle raises `BackPressureError`, answered 503 with
-``Retry-After``. Metrics go through `ray.serve.metrics` into Ray's Prometheus export; ``GET /metrics`` relays this
-server's families from every node.
+``Retry-After``. The handle counts every request as queued until a replica takes it, so a simultaneous burst can be
+refused before ``max_queued_requests`` are really waiting; the clients in `client.py` retry those 503s. Metrics go
+through `ray.serve.metrics` into Ray's Prometheus export; ``GET /metrics`` relays this server's families from every
+node.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at runtime.
