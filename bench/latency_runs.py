@@ -18,6 +18,7 @@ import torch
 from bench.costs import engine_costs
 from bench.harness import ceilings, environment_info, measure_peak, time_fn
 from bench.targets import COMPILE_CUDAGRAPHS, EAGER, REGIONAL_COMPILE, TORCHAO_FP8
+from bench.tiny_base import default_tiny_base
 from bench.workload import dtype_kwargs, latent_inputs
 from engine import RewardEngine
 from engine.config import BackboneConfig
@@ -111,8 +112,6 @@ def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str
         if args.checkpoint:
             engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
         elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
-            from tools.tiny_base import default_tiny_base
-
             engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
         else:
             engine = RewardEngine.from_preset(preset, device=device, **extra)
@@ -238,7 +237,6 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
     """Pixel path as a policy would use it: VAE decode its latents, then VAE encode + text encoders + engine. The VAE
     and text encoders run in bf16 on GPU (fp32 on CPU), the engine in each requested dtype; rows say which."""
     from engine.pixel import PixelFrontEnd
-    from tools.tiny_base import default_tiny_base
 
     device = b.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -288,7 +286,6 @@ def bench_pixel(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]
 def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
     from bench.hpsv3 import HPSv3Reward, resize_to_448
     from engine.pixel import PixelFrontEnd
-    from tools.tiny_base import default_tiny_base
 
     device = b.device
     on_gpu = device.type == "cuda"

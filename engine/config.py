@@ -152,7 +152,7 @@ PRESETS: dict[str, BackboneConfig] = {
     # 2B; the original SD3, no qk-norm.
     "sd3-medium": _preset(num_layers=24, num_attention_heads=24, qk_norm=None, pos_embed_max_size=192),
     # A miniature with every feature (qk-norm, dual attention in block 0), random weights: runs in milliseconds on
-    # a CPU. Its text widths match the tiny base directory that tools.tiny_base writes.
+    # a CPU. Its text widths match the tiny base directory that bench.tiny_base writes.
     "tiny": _preset(
         num_layers=4,
         num_attention_heads=2,

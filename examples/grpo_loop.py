@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     torch.manual_seed(0)
 
     if args.base is None:
-        from tools.tiny_base import default_tiny_base
+        from bench.tiny_base import default_tiny_base
 
         args.base = default_tiny_base()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.tiny_base import default_tiny_base
 from engine.api import RewardEngine
-from tools.tiny_base import default_tiny_base
 from training.batching import grouped_forward, pair_forward, rank_positions, shape_schedule
 from training.buckets import aspect_buckets, nearest_bucket
 from training.cache import LatentCache, build_cache

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.tiny_base import make_tiny_base
 from engine.pixel import ImageEncoder, PixelFrontEnd, PromptEncoder, load_images
 from engine.pixel.common import progress_bar as _progress
 from kernels.noise import noise_ref
-from tools.tiny_base import make_tiny_base
 
 PROMPTS = ["a photo of a cat", "two dogs running on the beach at sunset, oil painting", "zebra! 42"]
 

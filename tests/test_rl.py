@@ -12,9 +12,9 @@ import torch
 from conftest import random_inputs
 from PIL import Image
 
+from bench.tiny_base import default_tiny_base
 from engine import RewardEngine
 from engine.rl import dit_latent_reward_fn, dit_reward_factory, dit_reward_fn, group_advantages
-from tools.tiny_base import default_tiny_base
 
 PROMPTS = ["a photo of a cat", "two dogs running on the beach", "a red car at night"]
 

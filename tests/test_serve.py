@@ -289,8 +289,8 @@ def test_replica_killed_mid_load_is_restarted_and_clients_complete(url, engine):
 
 def test_remote_image_reward_matches_score_images(url):
     """remote_reward_fn encodes in this process and sends latents: same scores as the engine's score_images."""
+    from bench.tiny_base import default_tiny_base
     from engine.serve import remote_reward_fn
-    from tools.tiny_base import default_tiny_base
 
     base = default_tiny_base()
     gen = torch.Generator().manual_seed(7)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.tiny_base import TINY_BASE_VERSION, default_tiny_base, main, make_tiny_base
 from engine.config import PRESETS, SD3_LATENT_SCALE, SD3_LATENT_SHIFT, BackboneConfig
-from tools.tiny_base import TINY_BASE_VERSION, default_tiny_base, main, make_tiny_base
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.tiny_base import default_tiny_base
 from engine.api import RewardEngine
-from tools.tiny_base import default_tiny_base
 from training.cache import LatentCache, build_cache
 from training.checkpoint import latest_checkpoint, read_checkpoint_file
 from training.config import TrainConfig, load_config

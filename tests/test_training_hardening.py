@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_training import Killed, kill_at, make_split
 
-from tools.tiny_base import default_tiny_base
+from bench.tiny_base import default_tiny_base
 from training.cache import build_cache
 from training.checkpoint import latest_checkpoint
 from training.config import TrainConfig

@@ -1,3 +1,2 @@
 """Developer and CI tools, not part of the installed engine; run from the repository root as
-``python -m tools.<name>``: `cross_compile` (every Triton kernel compiled for the GPU with the wheel's ptxas) and
-`tiny_base` (a tiny random SD3.5 diffusers directory for tests, the CPU benchmark default and the examples)."""
+``python -m tools.<name>``: `cross_compile` (every Triton kernel compiled for the GPU with the wheel's ptxas)."""

@@ -296,7 +296,7 @@ def default_tiny_base() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.tiny_base", description="Write a tiny random SD3.5 base directory (diffusers layout)."
+        prog="python -m bench.tiny_base", description="Write a tiny random SD3.5 base directory (diffusers layout)."
     )
     parser.add_argument("path", type=Path, help="output directory (must not exist, or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
