@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.checks import resolve_device
+from engine.lru import LRUCache
 from engine.pixel.common import progress_bar, read_model_json
 
 # ~190 SD3.5 prompts in fp32 (333 x 4096 x 4 B = 5.5 MB each), ~390 in bf16.
@@ -33,6 +33,10 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _nbytes(entry: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry)
 
 
 class PromptEncoder:
@@ -62,8 +66,8 @@ class PromptEncoder:
     ) -> None:
         if len(tokenizers) != 3 or len(text_encoders) != 3:
             raise ValueError("PromptEncoder needs SD3's three tokenizers and text encoders (CLIP-L, CLIP-G, T5)")
-        if cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be >= 0 (0 disables the cache), got {cache_bytes}")
+        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be an int >= 0 (0 disables the cache), got {cache_bytes!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizers
@@ -78,9 +82,8 @@ class PromptEncoder:
         self.cache_bytes = cache_bytes
         self.hits = 0
         self.misses = 0
-        self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._cached_bytes = 0
-        self._lock = threading.Lock()  # the cache, its byte count, hits/misses and the in-flight table
+        self._cache: LRUCache[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = LRUCache(cache_bytes, _nbytes)
+        self._lock = threading.Lock()  # one lookup of the cache and the in-flight table; hits/misses
         self._encoder_lock = threading.Lock()  # one encoder batch at a time; release waits for it
         self._in_flight: dict[tuple[str, int], Future] = {}  # prompts some thread is encoding now
         for encoder in text_encoders:
@@ -128,16 +131,14 @@ class PromptEncoder:
     @property
     def cached_bytes(self) -> int:
         """Bytes held by cached embeddings (always <= ``cache_bytes``)."""
-        return self._cached_bytes
+        return self._cache.total_cost
 
     def __len__(self) -> int:
         """Number of cached prompts."""
         return len(self._cache)
 
     def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cached_bytes = 0
+        self._cache.clear()
 
     @property
     def encoders_released(self) -> bool:
@@ -176,10 +177,9 @@ class PromptEncoder:
                 key = (prompt, length)
                 if prompt in found or prompt in waiting or prompt in missing:
                     self.hits += 1  # a repeat within this call
-                elif key in self._cache:
+                elif (entry := self._cache.get(key)) is not None:
                     self.hits += 1
-                    self._cache.move_to_end(key)
-                    found[prompt] = self._cache[key]
+                    found[prompt] = entry
                 elif key in self._in_flight:
                     self.hits += 1
                     waiting[prompt] = self._in_flight[key]
@@ -217,7 +217,7 @@ class PromptEncoder:
                         # clone: a row view would keep the whole batch alive and break the byte accounting.
                         entry = (embeds[i].clone(), pooled[i].clone())
                         with self._lock:
-                            self._insert((prompt, length), entry)
+                            self._cache.put((prompt, length), entry)
                             del self._in_flight[(prompt, length)]
                         missing[prompt].set_result(entry)
                     bar.update(len(chunk))
@@ -228,17 +228,6 @@ class PromptEncoder:
                         del self._in_flight[(prompt, length)]
                         future.set_exception(err)
             raise
-
-    def _insert(self, key: tuple[str, int], entry: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Add an entry and evict least-recently used ones down to the budget (caller holds `_lock`)."""
-        size = sum(t.numel() * t.element_size() for t in entry)
-        if size > self.cache_bytes:
-            return  # larger than the whole budget (or caching disabled)
-        self._cache[key] = entry
-        self._cached_bytes += size
-        while self._cached_bytes > self.cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= sum(t.numel() * t.element_size() for t in old)
 
     @torch.no_grad()
     def _encode(self, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:

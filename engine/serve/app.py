@@ -19,7 +19,6 @@ import os
 import threading
 import time
 import urllib.request
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter, Histogram
 
 from engine.api import RewardEngine
+from engine.lru import LRUCache
 from engine.model.conditioning import Conditioning
 from engine.serve.wire import RequestError, check_request, decode_request, encode_response
 from kernels.noise import noise_ref
@@ -97,8 +97,8 @@ class ConditioningCache:
         if capacity < 0:
             raise ValueError(f"cache capacity must be >= 0, got {capacity}")
         self.engine, self.capacity = engine, capacity
-        self._rows: OrderedDict[bytes, Conditioning] = OrderedDict()
-        self._lock = threading.Lock()
+        self._rows: LRUCache[bytes, Conditioning] = LRUCache(capacity)
+        self._lock = threading.Lock()  # hits and misses
         self.hits = self.misses = 0
 
     def __call__(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> tuple[Conditioning, int]:
@@ -106,31 +106,21 @@ class ConditioningCache:
         if prompt_embeds.ndim != 3 or pooled.ndim != 2 or prompt_embeds.shape[0] != pooled.shape[0]:
             return self.engine.condition(prompt_embeds, pooled), prompt_embeds.shape[0]  # the engine says what's wrong
         keys = [prompt_row_key(e, p) for e, p in zip(prompt_embeds, pooled, strict=True)]
-        with self._lock:
-            rows: list[Conditioning | None] = [self._rows.get(k) for k in keys]
-            for k, row in zip(keys, rows, strict=True):
-                if row is not None:
-                    self._rows.move_to_end(k)
+        rows: list[Conditioning | None] = [self._rows.get(k) for k in keys]
         todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
             index = torch.tensor(todo)
             fresh = self.engine.condition(prompt_embeds[index], pooled[index])
             for j, i in enumerate(todo):
                 rows[i] = fresh.select(torch.tensor([j], device=fresh.context.device))
-            with self._lock:
-                for i in todo:
-                    self._rows[keys[i]] = rows[i]
-                    self._rows.move_to_end(keys[i])
-                while len(self._rows) > self.capacity:
-                    self._rows.popitem(last=False)
+                self._rows.put(keys[i], rows[i])
         with self._lock:
             self.hits += len(keys) - len(todo)
             self.misses += len(todo)
         return concat_conditionings(rows), len(todo)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._rows)
+        return len(self._rows)
 
 
 def concat_conditionings(parts: list[Conditioning]) -> Conditioning:
