@@ -285,8 +285,8 @@ def test_serve_returns_std_for_an_uncertainty_head(task: dict) -> None:
     winners = torch.stack(batch["winners"])  # one bucket: 64x64 images at area 64x64
     prompt = (batch["prompt_embeds"], batch["pooled"])
     mean, std = engine.score(winners, prompt, seed=0, return_std=True)
-    out = _reward_outputs(engine, engine.score(winners, prompt, seed=0, return_std=True))
+    out = _reward_outputs(engine.score(winners, prompt, seed=0, return_std=True))
     assert out.keys() == {"rewards", "std"}
     torch.testing.assert_close(out["rewards"], mean)
     torch.testing.assert_close(out["std"], std)
-    assert _reward_outputs(engine, mean).keys() == {"rewards"}
+    assert _reward_outputs(mean).keys() == {"rewards"}

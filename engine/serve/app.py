@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import hmac
 import os
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, replace
@@ -90,33 +89,29 @@ def prompt_row_key(prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> bytes:
 
 class ConditioningCache:
     """Bounded LRU of one-row Conditionings keyed by `prompt_row_key`; conditions only the rows it has not seen.
+    Prompt rows are hashed where they arrive (the CPU, from the wire); only the rows that miss go to the device.
 
     Thread-safe: the batch loop and request threads may both use it."""
 
     def __init__(self, engine: RewardEngine, capacity: int):
-        if capacity < 0:
-            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
-        self.engine, self.capacity = engine, capacity
+        self.engine = engine
         self._rows: LRUCache[bytes, Conditioning] = LRUCache(capacity)
-        self._lock = threading.Lock()  # hits and misses
-        self.hits = self.misses = 0
 
     def __call__(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> tuple[Conditioning, int]:
         """(Conditioning [P], number of rows conditioned now). Raises the engine's errors for bad prompts."""
+        device = self.engine.device
         if prompt_embeds.ndim != 3 or pooled.ndim != 2 or prompt_embeds.shape[0] != pooled.shape[0]:
-            return self.engine.condition(prompt_embeds, pooled), prompt_embeds.shape[0]  # the engine says what's wrong
+            # the engine says what is wrong
+            return self.engine.condition(prompt_embeds.to(device), pooled.to(device)), prompt_embeds.shape[0]
         keys = [prompt_row_key(e, p) for e, p in zip(prompt_embeds, pooled, strict=True)]
         rows: list[Conditioning | None] = [self._rows.get(k) for k in keys]
         todo = [i for i, row in enumerate(rows) if row is None]
         if todo:
             index = torch.tensor(todo)
-            fresh = self.engine.condition(prompt_embeds[index], pooled[index])
+            fresh = self.engine.condition(prompt_embeds[index].to(device), pooled[index].to(device))
             for j, i in enumerate(todo):
                 rows[i] = fresh.select(torch.tensor([j], device=fresh.context.device))
                 self._rows.put(keys[i], rows[i])
-        with self._lock:
-            self.hits += len(keys) - len(todo)
-            self.misses += len(todo)
         return concat_conditionings(rows), len(todo)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -152,7 +147,7 @@ def _error(e: Exception) -> dict[str, Any]:
     return {"error": str(e), "type": type(e).__name__}
 
 
-def _reward_outputs(engine: RewardEngine, scores: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+def _reward_outputs(scores: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
     """What a response carries per image: ``rewards`` [B] float32 and, for an uncertainty head (whose `engine.score`
     is called with ``return_std=True``), ``std`` [B] float32 (the client returns it alongside)."""
     if isinstance(scores, tuple):
@@ -253,29 +248,26 @@ class Scorer:
                     self._score_alone(item)
 
     def _prepare(self, item: _Item) -> tuple | None:
-        """Move to the device, condition the prompts (cached), fix the noise; the group key, or None when the request
-        is not well-formed enough to be concatenated with others."""
-        device = self.engine.device
-        t = {k: v.to(device) for k, v in item.tensors.items()}
-        item.tensors = t
-        latents, noise = t["latents"], t.get("noise")
-        cond, fresh = self.cache(t["prompt_embeds"], t["pooled"])
+        """Condition the prompts (cached), check what grouping needs, move to the device, fix the noise; the group
+        key, or None when the request is not well-formed enough to be concatenated with others."""
+        cond, fresh = self.cache(item.tensors["prompt_embeds"], item.tensors["pooled"])
         for outcome, rows in (("miss", fresh), ("hit", cond.num_prompts - fresh)):
             if rows:  # Ray's Counter.inc takes positive values only
                 self.cache_rows.inc(rows, tags={"cache": outcome})
         item.cond = cond
+        index = item.tensors.get("prompt_index")  # checked here, on the CPU, before it moves
+        device = self.engine.device
+        t = {k: v.to(device) for k, v in item.tensors.items() if k not in ("prompt_embeds", "pooled")}
+        item.tensors = t
+        latents, noise = t["latents"], t.get("noise")
         if latents.ndim != 4 or latents.shape[0] == 0 or (noise is not None and noise.shape != latents.shape):
             return None
         batch, prompts = latents.shape[0], cond.num_prompts
-        index = t.get("prompt_index")
-        if index is None:
-            if prompts not in (1, batch):
-                return None
-            index = torch.zeros(batch, dtype=torch.long, device=device) if prompts == 1 else None
-            index = torch.arange(batch, device=device) if index is None else index
-        elif index.shape != (batch,) or int(index.min()) < 0 or int(index.max()) >= prompts:
+        if index is None and prompts not in (1, batch):
             return None
-        item.prompt_index = index
+        if index is not None and (index.shape != (batch,) or not 0 <= int(index.min()) <= int(index.max()) < prompts):
+            return None
+        item.prompt_index = t["prompt_index"] if index is not None else torch.arange(batch, device=device) % prompts
         if noise is None:  # a seed gives the engine's stream b to image b of this request, as engine.score(seed=)
             if "seed" in t:
                 noise = noise_ref(latents.shape, int(t["seed"]), device=device)
@@ -298,7 +290,7 @@ class Scorer:
             return_std=self.engine.head.outputs == 2,
         )
         self.batch_images.observe(latents.shape[0])
-        outputs = _reward_outputs(self.engine, rewards)
+        outputs = _reward_outputs(rewards)
         start = 0
         for item in group:
             n = item.tensors["latents"].shape[0]
@@ -321,7 +313,7 @@ class Scorer:
             item.result = _error(e)
             return
         self.batch_images.observe(t["latents"].shape[0])
-        item.result = {k: v.cpu() for k, v in _reward_outputs(self.engine, rewards).items()}
+        item.result = {k: v.cpu() for k, v in _reward_outputs(rewards).items()}
 
 
 # ---------------------------------------------------------------------------------------------- the ingress
