@@ -18,7 +18,6 @@ from engine.checks import (
     check_conditioning_fits,
     check_latents,
     check_prompts,
-    check_seed,
     resolve_device,
     resolve_dtype,
     select_rows,
@@ -32,7 +31,6 @@ from engine.model.conditioning import Conditioning
 from engine.model.mmdit import MMDiTReward, diffusers_state_dict
 from engine.runtime.backends import Backends
 from kernels.backend import accumulation_dtype
-from kernels.noise import noise_ref
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
 
@@ -286,18 +284,13 @@ class RewardEngine(nn.Module):
         VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
         and scored on the latent path; images of different sizes are scored in separate groups. With `seed`, image i
         of the call uses noise stream i whatever the sizes of the others (its reward does not depend on them)."""
-        check_seed(seed)
-        groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress)
+        groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress, seed=seed)
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
-            latents = g.latents.to(self.device, self.dtype)
-            noise = None
-            if seed is not None:  # the streams of the images' positions in the call, not in their size group
-                noise = noise_ref(latents.shape, seed, streams=g.index, device=self.device).to(self.dtype)
             rewards[g.index.to(self.device)] = self.score(
-                latents,
+                g.latents.to(self.device, self.dtype),
                 (g.prompt_embeds, g.pooled),
-                noise=noise,
+                noise=None if g.noise is None else g.noise.to(self.device, self.dtype),
                 prompt_index=g.prompt_index.to(self.device),
                 normalize=normalize,
             )

@@ -6,12 +6,14 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from engine.checks import resolve_device
+from engine.checks import check_seed, resolve_device
 from engine.pixel.images import ImageBatch
 from engine.pixel.prompts import DEFAULT_CACHE_BYTES, PromptEncoder
 from engine.pixel.vae import ImageEncoder
+from kernels.noise import noise_ref
 
 
 class PreparedGroup(NamedTuple):
@@ -27,6 +29,7 @@ class PreparedGroup(NamedTuple):
     prompt_embeds: torch.Tensor  # [p, 77 + T5_len, joint_dim], p <= b distinct prompts
     pooled: torch.Tensor  # [p, pooled_dim]
     prompt_index: torch.Tensor  # [b] long in [0, p)
+    noise: torch.Tensor | None = None  # [b, C, h, w] float32: noise stream index[j] of the seed, when one is given
 
 
 class PixelFrontEnd:
@@ -86,23 +89,35 @@ class PixelFrontEnd:
         prompts: Sequence[str],
         max_side: int | None = None,
         progress: bool | None = None,
+        seed: int | None = None,
     ) -> list[PreparedGroup]:
         """Pair image ``i`` with ``prompts[i]``; one `PreparedGroup` per resized image size.
 
         Each distinct prompt is encoded once, before any VAE work (a bad prompt fails fast). Scores computed per
-        group go back to input order with ``scores[group.index] = group_scores``.
+        group go back to input order with ``scores[group.index] = group_scores``. With ``seed``, image ``i`` gets
+        noise stream ``i`` of the call, whatever the sizes of the others (its reward does not depend on them).
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, one per image (got a single str)")
+        check_seed(seed)
+        # Flow-GRPO hands over tuples from its DataLoader; numpy string arrays are also seen in the wild.
+        prompts = [str(p) if isinstance(p, np.str_) else p for p in prompts]
         pixels = self.image_encoder.load(images, max_side=max_side)
         if len(prompts) != len(pixels):
             raise ValueError(f"got {len(pixels)} images but {len(prompts)} prompts: pass one prompt per image")
         distinct = list(dict.fromkeys(prompts))
         embeds, pooled = self.prompt_encoder(distinct, progress=progress)
         slot = {prompt: i for i, prompt in enumerate(distinct)}
-        prompt_of_image = torch.tensor([slot[p] for p in prompts], device=embeds.device)  # [N] into distinct
+        prompt_of_image = [slot[p] for p in prompts]  # [N] into distinct
         groups = []
         for index, latents in self.image_encoder.encode_loaded(pixels, progress):
-            used, prompt_index = torch.unique(prompt_of_image[index.to(embeds.device)], return_inverse=True)
-            groups.append(PreparedGroup(index, latents, embeds[used], pooled[used], prompt_index))
+            slots = [prompt_of_image[i] for i in index.tolist()]
+            used = sorted(set(slots))  # the group's distinct prompts, in first-encoded order
+            position = {u: k for k, u in enumerate(used)}
+            prompt_index = torch.tensor([position[u] for u in slots], device=embeds.device)
+            rows = torch.tensor(used, device=embeds.device)
+            noise = None
+            if seed is not None:
+                noise = noise_ref(latents.shape, seed, streams=index, device=latents.device)
+            groups.append(PreparedGroup(index, latents, embeds[rows], pooled[rows], prompt_index, noise))
         return groups

@@ -160,25 +160,18 @@ def remote_reward_fn(
     ``device`` (what `engine.rl.dit_reward_fn` runs in-process, without the MMDiT), encodes the images and prompts,
     and sends latents. It saves the reward backbone's memory, not the encoders'. ``seed``: image i of a call uses
     noise stream i, as `RewardEngine.score_images`."""
-    from engine.checks import check_seed, resolve_device
+    from engine.checks import check_seed
     from engine.pixel import PixelFrontEnd
 
     check_seed(seed)
-    front = PixelFrontEnd.from_pretrained(base, device=resolve_device(device))
+    front = PixelFrontEnd.from_pretrained(base, device=device)
     client = ScoreClient(url, token, **client_kwargs)
 
     def reward_fn(images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, one per image (got a single str)")
-        prompts = [str(p) for p in prompts]
-        scores = np.empty(len(prompts), dtype=np.float32)
-        for g in front.prepare(images, prompts, max_side=max_side):
-            noise = None
-            if seed is not None:
-                from kernels.noise import noise_ref
-
-                noise = noise_ref(g.latents.shape, seed, streams=g.index, device=g.latents.device)
-            out = client.score(g.latents, g.prompt_embeds, g.pooled, g.prompt_index, noise=noise)
+        groups = front.prepare(images, prompts, max_side=max_side, seed=seed)
+        scores = np.empty(sum(len(g.index) for g in groups), dtype=np.float32)
+        for g in groups:
+            out = client.score(g.latents, g.prompt_embeds, g.pooled, g.prompt_index, noise=g.noise)
             scores[g.index.cpu().numpy()] = out["rewards"].numpy()
         return scores, {}
 
