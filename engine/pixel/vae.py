@@ -13,6 +13,11 @@ from engine.pixel.common import progress_bar, read_model_json
 from engine.pixel.images import ImageBatch, load_images
 
 
+def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    """The VAE runs in fp32 when asked for fp16 and its config says ``force_upcast``, else in ``dtype``."""
+    return torch.float32 if dtype == torch.float16 and bool(force_upcast) else dtype
+
+
 class ImageEncoder:
     """The SD3 VAE between pixels in [0, 1] and transformer-space latents ``(z - shift) * scale``.
 
@@ -35,8 +40,7 @@ class ImageEncoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = dtype
-        upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-        self.vae_dtype = torch.float32 if upcast else dtype
+        self.vae_dtype = vae_dtype(dtype, getattr(vae.config, "force_upcast", False))
         # Cast only when needed: diffusers warns on any dtype `.to()` of a model it loaded.
         if vae.dtype != self.vae_dtype:
             vae = vae.to(dtype=self.vae_dtype)
@@ -63,8 +67,8 @@ class ImageEncoder:
 
         base = Path(base_dir)
         transformer = read_model_json(base / "transformer" / "config.json")
-        upcast = dtype == torch.float16 and read_model_json(base / "vae" / "config.json").get("force_upcast", False)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32 if upcast else dtype)
+        upcast = read_model_json(base / "vae" / "config.json").get("force_upcast", False)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype(dtype, upcast))
         return cls(
             vae, device=device, dtype=dtype, patch_size=transformer.get("patch_size", 2),
             pos_embed_max_size=transformer.get("pos_embed_max_size"), batch_size=batch_size,

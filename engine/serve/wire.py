@@ -13,6 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _load
 from safetensors.torch import save as _save
 
+from engine.checks import check_seed
+
 REQUIRED = ("latents", "prompt_embeds", "pooled")
 OPTIONAL = ("prompt_index", "noise", "seed")
 FLOATING = ("latents", "prompt_embeds", "pooled", "noise")
@@ -42,9 +44,8 @@ def encode_request(
         tensors["prompt_index"] = torch.as_tensor(prompt_index).long()
     if noise is not None:
         tensors["noise"] = noise
+    check_seed(seed)
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         tensors["seed"] = torch.tensor(seed, dtype=torch.int64)
     return _save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
