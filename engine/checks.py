@@ -5,14 +5,16 @@ helpers and the pixel front end all check the same way."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from engine.config import BackboneConfig
-from engine.model.conditioning import Conditioning
+
+if TYPE_CHECKING:  # (engine.model.conditioning imports this module)
+    from engine.model.conditioning import Conditioning
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -74,9 +76,18 @@ def check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {x.device} but the engine is on {device}: move it with .to(engine.device)")
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """One device sync per input; engines skip it with check_finite=False inside captured/compiled loops."""
-    if not bool(torch.isfinite(x).all()):
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first of `tensors` holding NaN or Inf, or None when all are finite: one device sync for all
+    of them. Engines skip it with check_finite=False inside captured/compiled loops."""
+    flags = [torch.isfinite(x).all() for x in tensors.values()]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    return next((name for name, ok in zip(tensors, finite, strict=True) if not ok), None)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming the first of `tensors` that holds NaN or Inf (one device sync for all)."""
+    name = first_nonfinite(tensors)
+    if name is not None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -124,8 +135,7 @@ def check_prompts(
     if prompt_embeds.shape[0] == 0 or prompt_embeds.shape[1] == 0:
         raise ValueError(f"empty prompt batch: prompt_embeds has shape {list(prompt_embeds.shape)}")
     if finite:
-        check_finite("prompt_embeds", prompt_embeds)
-        check_finite("pooled", pooled)
+        check_finite({"prompt_embeds": prompt_embeds, "pooled": pooled})
 
 
 def check_latents(
@@ -154,16 +164,14 @@ def check_latents(
             f"latent pixels ({limit * 8}x{limit * 8} image pixels)"
         )
     check_device("latents", latents, device)
-    if finite:
-        check_finite("latents", latents)
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor like latents, got {type(noise).__name__}")
         if noise.shape != latents.shape:
             raise ValueError(f"noise must have the latents' shape {list(latents.shape)}, got {list(noise.shape)}")
         check_device("noise", noise, device)
-        if finite:
-            check_finite("noise", noise)
+    if finite:
+        check_finite({"latents": latents} if noise is None else {"latents": latents, "noise": noise})
 
 
 def check_conditioning_fits(
