@@ -129,11 +129,10 @@ def check_floating(key: str, tensor: torch.Tensor, where: str) -> None:
 def checked_weights(
     tensors: Mapping[str, torch.Tensor], where: Mapping[str, str] | str, dtype: torch.dtype | None = None
 ) -> Mapping[str, torch.Tensor]:
-    """Refuse weights that are not floating point or not finite, naming the tensor and its file (`where`: one
-    description for all, or one per key). `tensors` are the loaded (cast) values: one pass over memory, one device
-    sync for all of them; a value finite in the file but not in the target `dtype` (1e6 in float16) is refused too."""
-    for key, tensor in tensors.items():
-        check_floating(key, tensor, where if isinstance(where, str) else where[key])
+    """Refuse weights that are not finite, naming the tensor and its file (`where`: one description for all, or one
+    per key). `tensors` are the loaded (cast) values: one pass over memory, one device sync for all of them; a value
+    finite in the file but not in the target `dtype` (1e6 in float16) is refused too. Callers run `check_floating`
+    on each tensor before casting it (a cast to float would hide an integer tensor)."""
     on_device = {k: t for k, t in tensors.items() if t.device.type != "meta"}  # (meta tensors hold no values)
     if not on_device:
         return tensors
