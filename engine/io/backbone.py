@@ -64,29 +64,31 @@ def load_backbone(
         model = MMDiTReward(cfg, layers)
     expected = diffusers_state_dict(model)
     allowed = full_model_keys(cfg, _held_blocks(sources))
-    for source in sources:
+    described = [(source, _describe(source)) for source in sources]  # (a description walks the source's keys)
+    for source, description in described:
         unexpected = sorted(set(source) - allowed)
         if unexpected:
             raise ValueError(
-                f"unexpected key {unexpected[0]!r} in {_describe(source)} ({len(unexpected)} in all): not "
+                f"unexpected key {unexpected[0]!r} in {description} ({len(unexpected)} in all): not "
                 f"a key of an SD3 transformer with {cfg.num_layers} blocks; wrong model or config?"
             )
     state, where = {}, {}
     for key, meta in expected.items():
-        source = next((s for s in reversed(sources) if key in s), None)
-        if source is None:
-            raise ValueError(f"missing key {key!r} in {', '.join(_describe(s) for s in sources)}")
+        found = next(((s, d) for s, d in reversed(described) if key in s), None)
+        if found is None:
+            raise ValueError(f"missing key {key!r} in {', '.join(d for _, d in described)}")
+        source, description = found
         tensor = source[key]
         if tuple(tensor.shape) != tuple(meta.shape):
             raise ValueError(
-                f"shape mismatch for {key!r} in {_describe(source)}: checkpoint {list(tensor.shape)}, "
+                f"shape mismatch for {key!r} in {description}: checkpoint {list(tensor.shape)}, "
                 f"model {list(meta.shape)}"
             )
-        check_floating(key, tensor, _describe(source))
+        check_floating(key, tensor, description)
         # an in-memory model's tensors are copied, never adopted: the engine must not change when that model is
         # trained further (e.g. the policy's own transformer). Files are read into fresh tensors anyway.
         state[key] = tensor.to(device=device, dtype=dtype, copy=not isinstance(source, TensorSource))
-        where[key] = _describe(source)
+        where[key] = description
     checked_weights(state, where, dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
