@@ -59,11 +59,12 @@ def load_backbone(
 ) -> MMDiTReward:
     """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones). Blocks
     missing from the sources are refused before any tensor is read; every tensor passes `checked_weights`."""
-    _check_depth(layers, sources)
+    held = _block_indices(sources)
+    _check_depth(layers, held, sources)
     with torch.device("meta"):
         model = MMDiTReward(cfg, layers)
     expected = diffusers_state_dict(model)
-    allowed = full_model_keys(cfg, _held_blocks(sources))
+    allowed = full_model_keys(cfg, max(held, default=-1) + 1)  # as deep as the sources name blocks
     described = [(source, _describe(source)) for source in sources]  # (a description walks the source's keys)
     for source, description in described:
         unexpected = sorted(set(source) - allowed)
@@ -99,17 +100,12 @@ def _describe(source: Mapping) -> str:
 
 
 def _block_indices(sources: list[Mapping[str, torch.Tensor]]) -> set[int]:
+    """The indices of the blocks the sources name keys of (key names only: nothing is read)."""
     return {int(k.split(".")[1]) for s in sources for k in s if k.startswith("transformer_blocks.")}
 
 
-def _held_blocks(sources: list[Mapping[str, torch.Tensor]]) -> int:
-    """How many blocks the sources name keys of (the highest index + 1)."""
-    return max(_block_indices(sources), default=-1) + 1
-
-
-def _check_depth(layers: tuple[int, ...], sources: list[Mapping[str, torch.Tensor]]) -> None:
-    """Every block up to the deepest pooled one is in the sources (key names only: nothing is read)."""
-    held = _block_indices(sources)
+def _check_depth(layers: tuple[int, ...], held: set[int], sources: list[Mapping[str, torch.Tensor]]) -> None:
+    """Every block up to the deepest pooled one is among `held`, the sources' block indices."""
     depth = next(i for i in range(len(held) + 1) if i not in held)  # blocks 0..depth-1 are all there
     missing = [i for i in layers if i >= depth]
     if missing:
