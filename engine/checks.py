@@ -70,9 +70,14 @@ def resolve_device(device: torch.device | str | int | None, default: torch.devic
     return resolved
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """`a` is the device `b`, where a bare "cuda" `a` (no index) matches any CUDA `b`."""
+    return a == b or (a.type == b.type == "cuda" and a.index is None)
+
+
 def check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
     """`x` on the engine's `device` (a bare "cuda" tensor device matches any CUDA engine device)."""
-    if x.device != device and not (x.device.type == device.type == "cuda" and x.device.index is None):
+    if not same_device(x.device, device):
         raise ValueError(f"{name} is on {x.device} but the engine is on {device}: move it with .to(engine.device)")
 
 

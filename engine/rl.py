@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine.api import RewardEngine
-from engine.checks import check_seed, resolve_device
+from engine.checks import check_seed, resolve_device, same_device
 from engine.pixel import ImageBatch
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
@@ -162,7 +162,7 @@ def dit_reward_factory(
         if isinstance(engine_or_checkpoint, RewardEngine):
             engine = engine_or_checkpoint
             wanted = resolve_device(device)
-            if wanted != engine.device and not (wanted.type == engine.device.type == "cuda" and wanted.index is None):
+            if not same_device(wanted, engine.device):
                 raise ValueError(
                     f"device is {wanted} but the engine is on {engine.device}: build the engine on that device, or "
                     "pass the checkpoint path so that each process loads its own"
