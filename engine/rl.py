@@ -84,24 +84,12 @@ def dit_reward_fn(
     For Flow-GRPO's ``multi_score`` registry use `dit_reward_factory`: this function itself is not a factory
     ``multi_score`` can call.
     """
-    check_seed(seed)
+    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, seed, engine_kwargs)
     if isinstance(engine_or_checkpoint, RewardEngine):
-        if base is not None:
-            raise ValueError("base is for loading a checkpoint path; a built RewardEngine already has its base")
         engine = engine_or_checkpoint
-    elif isinstance(engine_or_checkpoint, (str, os.PathLike)):
-        if base is None:
-            raise ValueError(
-                "dit_reward_fn scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 "
-                "diffusers directory>"
-            )
+    else:
         engine = RewardEngine.from_pretrained(
             engine_or_checkpoint, base=base, dtype=dtype, device=resolve_device(device), **engine_kwargs
-        )
-    else:
-        raise TypeError(
-            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
-            f"{type(engine_or_checkpoint).__name__}"
         )
     engine.pixel_front_end()  # load the VAE and text encoders now: a missing base fails here, not mid-training
 
@@ -115,6 +103,28 @@ def dit_reward_fn(
 
     reward_fn.engine = engine  # type: ignore[attr-defined]
     return reward_fn
+
+
+def _check_reward_args(
+    caller: str, engine_or_checkpoint: Any, base: Any, seed: Any, engine_kwargs: dict[str, Any]
+) -> None:
+    """The argument checks `dit_reward_fn` and `dit_reward_factory` share (`caller`: the function, for messages)."""
+    check_seed(seed)
+    if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
+        raise TypeError(
+            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
+            f"{type(engine_or_checkpoint).__name__}"
+        )
+    if isinstance(engine_or_checkpoint, RewardEngine):
+        if base is not None or engine_kwargs:
+            raise ValueError(
+                "base and engine keywords are for loading a checkpoint path; this engine is already built and "
+                "already has its base"
+            )
+    elif base is None:
+        raise ValueError(
+            f"{caller} scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 diffusers directory>"
+        )
 
 
 def dit_reward_factory(
@@ -142,19 +152,7 @@ def dit_reward_factory(
 
     (with ``from engine.rl import dit_reward_factory`` at the top), then train with ``score_dict={"dit_reward": 1.0}``.
     """
-    check_seed(seed)
-    if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
-        raise TypeError(
-            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
-            f"{type(engine_or_checkpoint).__name__}"
-        )
-    if isinstance(engine_or_checkpoint, RewardEngine) and (base is not None or engine_kwargs):
-        raise ValueError("base and engine keywords are for loading a checkpoint path; this engine is already built")
-    if not isinstance(engine_or_checkpoint, RewardEngine) and base is None:
-        raise ValueError(
-            "dit_reward_factory scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 "
-            "diffusers directory>"
-        )
+    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, seed, engine_kwargs)
     options = dict(normalize=normalize, seed=seed, max_side=max_side)
 
     def make(device: torch.device | str) -> ImageRewardFn:
