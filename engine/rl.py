@@ -174,7 +174,7 @@ def dit_reward_factory(
 # ----------------------------------------------------------------------------------------------- latent form
 
 
-def first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Group labels [B] -> (first member of each distinct group [G], group id of each latent [B] in [0, G))."""
     labels, inverse = torch.unique(group, return_inverse=True)
     positions = torch.arange(group.shape[0], device=group.device)
@@ -183,7 +183,7 @@ def first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return first, inverse
 
 
-def group_labels(
+def _group_labels(
     batch: int, device: torch.device, group_index: Any, prompts: Sequence[str] | None
 ) -> torch.Tensor | None:
     """GRPO group labels [B] long on `device`, from `group_index` (one label per latent) or `prompts` (one group
@@ -283,7 +283,7 @@ def distinct_prompts(
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
         raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
     batch = latents.shape[0]
-    group = group_labels(batch, latents.device, group_index, prompts)
+    group = _group_labels(batch, latents.device, group_index, prompts)
     if group is None:
         return prompt_embeds, pooled, prompt_index
     if prompt_index is not None:
@@ -299,7 +299,7 @@ def distinct_prompts(
                 f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
                 "row per distinct prompt use prompt_index"
             )
-    first, prompt_index = first_of_each_group(group)
+    first, prompt_index = _first_of_each_group(group)
     first = first.to(prompt_embeds.device)
     if check_equal and not (
         torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)
