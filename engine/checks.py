@@ -228,9 +228,11 @@ def check_prompt_index(
         raise TypeError(f"prompt_index must be {expected}, got a {index.dtype} tensor")
     if index.shape != (batch,):
         raise ValueError(f"prompt_index must be {expected}, got shape {list(index.shape)}")
-    if (finite or index.device.type == "cpu") and bool((index < 0).any() | (index >= num_prompts).any()):
-        bad = index[(index < 0) | (index >= num_prompts)][0].item()
-        raise ValueError(f"prompt_index must be {expected}, got {bad}")
+    # (a sequence's values were range-checked above, before the conversion)
+    if isinstance(prompt_index, torch.Tensor) and (finite or index.device.type == "cpu"):
+        out_of_range = (index < 0) | (index >= num_prompts)
+        if bool(out_of_range.any()):
+            raise ValueError(f"prompt_index must be {expected}, got {index[out_of_range][0].item()}")
     return index.to(device, torch.long)
 
 
