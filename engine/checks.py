@@ -5,14 +5,16 @@ helpers and the pixel front end all check the same way."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from engine.config import BackboneConfig
-from engine.model.conditioning import Conditioning
+
+if TYPE_CHECKING:  # (engine.model.conditioning imports this module)
+    from engine.model.conditioning import Conditioning
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -68,15 +70,29 @@ def resolve_device(device: torch.device | str | int | None, default: torch.devic
     return resolved
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """`a` is the device `b`, where a bare "cuda" `a` (no index) matches any CUDA `b`."""
+    return a == b or (a.type == b.type == "cuda" and a.index is None)
+
+
 def check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
     """`x` on the engine's `device` (a bare "cuda" tensor device matches any CUDA engine device)."""
-    if x.device != device and not (x.device.type == device.type == "cuda" and x.device.index is None):
+    if not same_device(x.device, device):
         raise ValueError(f"{name} is on {x.device} but the engine is on {device}: move it with .to(engine.device)")
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """One device sync per input; engines skip it with check_finite=False inside captured/compiled loops."""
-    if not bool(torch.isfinite(x).all()):
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first of `tensors` holding NaN or Inf, or None when all are finite: one device sync for all
+    of them. Engines skip it with check_finite=False inside captured/compiled loops."""
+    flags = [torch.isfinite(x).all() for x in tensors.values()]
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    return next((name for name, ok in zip(tensors, finite, strict=True) if not ok), None)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming the first of `tensors` that holds NaN or Inf (one device sync for all)."""
+    name = first_nonfinite(tensors)
+    if name is not None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -124,8 +140,7 @@ def check_prompts(
     if prompt_embeds.shape[0] == 0 or prompt_embeds.shape[1] == 0:
         raise ValueError(f"empty prompt batch: prompt_embeds has shape {list(prompt_embeds.shape)}")
     if finite:
-        check_finite("prompt_embeds", prompt_embeds)
-        check_finite("pooled", pooled)
+        check_finite({"prompt_embeds": prompt_embeds, "pooled": pooled})
 
 
 def check_latents(
@@ -154,16 +169,14 @@ def check_latents(
             f"latent pixels ({limit * 8}x{limit * 8} image pixels)"
         )
     check_device("latents", latents, device)
-    if finite:
-        check_finite("latents", latents)
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor like latents, got {type(noise).__name__}")
         if noise.shape != latents.shape:
             raise ValueError(f"noise must have the latents' shape {list(latents.shape)}, got {list(noise.shape)}")
         check_device("noise", noise, device)
-        if finite:
-            check_finite("noise", noise)
+    if finite:
+        check_finite({"latents": latents} if noise is None else {"latents": latents, "noise": noise})
 
 
 def check_conditioning_fits(
@@ -215,9 +228,11 @@ def check_prompt_index(
         raise TypeError(f"prompt_index must be {expected}, got a {index.dtype} tensor")
     if index.shape != (batch,):
         raise ValueError(f"prompt_index must be {expected}, got shape {list(index.shape)}")
-    if (finite or index.device.type == "cpu") and bool((index < 0).any() | (index >= num_prompts).any()):
-        bad = index[(index < 0) | (index >= num_prompts)][0].item()
-        raise ValueError(f"prompt_index must be {expected}, got {bad}")
+    # (a sequence's values were range-checked above, before the conversion)
+    if isinstance(prompt_index, torch.Tensor) and (finite or index.device.type == "cpu"):
+        out_of_range = (index < 0) | (index >= num_prompts)
+        if bool(out_of_range.any()):
+            raise ValueError(f"prompt_index must be {expected}, got {index[out_of_range][0].item()}")
     return index.to(device, torch.long)
 
 

@@ -12,6 +12,7 @@ import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 # SD3/SD3.5 VAE latent normalisation: transformer-space z0 = (vae_latent - shift) * scale.
@@ -104,11 +105,10 @@ class BackboneConfig:
         config.json has no `qk_norm` (diffusers: None) and no `dual_attention_layers` (diffusers: none)."""
         if not isinstance(config, Mapping):
             raise TypeError(f"a diffusers transformer config must be a mapping, got {type(config).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {**_diffusers_defaults(), **{k: v for k, v in dict(config).items() if k in known}}
-        if kwargs.get("caption_projection_dim") is None:
+        kwargs = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in dict(config).items() if k in _DIFFUSERS_DEFAULTS}}
+        if kwargs["caption_projection_dim"] is None:
             kwargs["caption_projection_dim"] = kwargs["num_attention_heads"] * kwargs["attention_head_dim"]
-        return cls(**{k: v for k, v in kwargs.items() if k in known})
+        return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -123,14 +123,25 @@ class BackboneConfig:
         return None
 
 
-def _diffusers_defaults() -> dict[str, Any]:
-    """The keyword defaults of diffusers' `SD3Transformer2DModel.__init__` (the reference for absent config keys)."""
-    import inspect
-
-    from diffusers import SD3Transformer2DModel
-
-    parameters = inspect.signature(SD3Transformer2DModel.__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+# The keyword defaults of diffusers' `SD3Transformer2DModel.__init__` for BackboneConfig's fields: what a config
+# key takes when absent, as `SD3Transformer2DModel.from_pretrained` would build it. A literal, so that reading a
+# config does not import diffusers; tests check it against diffusers' signature.
+_DIFFUSERS_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": 18,
+        "attention_head_dim": 64,
+        "num_attention_heads": 18,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 1152,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 96,
+        "dual_attention_layers": (),
+        "qk_norm": None,
+    }
+)
 
 
 def _preset(**kw: Any) -> BackboneConfig:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine.api import RewardEngine
-from engine.checks import check_seed, resolve_device
+from engine.checks import check_seed, resolve_device, same_device
 from engine.pixel import ImageBatch
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
@@ -84,24 +84,12 @@ def dit_reward_fn(
     For Flow-GRPO's ``multi_score`` registry use `dit_reward_factory`: this function itself is not a factory
     ``multi_score`` can call.
     """
-    check_seed(seed)
+    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, seed, engine_kwargs)
     if isinstance(engine_or_checkpoint, RewardEngine):
-        if base is not None:
-            raise ValueError("base is for loading a checkpoint path; a built RewardEngine already has its base")
         engine = engine_or_checkpoint
-    elif isinstance(engine_or_checkpoint, (str, os.PathLike)):
-        if base is None:
-            raise ValueError(
-                "dit_reward_fn scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 "
-                "diffusers directory>"
-            )
+    else:
         engine = RewardEngine.from_pretrained(
             engine_or_checkpoint, base=base, dtype=dtype, device=resolve_device(device), **engine_kwargs
-        )
-    else:
-        raise TypeError(
-            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
-            f"{type(engine_or_checkpoint).__name__}"
         )
     engine.pixel_front_end()  # load the VAE and text encoders now: a missing base fails here, not mid-training
 
@@ -115,6 +103,28 @@ def dit_reward_fn(
 
     reward_fn.engine = engine  # type: ignore[attr-defined]
     return reward_fn
+
+
+def _check_reward_args(
+    caller: str, engine_or_checkpoint: Any, base: Any, seed: Any, engine_kwargs: dict[str, Any]
+) -> None:
+    """The argument checks `dit_reward_fn` and `dit_reward_factory` share (`caller`: the function, for messages)."""
+    check_seed(seed)
+    if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
+        raise TypeError(
+            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
+            f"{type(engine_or_checkpoint).__name__}"
+        )
+    if isinstance(engine_or_checkpoint, RewardEngine):
+        if base is not None or engine_kwargs:
+            raise ValueError(
+                "base and engine keywords are for loading a checkpoint path; this engine is already built and "
+                "already has its base"
+            )
+    elif base is None:
+        raise ValueError(
+            f"{caller} scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 diffusers directory>"
+        )
 
 
 def dit_reward_factory(
@@ -142,19 +152,7 @@ def dit_reward_factory(
 
     (with ``from engine.rl import dit_reward_factory`` at the top), then train with ``score_dict={"dit_reward": 1.0}``.
     """
-    check_seed(seed)
-    if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
-        raise TypeError(
-            f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
-            f"{type(engine_or_checkpoint).__name__}"
-        )
-    if isinstance(engine_or_checkpoint, RewardEngine) and (base is not None or engine_kwargs):
-        raise ValueError("base and engine keywords are for loading a checkpoint path; this engine is already built")
-    if not isinstance(engine_or_checkpoint, RewardEngine) and base is None:
-        raise ValueError(
-            "dit_reward_factory scores images, which needs the VAE and text encoders: pass base=<SD3/SD3.5 "
-            "diffusers directory>"
-        )
+    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, seed, engine_kwargs)
     options = dict(normalize=normalize, seed=seed, max_side=max_side)
 
     def make(device: torch.device | str) -> ImageRewardFn:
@@ -162,7 +160,7 @@ def dit_reward_factory(
         if isinstance(engine_or_checkpoint, RewardEngine):
             engine = engine_or_checkpoint
             wanted = resolve_device(device)
-            if wanted != engine.device and not (wanted.type == engine.device.type == "cuda" and wanted.index is None):
+            if not same_device(wanted, engine.device):
                 raise ValueError(
                     f"device is {wanted} but the engine is on {engine.device}: build the engine on that device, or "
                     "pass the checkpoint path so that each process loads its own"
@@ -176,7 +174,7 @@ def dit_reward_factory(
 # ----------------------------------------------------------------------------------------------- latent form
 
 
-def first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Group labels [B] -> (first member of each distinct group [G], group id of each latent [B] in [0, G))."""
     labels, inverse = torch.unique(group, return_inverse=True)
     positions = torch.arange(group.shape[0], device=group.device)
@@ -185,7 +183,7 @@ def first_of_each_group(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return first, inverse
 
 
-def group_labels(
+def _group_labels(
     batch: int, device: torch.device, group_index: Any, prompts: Sequence[str] | None
 ) -> torch.Tensor | None:
     """GRPO group labels [B] long on `device`, from `group_index` (one label per latent) or `prompts` (one group
@@ -285,7 +283,7 @@ def distinct_prompts(
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
         raise TypeError("latents must be a torch.Tensor [B, C, H, W] of transformer-space latents")
     batch = latents.shape[0]
-    group = group_labels(batch, latents.device, group_index, prompts)
+    group = _group_labels(batch, latents.device, group_index, prompts)
     if group is None:
         return prompt_embeds, pooled, prompt_index
     if prompt_index is not None:
@@ -301,7 +299,7 @@ def distinct_prompts(
                 f"with group_index/prompts, {name} needs one row per latent ({batch}), got {rows}; for one "
                 "row per distinct prompt use prompt_index"
             )
-    first, prompt_index = first_of_each_group(group)
+    first, prompt_index = _first_of_each_group(group)
     first = first.to(prompt_embeds.device)
     if check_equal and not (
         torch.equal(prompt_embeds[first][prompt_index], prompt_embeds)

@@ -453,3 +453,18 @@ def test_sd3_medium_config_without_qk_norm_or_dual_attention_loads(tmp_path):
     z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=9, seed=6)
     ours = engine.features(z0, (pe, po), noise=noise)
     assert rel_err(ours, reference_features(model, z0, pe, po, noise, 0.1, LAYERS)) <= 1e-4
+
+
+def test_absent_key_defaults_are_diffusers_defaults():
+    """The literal defaults `BackboneConfig.from_diffusers` fills absent keys with are exactly diffusers' own, for
+    every BackboneConfig field."""
+    import dataclasses
+    import inspect
+
+    diffusers = pytest.importorskip("diffusers")
+    from engine.config import _DIFFUSERS_DEFAULTS, BackboneConfig
+
+    fields = {f.name for f in dataclasses.fields(BackboneConfig)}
+    parameters = inspect.signature(diffusers.SD3Transformer2DModel.__init__).parameters
+    assert set(_DIFFUSERS_DEFAULTS) == fields
+    assert dict(_DIFFUSERS_DEFAULTS) == {name: parameters[name].default for name in fields}

@@ -271,6 +271,8 @@ def test_flow_grpo_reward_fn_bad_inputs(pixel_engine: RewardEngine, tmp_path: Pa
         dit_reward_fn(tmp_path / "reward")
     with pytest.raises(ValueError, match="already has its base"):
         dit_reward_fn(pixel_engine, base=default_tiny_base())
+    with pytest.raises(ValueError, match="already built"):
+        dit_reward_fn(pixel_engine, check_finite=False)
     with pytest.raises(TypeError, match="RewardEngine or a reward checkpoint"):
         dit_reward_fn(42)
     with pytest.raises(TypeError, match="seed"):

@@ -59,34 +59,37 @@ def load_backbone(
 ) -> MMDiTReward:
     """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones). Blocks
     missing from the sources are refused before any tensor is read; every tensor passes `checked_weights`."""
-    _check_depth(layers, sources)
+    held = _block_indices(sources)
+    _check_depth(layers, held, sources)
     with torch.device("meta"):
         model = MMDiTReward(cfg, layers)
     expected = diffusers_state_dict(model)
-    allowed = full_model_keys(cfg, _held_blocks(sources))
-    for source in sources:
+    allowed = full_model_keys(cfg, max(held, default=-1) + 1)  # as deep as the sources name blocks
+    described = [(source, _describe(source)) for source in sources]  # (a description walks the source's keys)
+    for source, description in described:
         unexpected = sorted(set(source) - allowed)
         if unexpected:
             raise ValueError(
-                f"unexpected key {unexpected[0]!r} in {_describe(source)} ({len(unexpected)} in all): not "
+                f"unexpected key {unexpected[0]!r} in {description} ({len(unexpected)} in all): not "
                 f"a key of an SD3 transformer with {cfg.num_layers} blocks; wrong model or config?"
             )
     state, where = {}, {}
     for key, meta in expected.items():
-        source = next((s for s in reversed(sources) if key in s), None)
-        if source is None:
-            raise ValueError(f"missing key {key!r} in {', '.join(_describe(s) for s in sources)}")
+        found = next(((s, d) for s, d in reversed(described) if key in s), None)
+        if found is None:
+            raise ValueError(f"missing key {key!r} in {', '.join(d for _, d in described)}")
+        source, description = found
         tensor = source[key]
         if tuple(tensor.shape) != tuple(meta.shape):
             raise ValueError(
-                f"shape mismatch for {key!r} in {_describe(source)}: checkpoint {list(tensor.shape)}, "
+                f"shape mismatch for {key!r} in {description}: checkpoint {list(tensor.shape)}, "
                 f"model {list(meta.shape)}"
             )
-        check_floating(key, tensor, _describe(source))
+        check_floating(key, tensor, description)
         # an in-memory model's tensors are copied, never adopted: the engine must not change when that model is
         # trained further (e.g. the policy's own transformer). Files are read into fresh tensors anyway.
         state[key] = tensor.to(device=device, dtype=dtype, copy=not isinstance(source, TensorSource))
-        where[key] = _describe(source)
+        where[key] = description
     checked_weights(state, where, dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
@@ -97,17 +100,12 @@ def _describe(source: Mapping) -> str:
 
 
 def _block_indices(sources: list[Mapping[str, torch.Tensor]]) -> set[int]:
+    """The indices of the blocks the sources name keys of (key names only: nothing is read)."""
     return {int(k.split(".")[1]) for s in sources for k in s if k.startswith("transformer_blocks.")}
 
 
-def _held_blocks(sources: list[Mapping[str, torch.Tensor]]) -> int:
-    """How many blocks the sources name keys of (the highest index + 1)."""
-    return max(_block_indices(sources), default=-1) + 1
-
-
-def _check_depth(layers: tuple[int, ...], sources: list[Mapping[str, torch.Tensor]]) -> None:
-    """Every block up to the deepest pooled one is in the sources (key names only: nothing is read)."""
-    held = _block_indices(sources)
+def _check_depth(layers: tuple[int, ...], held: set[int], sources: list[Mapping[str, torch.Tensor]]) -> None:
+    """Every block up to the deepest pooled one is among `held`, the sources' block indices."""
     depth = next(i for i in range(len(held) + 1) if i not in held)  # blocks 0..depth-1 are all there
     missing = [i for i in layers if i >= depth]
     if missing:
@@ -129,11 +127,10 @@ def check_floating(key: str, tensor: torch.Tensor, where: str) -> None:
 def checked_weights(
     tensors: Mapping[str, torch.Tensor], where: Mapping[str, str] | str, dtype: torch.dtype | None = None
 ) -> Mapping[str, torch.Tensor]:
-    """Refuse weights that are not floating point or not finite, naming the tensor and its file (`where`: one
-    description for all, or one per key). `tensors` are the loaded (cast) values: one pass over memory, one device
-    sync for all of them; a value finite in the file but not in the target `dtype` (1e6 in float16) is refused too."""
-    for key, tensor in tensors.items():
-        check_floating(key, tensor, where if isinstance(where, str) else where[key])
+    """Refuse weights that are not finite, naming the tensor and its file (`where`: one description for all, or one
+    per key). `tensors` are the loaded (cast) values: one pass over memory, one device sync for all of them; a value
+    finite in the file but not in the target `dtype` (1e6 in float16) is refused too. Callers run `check_floating`
+    on each tensor before casting it (a cast to float would hide an integer tensor)."""
     on_device = {k: t for k, t in tensors.items() if t.device.type != "meta"}  # (meta tensors hold no values)
     if not on_device:
         return tensors

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from engine.checks import first_nonfinite
+
 
 @dataclass
 class Conditioning:
@@ -30,12 +32,12 @@ class Conditioning:
     def check_finite(self) -> None:
         """ValueError if any vector is NaN/Inf (one device sync). Not run on construction: CUDA graph capture builds
         Conditionings of static buffers, where a sync is not allowed."""
-        for name, x in (("context", self.context), ("modulation", self.modulation)):
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(
-                    f"Conditioning.{name} contains NaN or Inf values: made by hand with them, or the prompt "
-                    "embeddings overflowed the prompt path (check prompt_embeds/pooled for huge values)"
-                )
+        name = first_nonfinite({"context": self.context, "modulation": self.modulation})
+        if name is not None:
+            raise ValueError(
+                f"Conditioning.{name} contains NaN or Inf values: made by hand with them, or the prompt "
+                "embeddings overflowed the prompt path (check prompt_embeds/pooled for huge values)"
+            )
 
     def select(self, index: torch.Tensor) -> Conditioning:
         return replace(
