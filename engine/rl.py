@@ -94,10 +94,7 @@ def dit_reward_fn(
     engine.pixel_front_end()  # load the VAE and text encoders now: a missing base fails here, not mid-training
 
     def reward_fn(images: ImageBatch, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, one per image (got a single str)")
-        # Flow-GRPO hands over tuples from its DataLoader; numpy string arrays are also seen in the wild.
-        prompts = [str(p) if isinstance(p, np.str_) else p for p in prompts]
+        # score_images takes Flow-GRPO's prompt tuples and numpy string arrays as they come.
         scores = engine.score_images(images, prompts, seed=seed, max_side=max_side, normalize=normalize)
         return scores.cpu().numpy(), {}
 
