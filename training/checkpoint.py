@@ -104,8 +104,10 @@ def save_checkpoint(
     ignores."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    # Frozen parameters (the backbone in lora and frozen mode) are never gathered; buffers still are (the backbone's
+    # pos_embed), and only the trainable parameters are kept.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = get_model_state_dict(model, options=state_options())  # collective under FSDP: every rank calls it
+    state = get_model_state_dict(model, options=state_options(ignore_frozen_params=True))  # collective under FSDP
     optim_state = get_optimizer_state_dict(model, optimizer, options=state_options())
     if d.main:
         directory = Path(cfg.out_dir) / "checkpoints"
