@@ -256,22 +256,6 @@ def check_same_data(saved: dict[str, str], current: dict[str, str], cfg: TrainCo
     )
 
 
-def check_export_target(target: Path) -> None:
-    """ValueError now, not after training, if the final export could not replace `target` (out_dir/reward): it holds
-    files that are not part of a reward checkpoint."""
-    from engine.io.checkpoint import CHECKPOINT_FILES
-
-    if not target.exists():
-        return
-    strangers = sorted(p.name for p in target.iterdir()) if target.is_dir() else [target.name]
-    strangers = [name for name in strangers if name not in CHECKPOINT_FILES]
-    if strangers:
-        raise ValueError(
-            f"{target} holds files that are not part of a reward checkpoint ({', '.join(strangers[:5])}); the export "
-            "at the end of training would have to replace them: move them away or use another out_dir"
-        )
-
-
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict) -> int:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -341,7 +325,6 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
 
 
 __all__ = [
-    "check_export_target",
     "check_resumable",
     "check_same_data",
     "data_fingerprint",

@@ -35,11 +35,11 @@ import torch.distributed as dist
 
 from engine.config import RewardConfig
 from engine.io.backbone import base_source
+from engine.io.checkpoint import check_replaceable
 from training.batching import pair_forward, rank_positions
 from training.buckets import BucketSampler
 from training.cache import LatentCache
 from training.checkpoint import (
-    check_export_target,
     check_resumable,
     check_same_data,
     data_fingerprint,
@@ -132,7 +132,10 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     if d.main:  # a crashed writer's temp checkpoints: never read, each as large as a checkpoint
         for stale in (out_dir / "checkpoints").glob(".step_*.tmp-*"):
             stale.unlink(missing_ok=True)
-    check_export_target(out_dir / "reward")  # refused now, not after every step has run
+    check_replaceable(  # refused now, not after every step has run
+        out_dir / "reward",
+        "the export at the end of training would have to replace them: move them away or use another out_dir",
+    )
 
     # Cheap checks of the base and the cache first: reading and verifying the images is the slow part.
     if cfg.layers is not None:
