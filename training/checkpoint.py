@@ -26,7 +26,7 @@ from training.cache import LatentCache
 from training.config import TrainConfig
 from training.data import PreferencePair, file_digest, parse_sources
 from training.distributed import Dist
-from training.files import atomic_write
+from training.files import atomic_write, atomic_write_text
 from training.lora import merge_lora, save_adapter
 from training.model import TrainableReward, build_engine, engine_backbone_key
 
@@ -177,9 +177,7 @@ def truncate_log(path: Path, step: int) -> None:
             continue
         if step > 0 and isinstance(logged, int) and logged <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 # Fields that only change bookkeeping; any other difference would make the resumed run a different run.
