@@ -28,7 +28,7 @@ from training.data import PreferencePair, file_digest, parse_sources
 from training.distributed import Dist
 from training.files import atomic_write, atomic_write_text
 from training.lora import merge_lora, save_adapter
-from training.model import TrainableReward, build_engine, engine_backbone_key
+from training.model import TrainableReward, build_engine
 
 
 def state_options(**kw: Any):
@@ -265,11 +265,19 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict) -
     return int(payload["step"])
 
 
-def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metrics: dict, d: Dist) -> Path:
+def export(
+    engine: RewardEngine,
+    model: TrainableReward,
+    cfg: TrainConfig,
+    metrics: dict,
+    d: Dist,
+    cache_settings: dict[str, Any],
+) -> Path:
     """The final reward checkpoint (out_dir/reward) via `engine.save_pretrained`, with the validation reward mean/std
     (for `score(normalize=True)`), the per-file validation accuracy and what bench.accuracy needs to reproduce the
-    validation. A LoRA run's adapters are merged into the backbone weights (the checkpoint loads without peft);
-    `save_adapter` also writes them alone to out_dir/adapter in peft's format."""
+    validation (`cache_settings`: the training cache's `LatentCache.settings`). A LoRA run's adapters are merged into
+    the backbone weights (the checkpoint loads without peft); `save_adapter` also writes them alone to out_dir/adapter
+    in peft's format."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options())  # collective under FSDP
@@ -277,11 +285,7 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
     if d.main:
         if d.world > 1:  # the engine's modules hold shards now: write from an unsharded copy of the final weights
             engine = build_engine(cfg)
-            engine.backbone.load_state_dict(
-                {engine_backbone_key(k): v for k, v in state.items() if engine_backbone_key(k) is not None},
-                strict=False,
-            )
-            engine.head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+            TrainableReward(engine).load_state_dict(state)
         if cfg.mode == "lora":
             if cfg.save_adapter:
                 save_adapter(
@@ -291,7 +295,6 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
         engine.reward_config = dataclasses.replace(
             engine.reward_config, reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)
         )
-        cache_settings = LatentCache(cfg.cache).settings
         engine.save_pretrained(
             target,
             include_backbone=cfg.mode != "frozen",

@@ -350,7 +350,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
 
     if "val_accuracy" not in metrics:  # resumed at the last step: nothing ran, evaluate for the export
         metrics |= evaluate()
-    export(engine, model, cfg, metrics, d)
+    export(engine, model, cfg, metrics, d, cache.settings)
     if log_file is not None:
         log_file.close()
     return metrics
