@@ -175,12 +175,13 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
     # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
     # rank and a pure function of the step (exact on resume).
-    sampler = BucketSampler([cache.pair_key(p) for p in pairs], cfg.batch_size, cfg.seed)
+    pair_keys = [cache.pair_key(p) for p in pairs]
+    sampler = BucketSampler(pair_keys, cfg.batch_size, cfg.seed)
     slots = d.world * cfg.grad_accum_steps  # forwards per step over all ranks
 
     def load_batch(step: int, micro_step: int) -> dict[str, Any]:
         chosen = sampler.batch(step)  # the global batch
-        keys = [cache.pair_key(pairs[i]) for i in chosen]
+        keys = [pair_keys[i] for i in chosen]
         # Micro-step m of rank r takes slot m * world + r of the global batch dealt by key (`rank_positions`): the
         # ranks' m-th forwards hold the same number of pairs and share one shape schedule (FSDP2).
         positions = rank_positions(keys, micro_step * d.world + d.rank, slots)
