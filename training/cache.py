@@ -51,7 +51,7 @@ from training.data import (
 )
 from training.files import atomic_write, atomic_write_text
 
-CACHE_FORMAT = "dit-reward-cache/2"  # /2: aspect-ratio buckets, bad images recorded
+CACHE_FORMAT = "dit-reward-cache/2"  # index.json: settings, shards, each image's aspect bucket, the bad images
 INDEX = "index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_AREA = 1024 * 1024  # px: SD3.5-L's training resolution

@@ -137,7 +137,8 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         "the export at the end of training would have to replace them: move them away or use another out_dir",
     )
 
-    # Cheap checks of the base and the cache first: reading and verifying the images is the slow part.
+    # Cheap checks of the base and the cache first: reading the data files (a symlink-resolving path per image) is
+    # the slow part.
     if cfg.layers is not None:
         RewardConfig(layers=tuple(cfg.layers)).check_against(base_source(cfg.base)[0])
     cache = LatentCache(cfg.cache)
