@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from training.data import load_pairs, read_file
+from training.data import image_problem, load_pairs, read_file
 
 # ---------------------------------------------------------------------------------------------------- bad images
 
@@ -102,6 +102,29 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None
         pytest.raises(ValueError, match=r"record 0: unreadable image path2 .*bomb\.png.*decompression-bomb limit"),
     ):
         read_file(path, None)
+
+
+def test_the_cache_decodes_each_image_once(tmp_path: Path, bad_images: dict[str, str], monkeypatch) -> None:
+    import training.cache
+    from bench.tiny_base import default_tiny_base
+
+    records = [{"prompt": "p", "path1": "good.png", "path2": "good2.png"}] * 4
+    records += [{"prompt": "p", "path1": "good.png", "path2": "truncated.jpg"}] * 3
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(records))
+    decoded: list[str] = []
+
+    def counted(image: Path):
+        decoded.append(image.name)
+        return image_problem(image)
+
+    monkeypatch.setattr(training.cache, "image_problem", counted)
+    cache = training.cache.build_cache(
+        [path], default_tiny_base(), tmp_path / "cache", max_sequence_length=16, area=64 * 64, progress=False,
+        confidence_threshold=None, on_bad_image="skip",
+    )  # fmt: skip
+    assert sorted(decoded) == ["good.png", "good2.png", "truncated.jpg"]
+    assert list(training.cache.LatentCache(cache).bad_images) == [str(tmp_path / "truncated.jpg")]
 
 
 # ------------------------------------------------------------------------------------------------------ path rule

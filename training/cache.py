@@ -51,7 +51,7 @@ from training.data import (
 )
 from training.files import atomic_write, atomic_write_text
 
-CACHE_FORMAT = "dit-reward-cache/2"  # /2: aspect-ratio buckets, bad images recorded
+CACHE_FORMAT = "dit-reward-cache/2"  # index.json: settings, shards, each image's aspect bucket, the bad images
 INDEX = "index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_AREA = 1024 * 1024  # px: SD3.5-L's training resolution
@@ -161,15 +161,15 @@ def build_cache(
     # Every kept pair of each file, whatever its mixing weight: the trainer draws a fractional weight's subset with its
     # own seed, so the cache must hold all the pairs that draw can pick.
     files = [path for path, _ in parse_sources(json_files)]
-    bad_images: dict[str, list[str]] = {}
+    bad_images: dict[str, list[str]] = {}  # what failed, for the trainer
+    checked: dict[str, tuple[str, str] | None] = {}
 
-    def check(path: Path) -> tuple[str, str] | None:  # decode once; remember what failed, for the trainer
-        if str(path) in bad_images:
-            return tuple(bad_images[str(path)])  # type: ignore[return-value]
-        problem = image_problem(path)
-        if problem is not None:
-            bad_images[str(path)] = list(problem)
-        return problem
+    def check(path: Path) -> tuple[str, str] | None:  # each image decoded once, however many pairs use it
+        if str(path) not in checked:
+            checked[str(path)] = problem = image_problem(path)
+            if problem is not None:
+                bad_images[str(path)] = list(problem)
+        return checked[str(path)]
 
     roots = {"image_root": image_root, "allow_outside_root": allow_outside_root, "image_check": check}
     pairs, report = load_pairs(files, confidence_threshold, on_bad_image, **roots)

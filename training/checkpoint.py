@@ -26,9 +26,9 @@ from training.cache import LatentCache
 from training.config import TrainConfig
 from training.data import PreferencePair, file_digest, parse_sources
 from training.distributed import Dist
-from training.files import atomic_write
+from training.files import atomic_write, atomic_write_text
 from training.lora import merge_lora, save_adapter
-from training.model import TrainableReward, build_engine, engine_backbone_key
+from training.model import TrainableReward, build_engine
 
 
 def state_options(**kw: Any):
@@ -104,8 +104,10 @@ def save_checkpoint(
     ignores."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    # Frozen parameters (the backbone in lora and frozen mode) are never gathered; buffers still are (the backbone's
+    # pos_embed), and only the trainable parameters are kept.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = get_model_state_dict(model, options=state_options())  # collective under FSDP: every rank calls it
+    state = get_model_state_dict(model, options=state_options(ignore_frozen_params=True))  # collective under FSDP
     optim_state = get_optimizer_state_dict(model, optimizer, options=state_options())
     if d.main:
         directory = Path(cfg.out_dir) / "checkpoints"
@@ -175,9 +177,7 @@ def truncate_log(path: Path, step: int) -> None:
             continue
         if step > 0 and isinstance(logged, int) and logged <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 # Fields that only change bookkeeping; any other difference would make the resumed run a different run.
@@ -254,22 +254,6 @@ def check_same_data(saved: dict[str, str], current: dict[str, str], cfg: TrainCo
     )
 
 
-def check_export_target(target: Path) -> None:
-    """ValueError now, not after training, if the final export could not replace `target` (out_dir/reward): it holds
-    files that are not part of a reward checkpoint."""
-    from engine.io.checkpoint import CHECKPOINT_FILES
-
-    if not target.exists():
-        return
-    strangers = sorted(p.name for p in target.iterdir()) if target.is_dir() else [target.name]
-    strangers = [name for name in strangers if name not in CHECKPOINT_FILES]
-    if strangers:
-        raise ValueError(
-            f"{target} holds files that are not part of a reward checkpoint ({', '.join(strangers[:5])}); the export "
-            "at the end of training would have to replace them: move them away or use another out_dir"
-        )
-
-
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict) -> int:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -281,11 +265,19 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict) -
     return int(payload["step"])
 
 
-def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metrics: dict, d: Dist) -> Path:
+def export(
+    engine: RewardEngine,
+    model: TrainableReward,
+    cfg: TrainConfig,
+    metrics: dict,
+    d: Dist,
+    cache_settings: dict[str, Any],
+) -> Path:
     """The final reward checkpoint (out_dir/reward) via `engine.save_pretrained`, with the validation reward mean/std
     (for `score(normalize=True)`), the per-file validation accuracy and what bench.accuracy needs to reproduce the
-    validation. A LoRA run's adapters are merged into the backbone weights (the checkpoint loads without peft);
-    `save_adapter` also writes them alone to out_dir/adapter in peft's format."""
+    validation (`cache_settings`: the training cache's `LatentCache.settings`). A LoRA run's adapters are merged into
+    the backbone weights (the checkpoint loads without peft); `save_adapter` also writes them alone to out_dir/adapter
+    in peft's format."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options())  # collective under FSDP
@@ -293,11 +285,7 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
     if d.main:
         if d.world > 1:  # the engine's modules hold shards now: write from an unsharded copy of the final weights
             engine = build_engine(cfg)
-            engine.backbone.load_state_dict(
-                {engine_backbone_key(k): v for k, v in state.items() if engine_backbone_key(k) is not None},
-                strict=False,
-            )
-            engine.head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+            TrainableReward(engine).load_state_dict(state)
         if cfg.mode == "lora":
             if cfg.save_adapter:
                 save_adapter(
@@ -307,7 +295,6 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
         engine.reward_config = dataclasses.replace(
             engine.reward_config, reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)
         )
-        cache_settings = LatentCache(cfg.cache).settings
         engine.save_pretrained(
             target,
             include_backbone=cfg.mode != "frozen",
@@ -339,7 +326,6 @@ def export(engine: RewardEngine, model: TrainableReward, cfg: TrainConfig, metri
 
 
 __all__ = [
-    "check_export_target",
     "check_resumable",
     "check_same_data",
     "data_fingerprint",

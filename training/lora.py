@@ -18,11 +18,18 @@ DEFAULT_LORA_TARGETS = ("to_qkv", "add_qkv", "add_kv", "to_out.0", "to_add_out",
 ADAPTER_NAME = "default"  # peft's name for a model's single adapter
 
 
+def _lora_config(rank: int, alpha: float, targets: list[str] | tuple[str, ...]):
+    """peft's `LoraConfig` of the adapters `add_lora` wraps and `save_adapter` describes."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+
+
 def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str] | tuple[str, ...]) -> int:
     """Wrap `backbone`'s linears named (or ending in ``.``) one of `targets` with LoRA adapters, in place; every other
     backbone parameter is frozen. B starts at zero, so the wrapped backbone computes what it did. Returns the number
     of wrapped linears; ValueError when a target matches none."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     names = [name for name, _ in backbone.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
@@ -31,8 +38,7 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str] | 
             f"lora_targets {unmatched} match no module of the backbone; its linears are named like "
             f"{sorted({n.split('.', 2)[-1] for n in names if n.startswith('transformer_blocks.0.')})[:12]}"
         )
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
-    inject_adapter_in_model(config, backbone, adapter_name=ADAPTER_NAME)
+    inject_adapter_in_model(_lora_config(rank, alpha, targets), backbone, adapter_name=ADAPTER_NAME)
     return sum(1 for _ in lora_layers(backbone))
 
 
@@ -58,7 +64,7 @@ def save_adapter(
 ) -> Path:
     """The adapters alone in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``), loadable with
     `peft.set_peft_model_state_dict` onto a backbone wrapped by `add_lora` with the same settings."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -67,8 +73,7 @@ def save_adapter(
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors")
     )
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
-    config.save_pretrained(str(directory))
+    _lora_config(rank, alpha, targets).save_pretrained(str(directory))
     return directory
 
 

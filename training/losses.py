@@ -15,6 +15,7 @@ pairs and returns the mean over pairs, in fp32:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -31,10 +32,19 @@ def bt_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(r_w - r_l).mean()
 
 
-def _gauss_hermite(nodes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes x_i and weights w_i with E[f(Z)] = sum_i w_i f(x_i) for Z ~ N(0, 1) (probabilists' Hermite)."""
+@functools.lru_cache(maxsize=8)
+def _hermite_rule(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes x_i and weights w_i with E[f(Z)] = sum_i w_i f(x_i) for Z ~ N(0, 1) (probabilists' Hermite), read-only:
+    computed once per node count, not once per loss."""
     x, w = np.polynomial.hermite_e.hermegauss(nodes)
     w = w / w.sum()  # the weight function exp(-x^2/2) integrates to sqrt(2 pi)
+    x.flags.writeable = w.flags.writeable = False
+    return x, w
+
+
+def _gauss_hermite(nodes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_hermite_rule` as float64 tensors on `device`."""
+    x, w = _hermite_rule(nodes)
     return torch.tensor(x, dtype=torch.float64, device=device), torch.tensor(w, dtype=torch.float64, device=device)
 
 

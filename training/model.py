@@ -65,9 +65,4 @@ def build_engine(cfg: TrainConfig, device: torch.device | str = "cpu") -> Reward
     return engine
 
 
-def engine_backbone_key(key: str) -> str | None:
-    """TrainableReward state-dict key -> the engine backbone's key (None for head keys)."""
-    return key.removeprefix("backbone.") if key.startswith("backbone.") else None
-
-
-__all__ = ["TrainableReward", "build_engine", "engine_backbone_key"]
+__all__ = ["TrainableReward", "build_engine"]

@@ -109,7 +109,7 @@ def run_probe(
     val_pairs, _ = load_pairs(val_json, None, **roots)
     cfg, _ = base_source(base)
     engine = RewardEngine.from_base(base, layers=tuple(range(cfg.num_layers)), t=ts[0], dtype=dtype, device=device)
-    cache = LatentCache(cache_dir)
+    cache = caches[0] if caches else LatentCache(cache_dir)  # opened by image_check unless no image was checked
     cache.check(train_pairs + val_pairs)
     groups = contiguous_groups(cfg.num_layers, group_size)
     result: dict[str, Any] = {"t": ts[0], "per_layer_by_t": {}, "groups": [list(g) for g in groups]}

@@ -35,11 +35,11 @@ import torch.distributed as dist
 
 from engine.config import RewardConfig
 from engine.io.backbone import base_source
+from engine.io.checkpoint import check_replaceable
 from training.batching import pair_forward, rank_positions
 from training.buckets import BucketSampler
 from training.cache import LatentCache
 from training.checkpoint import (
-    check_export_target,
     check_resumable,
     check_same_data,
     data_fingerprint,
@@ -132,9 +132,13 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     if d.main:  # a crashed writer's temp checkpoints: never read, each as large as a checkpoint
         for stale in (out_dir / "checkpoints").glob(".step_*.tmp-*"):
             stale.unlink(missing_ok=True)
-    check_export_target(out_dir / "reward")  # refused now, not after every step has run
+    check_replaceable(  # refused now, not after every step has run
+        out_dir / "reward",
+        "the export at the end of training would have to replace them: move them away or use another out_dir",
+    )
 
-    # Cheap checks of the base and the cache first: reading and verifying the images is the slow part.
+    # Cheap checks of the base and the cache first: reading the data files (a symlink-resolving path per image) is
+    # the slow part.
     if cfg.layers is not None:
         RewardConfig(layers=tuple(cfg.layers)).check_against(base_source(cfg.base)[0])
     cache = LatentCache(cfg.cache)
@@ -172,12 +176,13 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
     # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
     # rank and a pure function of the step (exact on resume).
-    sampler = BucketSampler([cache.pair_key(p) for p in pairs], cfg.batch_size, cfg.seed)
+    pair_keys = [cache.pair_key(p) for p in pairs]
+    sampler = BucketSampler(pair_keys, cfg.batch_size, cfg.seed)
     slots = d.world * cfg.grad_accum_steps  # forwards per step over all ranks
 
     def load_batch(step: int, micro_step: int) -> dict[str, Any]:
         chosen = sampler.batch(step)  # the global batch
-        keys = [cache.pair_key(pairs[i]) for i in chosen]
+        keys = [pair_keys[i] for i in chosen]
         # Micro-step m of rank r takes slot m * world + r of the global batch dealt by key (`rank_positions`): the
         # ranks' m-th forwards hold the same number of pairs and share one shape schedule (FSDP2).
         positions = rank_positions(keys, micro_step * d.world + d.rank, slots)
@@ -347,7 +352,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
 
     if "val_accuracy" not in metrics:  # resumed at the last step: nothing ran, evaluate for the export
         metrics |= evaluate()
-    export(engine, model, cfg, metrics, d)
+    export(engine, model, cfg, metrics, d, cache.settings)
     if log_file is not None:
         log_file.close()
     return metrics

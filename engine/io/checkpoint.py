@@ -109,6 +109,22 @@ def _new_sibling(directory: Path, kind: str) -> Path:
     return directory.with_name(f".{directory.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}")
 
 
+_SAVE_REMEDY = "saving would replace the whole directory: save into a new directory or an existing reward checkpoint"
+
+
+def check_replaceable(directory: Path, remedy: str = _SAVE_REMEDY) -> None:
+    """ValueError unless `directory` is absent or a directory holding nothing but reward checkpoint files: replacing
+    it deletes whatever else is there. `remedy` ends the message about such files (what replaces it, what to do)."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory: save the reward checkpoint elsewhere")
+    strangers = sorted(p.name for p in directory.iterdir() if p.name not in CHECKPOINT_FILES)
+    if strangers:
+        shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
+        raise ValueError(f"{directory} holds files that are not part of a reward checkpoint ({shown}); {remedy}")
+
+
 def save_reward_checkpoint(
     directory: str | os.PathLike,
     reward: RewardConfig,
@@ -137,16 +153,7 @@ def save_reward_checkpoint(
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint metadata must be JSON-serialisable (dicts, lists, str, numbers): {e}") from e
     recover_checkpoint(directory)
-    if directory.exists():
-        if not directory.is_dir():
-            raise ValueError(f"{directory} exists and is not a directory: save the reward checkpoint elsewhere")
-        strangers = sorted(p.name for p in directory.iterdir() if p.name not in CHECKPOINT_FILES)
-        if strangers:
-            shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
-            raise ValueError(
-                f"{directory} holds files that are not part of a reward checkpoint ({shown}); saving would replace "
-                f"the whole directory: save into a new directory or an existing reward checkpoint"
-            )
+    check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_sibling(directory, "tmp")
     tmp.mkdir()  # mode 0o777 & ~umask, like any new directory
