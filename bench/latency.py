@@ -20,6 +20,7 @@ import torch
 
 from bench.harness import positive_int
 from bench.latency_runs import BASELINES, Bench, bench_hpsv3, bench_latent, bench_pixel
+from bench.report import row_label
 from bench.targets import COMPILED_BASELINES, EAGER
 from bench.workload import dtype_kwargs
 
@@ -115,7 +116,7 @@ def print_table(rows: list[dict]) -> None:
         f"{'TFLOP/s':>8} {'% floor':>8} {'vs eager':>9} {'vs best compile':>15}"
     )
     for r in rows:
-        label = r["path"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
+        label = row_label(r)
         if "per_image_ms" not in r:
             print(f"{r.get('interface', '-'):<9} {label:<40} {r.get('dtype', '-'):<15} {r['skipped']}")
             continue
