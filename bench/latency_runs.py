@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench.costs import engine_costs
-from bench.harness import ceilings, environment_info, measure_peak, time_fn
+from bench.harness import ceilings, environment_info, measure_peak, provenance, time_fn
 from bench.targets import COMPILE_CUDAGRAPHS, EAGER, REGIONAL_COMPILE, TORCHAO_FP8
 from bench.tiny_base import default_tiny_base
 from bench.workload import dtype_kwargs, latent_inputs
@@ -85,10 +85,7 @@ class Bench:
             "peak_gib": None if peak.allocated_gib is None else round(peak.allocated_gib, 3),
             "nvml_gib": None if peak.nvml_used_gib is None else round(peak.nvml_used_gib, 3),
             **fields,
-            "device": self.env["gpu"] or "cpu",
-            "torch": self.env["torch"],
-            "commit": self.env["git_commit"],
-            "date": self.env["date"],
+            **provenance(self.env),
         }
         if fields.get("flops_per_image"):
             tflop_s, pct = self.floor_pct(fields["flops_per_image"], timing.median_ms, fields.get("dtype", ""))
