@@ -44,6 +44,7 @@ FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hp
 
 # --baselines names and the row labels they produce (labels shared with bench.targets and bench.report)
 BASELINES = {"eager": EAGER, "regional": REGIONAL_COMPILE, "cudagraphs": COMPILE_CUDAGRAPHS, "torchao-fp8": TORCHAO_FP8}
+WHOLE_MODEL_COMPILED = ("cudagraphs", "torchao-fp8")  # --baselines names compiled whole, once per compile mode
 
 
 class Bench:
@@ -183,12 +184,12 @@ def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
             compile_regional(transformer)
         if name == "torchao-fp8":
             quantize_torchao_fp8(transformer)
-        if name in ("cudagraphs", "torchao-fp8"):
+        if name in WHOLE_MODEL_COMPILED:
             compile_whole(transformer, mode)
 
     for name in b.args.baselines:
         label = BASELINES[name]
-        for mode in modes if name in ("cudagraphs", "torchao-fp8") else [None]:
+        for mode in modes if name in WHOLE_MODEL_COMPILED else [None]:
             fields = dict(
                 interface="latent",
                 preset=preset,
@@ -289,7 +290,6 @@ def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     hps = HPSv3Reward("qwen2-vl-7b" if on_gpu else "tiny", dtype=dtype, device=device)
     front = PixelFrontEnd.from_pretrained(b.args.base or default_tiny_base(), device=device, dtype=dtype)
-    vae = front.image_encoder.vae
     if on_gpu and b.args.base is None:  # the real SD3 VAE's size, random weights
         from diffusers import AutoencoderKL
 
