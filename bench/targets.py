@@ -7,7 +7,7 @@ SD3.5-L shape. Two columns: prompts conditioned inside the timed call (as the ba
 beforehand (`condition()` once per prompt batch, the GRPO pattern; rows "..., cond cached"). Speedups are against
 baselines timed in the same run at the same shape; "the strongest compiled diffusers baseline" is the fastest of
 regional compile, whole-model compile with CUDA graphs (any mode) and torchao FP8 + compile. Lines without a bound
-(kind "info") are comparisons the issue asks to see, with no verdict.
+(kind "info") report a comparison with no verdict.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def evaluate(data: dict) -> list[dict[str, Any]]:
     if isinstance(fidelity, dict) and isinstance(fidelity.get("fp8"), dict):
         for key, bound in FIDELITY_TARGETS:
             v = fidelity["fp8"].get(key)
-            if v is None:  # measured only by runs that have it
+            if v is None:  # a figure this results file's fp8_fidelity section lacks (e.g. no grouped inputs): no line
                 continue
             out.append(
                 {
