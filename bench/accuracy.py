@@ -24,9 +24,9 @@ import torch
 from bench.harness import positive_int
 from engine.api import RewardEngine
 from engine.io.checkpoint import read_reward_config
-from training.batching import pair_forward
 from training.cache import encode_image_files
-from training.data import add_path_rule_arguments, read_file
+from training.data import PreferencePair, add_path_rule_arguments, read_file
+from training.evaluation import PairBatch, accuracy, pair_rewards
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -52,23 +52,18 @@ def evaluate_file(
     if area is None:
         raise ValueError("area is required: the bucket area the checkpoint's cache was built at (settings 'area')")
     score = lambda z0, embeds, pooled, noise: engine.score(z0, (embeds, pooled), noise=noise)
-    rewards = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
+
+    def encode(chunk: list[PreferencePair]) -> PairBatch:
         names = {image: f"{p.source} record {p.index}" for p in chunk for image in (p.winner, p.loser)}
-        winners = encode_image_files(front, [p.winner for p in chunk], area, names)
-        losers = encode_image_files(front, [p.loser for p in chunk], area, names)
+        latents = encode_image_files(front, [image for p in chunk for image in (p.winner, p.loser)], area, names)
         embeds, pooled = front.encode_prompts([p.prompt for p in chunk], progress=False)
-        streams = range(2 * start, 2 * (start + len(chunk)))  # image 2i / 2i+1 of the file: pair i's two images
-        r = pair_forward(
-            score, winners, losers, embeds, pooled, seed=seed, streams=streams, device=engine.device
-        )  # [b, 2]
-        rewards.append(r.float().cpu())
-    r = torch.cat(rewards)
+        return latents[0::2], latents[1::2], embeds, pooled  # encoded interleaved: winner i, loser i
+
+    r = pair_rewards(score, pairs, encode, batch_size, seed, engine.device)  # [n, 2]
     return {
         "file": str(Path(path).resolve()),
         "pairs": len(pairs),
-        "accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
+        "accuracy": accuracy(r),
         "ties": int((r[:, 0] == r[:, 1]).sum()),
         "mean_margin": float((r[:, 0] - r[:, 1]).mean()),
     }

@@ -78,18 +78,8 @@ def fp8_fidelity() -> dict:
         if name != "bf16":
             out.setdefault("bf16_linear_share", {})[name] = _bf16_linear_share(engine)
         engine.check_finite = False
-        g = torch.Generator(device=Setup.device).manual_seed(123)
-        rs = []
-        for _ in range(Setup.fidelity_inputs // 8):
-            z0, emb, pooled, eps = Setup.prompt_inputs(8, text_len=text_len, generator=g)
-            rs.append(engine.score(z0, (emb, pooled), noise=eps))
-        scores[name] = torch.cat(rs).double().cpu()
-        g = torch.Generator(device=Setup.device).manual_seed(321)
-        rs = []
-        for _ in range(Setup.fidelity_inputs // GROUP):
-            z0, emb, pooled, eps = Setup.prompt_inputs(GROUP, text_len=text_len, generator=g)
-            rs.append(engine.score(z0, (emb[:1], pooled[:1]), noise=eps))  # one prompt serves the group
-        grouped[name] = torch.cat(rs).double().cpu()
+        scores[name] = _rewards(engine, seed=123, batch=8, text_len=text_len)
+        grouped[name] = _rewards(engine, seed=321, batch=GROUP, text_len=text_len, one_prompt=True)
         del engine
         free_memory()
     out["reward_std_bf16"] = float(scores["bf16"].std())
@@ -100,6 +90,20 @@ def fp8_fidelity() -> dict:
     out[f"{emulated} vs the fp8 engine"] = _agreement(scores["fp8"], scores[emulated])
     log(f"fp8 fidelity: {out}")
     return out
+
+
+def _rewards(engine, seed: int, batch: int, text_len: int | None, one_prompt: bool = False) -> torch.Tensor:
+    """Rewards (float64, CPU) of `Setup.fidelity_inputs // batch` batches of `batch` random inputs, drawn in order from
+    one generator seeded with `seed` (the same inputs for every engine). `one_prompt`: the batch's first prompt serves
+    all its latents (a prompt group)."""
+    g = torch.Generator(device=Setup.device).manual_seed(seed)
+    rs = []
+    for _ in range(Setup.fidelity_inputs // batch):
+        z0, emb, pooled, eps = Setup.prompt_inputs(batch, text_len=text_len, generator=g)
+        if one_prompt:
+            emb, pooled = emb[:1], pooled[:1]
+        rs.append(engine.score(z0, (emb, pooled), noise=eps))
+    return torch.cat(rs).double().cpu()
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -106,7 +106,7 @@ def kernel_tests() -> dict:
     return {"returncode": r.returncode, "tail": tail}
 
 
-@torch.no_grad()  # joint_qkv takes its reference path under autograd: time the inference path
+@torch.no_grad()  # inference timings: the references and their torch.compile record no autograd graph
 def kernel_bench(with_compile: bool) -> dict:
     """Each memory-bound kernel vs its eager torch reference (and torch.compile of it) at SD3.5-L shapes."""
     import kernels

@@ -4,7 +4,8 @@
   inputs rotated so that no cache (allocator, autotuner, a conditioning cache) sees the same tensor twice in a row.
 - `measure_peak`: `torch.cuda.max_memory_allocated` after a reset, plus NVML device-used as a second view (it also
   counts the CUDA context, cuBLAS workspaces and the caching allocator's reserve).
-- `environment_info`: what every result JSON records (GPU, library versions, commit, date; no hostname).
+- `environment_info`: what every result JSON records (GPU, CPU, library versions, commit, date; no hostname), and
+  `provenance`: the part of it every result row repeats.
 - `ceilings`: measured copy bandwidth and matmul throughput, the denominators of the roofline columns.
 """
 
@@ -212,11 +213,22 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def cpu_name() -> str | None:
+    """The CPU model (Linux /proc/cpuinfo), for labelling CPU results."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment_info(device: str | torch.device | None = None) -> dict[str, Any]:
     """What a result JSON records about the machine and software. No hostname, user or path.
 
-    Keys: gpu, gpu_memory_gib, gpu_count, driver, cuda, torch, triton, diffusers, transformers, python, git_commit,
-    date (ISO 8601, UTC).
+    Keys: gpu, gpu_memory_gib, gpu_count, driver, cpu (model name, None where unknown), cpu_count, cuda, torch,
+    triton, diffusers, transformers, python, git_commit, date (ISO 8601, UTC).
     """
     info: dict[str, Any] = {"gpu": None, "gpu_memory_gib": None, "gpu_count": 0, "driver": None}
     if torch.cuda.is_available():
@@ -232,6 +244,8 @@ def environment_info(device: str | torch.device | None = None) -> dict[str, Any]
                 info["driver"] = driver.decode() if isinstance(driver, bytes) else driver
         info["gpu_count"] = torch.cuda.device_count()
     info.update(
+        cpu=cpu_name(),
+        cpu_count=os.cpu_count(),
         cuda=torch.version.cuda,
         torch=torch.__version__,
         triton=_package_version("triton") or _package_version("pytorch-triton"),
@@ -242,6 +256,12 @@ def environment_info(device: str | torch.device | None = None) -> dict[str, Any]
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     return info
+
+
+def provenance(env: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `environment_info` each result row carries: device (the GPU's name, or "cpu"), torch, commit,
+    date."""
+    return {"device": env["gpu"] or "cpu", "torch": env["torch"], "commit": env["git_commit"], "date": env["date"]}
 
 
 def ceilings(device: str | torch.device) -> dict[str, Any]:
@@ -302,4 +322,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-__all__ = ["MemoryPeak", "Timing", "ceilings", "environment_info", "measure_peak", "positive_int", "time_fn"]
+__all__ = [
+    "MemoryPeak",
+    "Timing",
+    "ceilings",
+    "cpu_name",
+    "environment_info",
+    "measure_peak",
+    "positive_int",
+    "provenance",
+    "time_fn",
+]

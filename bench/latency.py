@@ -20,7 +20,8 @@ import torch
 
 from bench.harness import positive_int
 from bench.latency_runs import BASELINES, Bench, bench_hpsv3, bench_latent, bench_pixel
-from bench.targets import COMPILED_BASELINES, EAGER
+from bench.report import row_label
+from bench.targets import COMPILED_BASELINES, EAGER, fastest_baselines
 from bench.workload import dtype_kwargs
 
 
@@ -102,20 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def print_table(rows: list[dict]) -> None:
     """The rows, with speedups vs diffusers eager and vs the strongest compiled baseline of the same shape."""
-    timed = [r for r in rows if "per_image_ms" in r]
     eager, compiled = {}, {}
-    for r in timed:
-        key = (r["resolution"], r["batch"])
-        if r["path"] == EAGER:
-            eager[key] = r["per_image_ms"]
-        if r["path"] in COMPILED_BASELINES:
-            compiled[key] = min(compiled.get(key, float("inf")), r["per_image_ms"])
+    for (path, resolution, batch), ms in fastest_baselines(rows).items():
+        key = (resolution, batch)
+        if path == EAGER:
+            eager[key] = ms
+        if path in COMPILED_BASELINES:
+            compiled[key] = min(compiled.get(key, float("inf")), ms)
     print(
         f"\n{'interface':<9} {'path':<40} {'dtype':<15} {'res':>5} {'b':>3} {'ms/img':>9} {'peak GiB':>9} "
         f"{'TFLOP/s':>8} {'% floor':>8} {'vs eager':>9} {'vs best compile':>15}"
     )
     for r in rows:
-        label = r["path"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
+        label = row_label(r)
         if "per_image_ms" not in r:
             print(f"{r.get('interface', '-'):<9} {label:<40} {r.get('dtype', '-'):<15} {r['skipped']}")
             continue

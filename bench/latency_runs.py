@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench.costs import engine_costs
-from bench.harness import ceilings, environment_info, measure_peak, time_fn
+from bench.harness import ceilings, environment_info, measure_peak, provenance, time_fn
 from bench.targets import COMPILE_CUDAGRAPHS, EAGER, REGIONAL_COMPILE, TORCHAO_FP8
 from bench.tiny_base import default_tiny_base
 from bench.workload import dtype_kwargs, latent_inputs
@@ -44,6 +44,7 @@ FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hp
 
 # --baselines names and the row labels they produce (labels shared with bench.targets and bench.report)
 BASELINES = {"eager": EAGER, "regional": REGIONAL_COMPILE, "cudagraphs": COMPILE_CUDAGRAPHS, "torchao-fp8": TORCHAO_FP8}
+WHOLE_MODEL_COMPILED = ("cudagraphs", "torchao-fp8")  # --baselines names compiled whole, once per compile mode
 
 
 class Bench:
@@ -85,10 +86,7 @@ class Bench:
             "peak_gib": None if peak.allocated_gib is None else round(peak.allocated_gib, 3),
             "nvml_gib": None if peak.nvml_used_gib is None else round(peak.nvml_used_gib, 3),
             **fields,
-            "device": self.env["gpu"] or "cpu",
-            "torch": self.env["torch"],
-            "commit": self.env["git_commit"],
-            "date": self.env["date"],
+            **provenance(self.env),
         }
         if fields.get("flops_per_image"):
             tflop_s, pct = self.floor_pct(fields["flops_per_image"], timing.median_ms, fields.get("dtype", ""))
@@ -186,12 +184,12 @@ def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
             compile_regional(transformer)
         if name == "torchao-fp8":
             quantize_torchao_fp8(transformer)
-        if name in ("cudagraphs", "torchao-fp8"):
+        if name in WHOLE_MODEL_COMPILED:
             compile_whole(transformer, mode)
 
     for name in b.args.baselines:
         label = BASELINES[name]
-        for mode in modes if name in ("cudagraphs", "torchao-fp8") else [None]:
+        for mode in modes if name in WHOLE_MODEL_COMPILED else [None]:
             fields = dict(
                 interface="latent",
                 preset=preset,
@@ -292,7 +290,6 @@ def bench_hpsv3(b: Bench, resolutions: list[int]) -> None:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     hps = HPSv3Reward("qwen2-vl-7b" if on_gpu else "tiny", dtype=dtype, device=device)
     front = PixelFrontEnd.from_pretrained(b.args.base or default_tiny_base(), device=device, dtype=dtype)
-    vae = front.image_encoder.vae
     if on_gpu and b.args.base is None:  # the real SD3 VAE's size, random weights
         from diffusers import AutoencoderKL
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import environment_info, positive_int
+from bench.harness import environment_info, positive_int, provenance
 from engine import RewardEngine
 
 
@@ -120,22 +119,8 @@ def row(path: str, batch: int, concurrency: int, wall_s: float, latencies: list[
         "p50_ms": round(float(np.percentile(lat, 50)), 3),
         "p99_ms": round(float(np.percentile(lat, 99)), 3),
         **fields,
-        "device": env["gpu"] or "cpu",
-        "torch": env["torch"],
-        "commit": env["git_commit"],
-        "date": env["date"],
+        **provenance(env),
     }
-
-
-def cpu_name() -> str | None:
-    """The CPU model (Linux /proc/cpuinfo), for labelling CPU results."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def plot(rows: list[dict], title: str, path: str) -> None:
@@ -182,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from engine.serve.app import EngineSpec, ServeConfig, start
 
-    env = {**environment_info(device), "cpu": cpu_name(), "cpu_count": os.cpu_count()}
+    env = environment_info(device)
     engine = RewardEngine.from_preset(args.preset, dtype=args.dtype, device=device)
     config = ServeConfig(
         max_batch=args.max_batch,

@@ -7,14 +7,14 @@ SD3.5-L shape. Two columns: prompts conditioned inside the timed call (as the ba
 beforehand (`condition()` once per prompt batch, the GRPO pattern; rows "..., cond cached"). Speedups are against
 baselines timed in the same run at the same shape; "the strongest compiled diffusers baseline" is the fastest of
 regional compile, whole-model compile with CUDA graphs (any mode) and torchao FP8 + compile. Lines without a bound
-(kind "info") are comparisons the issue asks to see, with no verdict.
+(kind "info") report a comparison with no verdict.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,17 @@ def _rows(data: dict) -> list[Row]:
     ]
 
 
+def fastest_baselines(rows: Iterable[Row]) -> dict[tuple[str, int, int], float]:
+    """The fastest per-image ms of each baseline at each shape, over its compile modes: {(path, resolution, batch):
+    ms}, from the timed rows (a skipped row has no timing)."""
+    fastest: dict[tuple[str, int, int], float] = {}
+    for r in rows:
+        if r["path"] in BASELINE_PATHS and "per_image_ms" in r:
+            key = (r["path"], r["resolution"], r["batch"])
+            fastest[key] = min(fastest.get(key, float("inf")), r["per_image_ms"])
+    return fastest
+
+
 def _verdict(value: float, bound: float | None, kind: str) -> bool | None:
     if kind == "info":
         return None
@@ -134,11 +145,7 @@ def evaluate(data: dict) -> list[dict[str, Any]]:
             "the baselines and fidelity sections the targets need"
         )
     rows = _rows(data)
-    baselines: dict[tuple, float] = {}  # the fastest row of each baseline at each shape (over compile modes)
-    for r in rows:
-        if r["path"] in BASELINE_PATHS:
-            key = (r["path"], r["resolution"], r["batch"])
-            baselines[key] = min(baselines.get(key, float("inf")), r["per_image_ms"])
+    baselines = fastest_baselines(rows)
     engine = [r for r in rows if r["path"].startswith("engine") and r.get("preset", "sd35-large") == "sd35-large"]
     out = []
     for t in TARGETS:
@@ -160,7 +167,7 @@ def evaluate(data: dict) -> list[dict[str, Any]]:
     if isinstance(fidelity, dict) and isinstance(fidelity.get("fp8"), dict):
         for key, bound in FIDELITY_TARGETS:
             v = fidelity["fp8"].get(key)
-            if v is None:  # measured only by runs that have it
+            if v is None:  # a figure this results file's fp8_fidelity section lacks (e.g. no grouped inputs): no line
                 continue
             out.append(
                 {

@@ -94,13 +94,14 @@ def joint_qkv(
     pow2 = head_dim & (head_dim - 1) == 0  # the kernel's head axis is one power-of-two block (every SD3 model: 64)
     if not pow2 or resolve(backend, img_qkv.device) == "torch":
         return joint_qkv_ref(img_qkv, txt_qkv, heads, norms, eps)
-    inputs = {"img_qkv": img_qkv, "txt_qkv": txt_qkv, **{f"norms[{i}]": w for i, w in enumerate(norms or ())}}
-    graded = [name for name, t in inputs.items() if t is not None and t.requires_grad]
-    if graded and torch.is_grad_enabled():
-        raise ValueError(
-            f"the Triton joint_qkv has no backward, but {', '.join(graded)} require grad: pass backend='torch' "
-            f"under autograd (the engine's Ops does for a differentiable forward), or run under torch.no_grad()"
-        )
+    if torch.is_grad_enabled():  # under no_grad no input can need a backward
+        inputs = {"img_qkv": img_qkv, "txt_qkv": txt_qkv, **{f"norms[{i}]": w for i, w in enumerate(norms or ())}}
+        graded = [name for name, t in inputs.items() if t is not None and t.requires_grad]
+        if graded:
+            raise ValueError(
+                f"the Triton joint_qkv has no backward, but {', '.join(graded)} require grad: pass backend='torch' "
+                f"under autograd (the engine's Ops does for a differentiable forward), or run under torch.no_grad()"
+            )
     batch, n_img, _ = img_qkv.shape
     n_txt = 0 if txt_qkv is None else txt_qkv.shape[1]
     q = img_qkv.new_empty(batch, n_img + (n_txt if txt_has_q else 0), heads, head_dim)
