@@ -61,7 +61,7 @@ def test_a_weight_map_cannot_reach_outside_the_base(base, tmp_path):
     [
         (lambda index: {**index, "weight_map": list(index["weight_map"])}, r"weight_map: got \[.*, expected an object"),
         (
-            lambda index: {**index, "weight_map": {k: 3 for k in index["weight_map"]}},
+            lambda index: {**index, "weight_map": dict.fromkeys(index["weight_map"], 3)},
             r"weight_map\..*: got 3, expected text",
         ),
         (lambda index: {**index, "weight_map": {}}, "weight_map: got {}, expected at least 1 item"),
