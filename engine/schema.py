@@ -72,6 +72,10 @@ class Schema(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with `changes` applied, validated like a new instance (frozen schemas included)."""
+        return type(self)(**(dict(self) | changes))
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
