@@ -97,9 +97,11 @@ def engine_message(engine: RewardEngine, x: dict) -> str:
     raise AssertionError("engine.score accepted the request")
 
 
-def post(url: str, body: bytes, token: str | None = TOKEN, path: str = "/score") -> tuple[int, Message, bytes]:
+def post(
+    url: str, body: bytes, token: str | None = TOKEN, path: str = "/score", headers: dict[str, str] | None = None
+) -> tuple[int, Message, bytes]:
     """One raw POST, no retries: (status, headers (case-insensitive), body)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
     request = urllib.request.Request(url + path, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=120) as r:
