@@ -29,7 +29,7 @@ from engine.io.checkpoint import load_head, read_reward_config, save_reward_chec
 from engine.io.sources import TensorSource
 from engine.model.conditioning import Conditioning
 from engine.model.mmdit import MMDiTReward, diffusers_state_dict
-from engine.runtime.backends import Backends
+from engine.runtime.backends import Backends, in_engine_dtype
 from kernels.backend import accumulation_dtype
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
@@ -269,6 +269,7 @@ class RewardEngine(nn.Module):
             self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
         return self.pixel
 
+    @in_engine_dtype
     def score_images(
         self,
         images: Any,
@@ -310,6 +311,7 @@ class RewardEngine(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- scoring
 
+    @in_engine_dtype
     def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, grad: bool = False) -> Conditioning:
         """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. `grad=True`
         keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs, unlike
@@ -328,6 +330,7 @@ class RewardEngine(nn.Module):
         assign=True) is not seen."""
         return sum(t._version for t in self._prompt_tensors)
 
+    @in_engine_dtype
     def features(
         self,
         latents: torch.Tensor,
@@ -382,6 +385,7 @@ class RewardEngine(nn.Module):
             )
         return self.condition(*as_prompt_pair(prompt_emb, self.config), grad=grad)
 
+    @in_engine_dtype
     def score(
         self,
         latents: torch.Tensor,
@@ -418,6 +422,7 @@ class RewardEngine(nn.Module):
 
     # ------------------------------------------------------------------------------------------- validation
 
+    @in_engine_dtype
     def conditioning_for(
         self,
         latents: torch.Tensor,
