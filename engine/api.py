@@ -29,6 +29,7 @@ from engine.io.checkpoint import load_head, read_reward_config, save_reward_chec
 from engine.io.sources import TensorSource
 from engine.model.conditioning import Conditioning
 from engine.model.mmdit import MMDiTReward, diffusers_state_dict
+from engine.reward_noise import CommonNoise, NoiseOption, check_noise_option
 from engine.runtime.backends import Backends, in_engine_dtype
 from kernels.backend import accumulation_dtype
 
@@ -87,6 +88,7 @@ class RewardEngine(nn.Module):
         self._prompt_tensors = [t for m in prompt_path for t in (*m.parameters(), *m.buffers())]
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
+        self._common_noise = CommonNoise()
         self.backends = Backends.resolve(kernels_backend, attention, self.device, self.dtype, fp8=fp8)
         self.eval().requires_grad_(False)
 
@@ -276,6 +278,7 @@ class RewardEngine(nn.Module):
         prompts: Sequence[str],
         *,
         seed: int | None = None,
+        noise: NoiseOption = "fresh",
         max_side: int | None = None,
         normalize: bool = False,
         progress: bool | None = None,
@@ -283,15 +286,19 @@ class RewardEngine(nn.Module):
         """The pixel interface: images (PIL, paths, uint8 HWC arrays or float NCHW in [0, 1]) and one prompt each ->
         rewards [B] float32 in input order. Images are resized to multiples of 16 (see `engine.pixel.load_images`),
         VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
-        and scored on the latent path; images of different sizes are scored in separate groups. With `seed`, image i
-        of the call uses noise stream i whatever the sizes of the others (its reward does not depend on them)."""
+        and scored on the latent path; images of different sizes are scored in separate groups. Noise: fresh; with
+        `seed`, image i of the call uses stream i whatever the sizes of the others; `noise="common"`: each size group
+        gets the `common_noise` of its shape (as the RL reward fns)."""
+        check_noise_option(noise, seed, default="fresh")
         groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress, seed=seed)
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
+            latents = g.latents.to(self.device, self.dtype)
+            eps = self.common_noise(latents) if noise == "common" else g.noise  # (fp32: as the seeded kernel draws)
             rewards[g.index.to(self.device)] = self.score(
-                g.latents.to(self.device, self.dtype),
+                latents,
                 (g.prompt_embeds, g.pooled),
-                noise=None if g.noise is None else g.noise.to(self.device, self.dtype),
+                noise=None if eps is None else eps.to(self.device),
                 prompt_index=g.prompt_index.to(self.device),
                 normalize=normalize,
             )
@@ -310,6 +317,11 @@ class RewardEngine(nn.Module):
         return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, metadata)
 
     # ---------------------------------------------------------------------------------------------- scoring
+
+    def common_noise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The eps RL rewards use by default (`engine.reward_noise`): one fixed draw per latent shape, expanded over
+        latents [B, C, H, W], on their device, float32; cached per (shape, device, dtype); a read-only view."""
+        return self._common_noise.draw(latents)
 
     @in_engine_dtype
     def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, grad: bool = False) -> Conditioning:

@@ -10,6 +10,11 @@ Three pieces, from the loosest coupling to the tightest:
 - `dit_latent_reward_fn` scores the sampler's own final latents and prompt embeddings, *before* the VAE decode:
   no decode, no re-encode, no text encoders. A GRPO group (16-24 samples of one prompt) shares one conditioning.
 - `group_advantages` is Flow-GRPO's per-prompt normalisation, ``(r - mean_g) / (std_g + eps)``.
+
+Every reward these functions return is deterministic by default: the near-clean noise of Eq. 1 is one fixed draw
+per latent shape shared by every image (common random numbers, `engine.reward_noise`), so an image's reward depends
+on the image and its prompt only. Reward noise would become advantage noise; ``noise="fresh"`` asks for it anyway,
+``seed=`` gives image ``b`` of a call Philox stream ``b``.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import numpy as np
 import torch
 
 from engine.api import RewardEngine
-from engine.checks import check_seed, resolve_device, same_device
+from engine.checks import resolve_device, same_device
 from engine.pixel import ImageBatch
+from engine.reward_noise import NoiseOption, check_noise_option
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
 ImageRewardFn = Callable[[ImageBatch, Sequence[str], Any], tuple[np.ndarray, dict[str, Any]]]
@@ -58,6 +64,7 @@ def dit_reward_fn(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
     normalize: bool = False,
+    noise: NoiseOption = "common",
     seed: int | None = None,
     max_side: int | None = None,
     **engine_kwargs: Any,
@@ -71,8 +78,11 @@ def dit_reward_fn(
         device, dtype, engine_kwargs: for loading a checkpoint (default device: CUDA when available).
         normalize: return ``(r - mean) / std`` with the statistics the trainer stored (BT rewards are unbounded; a
             weighted sum with other rewards in ``multi_score`` wants comparable scales).
-        seed: the near-clean noise eps (image ``b`` of a call uses Philox stream ``b``); None draws fresh noise
-            every call, so the same image scores slightly differently each time.
+        noise: ``"common"`` (default): every image of a size gets the same near-clean eps (`RewardEngine.
+            common_noise`), so an image's score depends only on the image and its prompt, never on the call, the
+            thread or its batch position: reward noise would be advantage noise, and a GRPO group is compared under
+            one perturbation. ``"fresh"``: new noise every call (the same image scores slightly differently).
+        seed: instead of the common draw, image ``b`` of a call uses Philox stream ``b`` of this seed.
         max_side: downscale images whose longer side exceeds this many pixels (see `engine.pixel.load_images`).
 
     Returns:
@@ -84,7 +94,7 @@ def dit_reward_fn(
     For Flow-GRPO's ``multi_score`` registry use `dit_reward_factory`: this function itself is not a factory
     ``multi_score`` can call.
     """
-    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, seed, engine_kwargs)
+    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, noise, seed, engine_kwargs)
     if isinstance(engine_or_checkpoint, RewardEngine):
         engine = engine_or_checkpoint
     else:
@@ -92,10 +102,13 @@ def dit_reward_fn(
             engine_or_checkpoint, base=base, dtype=dtype, device=resolve_device(device), **engine_kwargs
         )
     engine.pixel_front_end()  # load the VAE and text encoders now: a missing base fails here, not mid-training
+    pixel_noise = "fresh" if seed is not None else noise  # score_images: "fresh" + seed = seeded streams
 
     def reward_fn(images: ImageBatch, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
         # score_images takes Flow-GRPO's prompt tuples and numpy string arrays as they come.
-        scores = engine.score_images(images, prompts, seed=seed, max_side=max_side, normalize=normalize)
+        scores = engine.score_images(
+            images, prompts, seed=seed, noise=pixel_noise, max_side=max_side, normalize=normalize
+        )
         return scores.cpu().numpy(), {}
 
     reward_fn.engine = engine  # type: ignore[attr-defined]
@@ -103,10 +116,10 @@ def dit_reward_fn(
 
 
 def _check_reward_args(
-    caller: str, engine_or_checkpoint: Any, base: Any, seed: Any, engine_kwargs: dict[str, Any]
+    caller: str, engine_or_checkpoint: Any, base: Any, noise: Any, seed: Any, engine_kwargs: dict[str, Any]
 ) -> None:
     """The argument checks `dit_reward_fn` and `dit_reward_factory` share (`caller`: the function, for messages)."""
-    check_seed(seed)
+    check_noise_option(noise, seed, default="common")
     if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
         raise TypeError(
             f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
@@ -130,6 +143,7 @@ def dit_reward_factory(
     base: str | os.PathLike | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
     normalize: bool = False,
+    noise: NoiseOption = "common",
     seed: int | None = None,
     max_side: int | None = None,
     **engine_kwargs: Any,
@@ -140,8 +154,9 @@ def dit_reward_factory(
     factory.__code__.co_varnames``, else ``factory()``. `dit_reward_fn` itself would be called with the device as
     its first argument, and a ``functools.partial`` has no ``__code__``; the plain function returned here takes
     exactly ``device``. Arguments are those of `dit_reward_fn`, checked now (a typo fails at registration, not when
-    training starts); nothing is loaded until ``make(device)``. With a built engine, ``device`` must be the
-    engine's (an engine is not moved between devices behind its owner's back).
+    training starts); nothing is loaded until ``make(device)``. Rewards are deterministic (common noise, see
+    `dit_reward_fn`). With a built engine, ``device`` must be the engine's (an engine is not moved between devices
+    behind its owner's back).
 
     In ``flow_grpo/rewards.py``, inside ``multi_score``, add one entry to its local ``score_functions`` dict::
 
@@ -149,8 +164,8 @@ def dit_reward_factory(
 
     (with ``from engine.rl import dit_reward_factory`` at the top), then train with ``score_dict={"dit_reward": 1.0}``.
     """
-    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, seed, engine_kwargs)
-    options = dict(normalize=normalize, seed=seed, max_side=max_side)
+    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, noise, seed, engine_kwargs)
+    options = dict(normalize=normalize, noise=noise, seed=seed, max_side=max_side)
 
     def make(device: torch.device | str) -> ImageRewardFn:
         """Flow-GRPO calls this once per process with its accelerator's device."""
@@ -212,6 +227,7 @@ def dit_latent_reward_fn(
     engine: RewardEngine,
     *,
     normalize: bool = False,
+    noise: NoiseOption = "common",
     seed: int | None = None,
     grad: bool = False,
 ) -> LatentRewardFn:
@@ -220,8 +236,13 @@ def dit_latent_reward_fn(
     Args:
         engine: a `RewardEngine` on the sampler's device.
         normalize: ``(r - mean) / std`` with the trainer's statistics.
-        seed: near-clean noise eps (latent ``b`` uses Philox stream ``b``); None: fresh noise each call.
+        noise: ``"common"`` (default): every latent of a shape gets the same eps (`RewardEngine.common_noise`), so
+            a latent's reward depends on the latent and its prompt only (see `dit_reward_fn`); ``"fresh"``: new noise
+            each call.
+        seed: instead of the common draw, latent ``b`` uses Philox stream ``b`` of this seed.
         grad: keep the graph so rewards backpropagate to the latents (reward-gradient methods: ReFL, DRaFT).
+
+    Runs in the engine's dtype under any ambient ``torch.autocast`` (Flow-GRPO samples under fp16 autocast).
 
     Returns:
         ``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None)`` ->
@@ -241,7 +262,7 @@ def dit_latent_reward_fn(
     """
     if not isinstance(engine, RewardEngine):
         raise TypeError(f"engine must be a RewardEngine, got {type(engine).__name__}")
-    check_seed(seed)
+    check_noise_option(noise, seed, default="common")
 
     def latent_reward_fn(
         latents: torch.Tensor,
@@ -256,7 +277,8 @@ def dit_latent_reward_fn(
             latents, prompt_embeds, pooled, prompt_index, group_index, prompts, check_equal=engine.check_finite
         )
         cond = engine.condition(prompt_embeds, pooled)  # once per distinct prompt
-        return engine.score(latents, cond, seed=seed, grad=grad, prompt_index=prompt_index, normalize=normalize)
+        eps = engine.common_noise(latents) if noise == "common" and seed is None else None
+        return engine.score(latents, cond, eps, seed, grad=grad, prompt_index=prompt_index, normalize=normalize)
 
     latent_reward_fn.engine = engine  # type: ignore[attr-defined]
     return latent_reward_fn  # type: ignore[return-value]
