@@ -14,7 +14,8 @@ Three pieces, from the loosest coupling to the tightest:
 Every reward these functions return is deterministic by default: the near-clean noise of Eq. 1 is one fixed draw
 per latent shape shared by every image (common random numbers, `engine.reward_noise`), so an image's reward depends
 on the image and its prompt only. Reward noise would become advantage noise; ``noise="fresh"`` asks for it anyway,
-``seed=`` gives image ``b`` of a call Philox stream ``b``.
+``seed=`` gives image ``b`` of a call Philox stream ``b``. Text is encoded at the T5 length the checkpoint was trained
+at.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def dit_reward_fn(
             one perturbation. ``"fresh"``: new noise every call (the same image scores slightly differently).
         seed: instead of the common draw, image ``b`` of a call uses Philox stream ``b`` of this seed.
         max_side: downscale images whose longer side exceeds this many pixels (see `engine.pixel.load_images`).
+
+    Prompts are encoded at the T5 length the checkpoint was trained at (`RewardEngine.prompt_length`).
 
     Returns:
         ``fn(images, prompts, metadata=None) -> (scores, {})``: images a float NCHW tensor in [0, 1] (Flow-GRPO's
@@ -243,6 +246,8 @@ def dit_latent_reward_fn(
         grad: keep the graph so rewards backpropagate to the latents (reward-gradient methods: ReFL, DRaFT).
 
     Runs in the engine's dtype under any ambient ``torch.autocast`` (Flow-GRPO samples under fp16 autocast).
+    ``prompt_embeds`` should have the length the checkpoint was trained at (``77 + max_sequence_length``); another
+    length warns once per engine (``strict_prompt_length=True``: raises).
 
     Returns:
         ``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None)`` ->
