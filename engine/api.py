@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -92,6 +93,7 @@ class RewardEngine(nn.Module):
         self._prompt_tensors = [t for m in prompt_path for t in (*m.parameters(), *m.buffers())]
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
+        self._pixel_lock = threading.Lock()  # engines are shared between threads (engine.shared): load it once
         self.prompt_length = PromptLength(max_sequence_length, strict_prompt_length)
         self._common_noise = CommonNoise()
         self.backends = Backends.resolve(kernels_backend, attention, self.device, self.dtype, fp8=fp8)
@@ -189,8 +191,8 @@ class RewardEngine(nn.Module):
             **({"layers": tuple(layers)} if layers is not None else {}),
         )
         backbone = load_backbone(
-            cfg, reward.layers, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device)
-        )
+            cfg, reward.layers, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device, allow_meta=True)
+        )  # (meta: the loaders' shape checks without weights)
         engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
         return engine
@@ -267,17 +269,18 @@ class RewardEngine(nn.Module):
     def pixel_front_end(self, **kwargs: Any):
         """The VAE + text encoders of the base directory (`engine.pixel.PixelFrontEnd`), loaded once, on demand;
         prompts encode at the engine's `prompt_length` unless `max_sequence_length=` says otherwise."""
-        if self.pixel is None:
-            from engine.pixel import PixelFrontEnd
+        with self._pixel_lock:
+            if self.pixel is None:
+                from engine.pixel import PixelFrontEnd
 
-            if getattr(self, "base_path", None) is None:
-                raise ValueError(
-                    "score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
-                    "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)"
-                )
-            kwargs.setdefault("dtype", self.dtype)
-            kwargs.setdefault("max_sequence_length", self.prompt_length.t5_tokens)
-            self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
+                if getattr(self, "base_path", None) is None:
+                    raise ValueError(
+                        "score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
+                        "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)"
+                    )
+                kwargs.setdefault("dtype", self.dtype)
+                kwargs.setdefault("max_sequence_length", self.prompt_length.t5_tokens)
+                self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
         return self.pixel
 
     @in_engine_dtype

@@ -14,8 +14,9 @@ Three pieces, from the loosest coupling to the tightest:
 Every reward these functions return is deterministic by default: the near-clean noise of Eq. 1 is one fixed draw
 per latent shape shared by every image (common random numbers, `engine.reward_noise`), so an image's reward depends
 on the image and its prompt only. Reward noise would become advantage noise; ``noise="fresh"`` asks for it anyway,
-``seed=`` gives image ``b`` of a call Philox stream ``b``. Text is encoded at the T5 length the checkpoint was trained
-at.
+``seed=`` gives image ``b`` of a call Philox stream ``b``. Reward functions loading a checkpoint share one engine per
+(checkpoint, base, device, dtype, options) in the process (`engine.shared`), and text is encoded at the T5 length
+the checkpoint was trained at.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 
 from engine.api import RewardEngine
-from engine.checks import resolve_device, same_device
+from engine.checks import resolve_device, resolve_dtype, same_device
 from engine.pixel import ImageBatch
 from engine.reward_noise import NoiseOption, check_noise_option
+from engine.shared import ENGINE_OPTIONS, shared_engine
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
 ImageRewardFn = Callable[[ImageBatch, Sequence[str], Any], tuple[np.ndarray, dict[str, Any]]]
@@ -74,7 +76,8 @@ def dit_reward_fn(
 
     Args:
         engine_or_checkpoint: a built `RewardEngine` (with a base directory attached, see `score_images`), or a
-            reward checkpoint directory loaded with ``RewardEngine.from_pretrained(checkpoint, base=base, ...)``.
+            reward checkpoint directory: ``RewardEngine.from_pretrained(checkpoint, base=base, ...)``, one engine
+            per process shared by every reward fn asking for the same one (`engine.shared.shared_engine`).
         base: the local SD3/SD3.5 diffusers directory (VAE and text encoders); only with a checkpoint path.
         device, dtype, engine_kwargs: for loading a checkpoint (default device: CUDA when available).
         normalize: return ``(r - mean) / std`` with the statistics the trainer stored (BT rewards are unbounded; a
@@ -97,13 +100,11 @@ def dit_reward_fn(
     For Flow-GRPO's ``multi_score`` registry use `dit_reward_factory`: this function itself is not a factory
     ``multi_score`` can call.
     """
-    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, noise, seed, engine_kwargs)
+    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, dtype, noise, seed, engine_kwargs)
     if isinstance(engine_or_checkpoint, RewardEngine):
         engine = engine_or_checkpoint
     else:
-        engine = RewardEngine.from_pretrained(
-            engine_or_checkpoint, base=base, dtype=dtype, device=resolve_device(device), **engine_kwargs
-        )
+        engine = shared_engine(engine_or_checkpoint, base=base, dtype=dtype, device=device, **engine_kwargs)
     engine.pixel_front_end()  # load the VAE and text encoders now: a missing base fails here, not mid-training
     pixel_noise = "fresh" if seed is not None else noise  # score_images: "fresh" + seed = seeded streams
 
@@ -119,10 +120,20 @@ def dit_reward_fn(
 
 
 def _check_reward_args(
-    caller: str, engine_or_checkpoint: Any, base: Any, noise: Any, seed: Any, engine_kwargs: dict[str, Any]
+    caller: str, engine_or_checkpoint: Any, base: Any, dtype: Any, noise: Any, seed: Any, engine_kwargs: dict
 ) -> None:
     """The argument checks `dit_reward_fn` and `dit_reward_factory` share (`caller`: the function, for messages)."""
     check_noise_option(noise, seed, default="common")
+    if "device" in engine_kwargs:
+        raise ValueError(
+            f"{caller}: device is not an option here: Flow-GRPO's multi_score calls the factory with its device, "
+            "make(device), and the engine loads there (for a reward on another device, build dit_reward_fn(..., "
+            "device=...) and register a factory that returns it)"
+        )
+    unknown = sorted(set(engine_kwargs) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"{caller}: unexpected keyword {unknown[0]!r}; engine options are {', '.join(ENGINE_OPTIONS)}")
+    resolve_dtype(dtype, torch.bfloat16)  # ("fp8" included)
     if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
         raise TypeError(
             f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
@@ -156,10 +167,11 @@ def dit_reward_factory(
     ``multi_score`` builds each registered reward as ``factory(device)`` when ``'device' in
     factory.__code__.co_varnames``, else ``factory()``. `dit_reward_fn` itself would be called with the device as
     its first argument, and a ``functools.partial`` has no ``__code__``; the plain function returned here takes
-    exactly ``device``. Arguments are those of `dit_reward_fn`, checked now (a typo fails at registration, not when
-    training starts); nothing is loaded until ``make(device)``. Rewards are deterministic (common noise, see
-    `dit_reward_fn`). With a built engine, ``device`` must be the engine's (an engine is not moved between devices
-    behind its owner's back).
+    exactly ``device``. Arguments are those of `dit_reward_fn` (but ``device``: multi_score chooses it), checked
+    now (a typo fails at registration, not when training starts); nothing is loaded until ``make(device)``. Rewards
+    are deterministic (common noise, see `dit_reward_fn`), and Flow-GRPO's two ``multi_score`` calls (training and
+    evaluation) share one engine. With a built engine, ``device`` must be the engine's (an engine is not moved
+    between devices behind its owner's back).
 
     In ``flow_grpo/rewards.py``, inside ``multi_score``, add one entry to its local ``score_functions`` dict::
 
@@ -167,7 +179,7 @@ def dit_reward_factory(
 
     (with ``from engine.rl import dit_reward_factory`` at the top), then train with ``score_dict={"dit_reward": 1.0}``.
     """
-    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, noise, seed, engine_kwargs)
+    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, dtype, noise, seed, engine_kwargs)
     options = dict(normalize=normalize, noise=noise, seed=seed, max_side=max_side)
 
     def make(device: torch.device | str) -> ImageRewardFn:
