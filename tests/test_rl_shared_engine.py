@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from flow_grpo import build_score_fns, combine
+from flow_grpo import build_score_fns, multi_score
 
 from bench.tiny_base import default_tiny_base
 from engine import RewardEngine
+from engine.pixel import PixelFrontEnd
 from engine.rl import dit_reward_factory, dit_reward_fn
 from engine.shared import shared_engine, shared_engines
 
@@ -31,23 +32,41 @@ def _factory(checkpoint, **kw):
     return dit_reward_factory(checkpoint, base=default_tiny_base(), normalize=True, **kw)
 
 
-def test_two_multi_score_calls_hold_one_engine(checkpoint) -> None:
+def _count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list:
+    """Replace the classmethod `cls.name` by one that records each call (thread-safe) and then runs it."""
+    calls, lock, real = [], threading.Lock(), getattr(cls, name).__func__
+
+    def counting(klass, *args, **kwargs):
+        with lock:
+            calls.append(args)
+        return real(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, classmethod(counting))
+    return calls
+
+
+def test_two_multi_score_calls_hold_one_engine(checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    gc.collect()  # no engine of this checkpoint left alive by another test
+    engines = _count_calls(monkeypatch, RewardEngine, "from_pretrained")
+    fronts = _count_calls(monkeypatch, PixelFrontEnd, "from_pretrained")
     score_functions = {"dit_reward": _factory(checkpoint)}  # the registry entry the README adds
     score_dict = {"dit_reward": 1.0}
     device = torch.device("cpu")
     # train_sd3.py: reward_fn = multi_score(device, ...); eval_reward_fn = multi_score(device, ...)
-    train_fns = build_score_fns(score_functions, score_dict, device)
-    eval_fns = build_score_fns(score_functions, score_dict, device)
-    engine = train_fns["dit_reward"].engine
-    assert eval_fns["dit_reward"].engine is engine  # one MMDiT
-    assert eval_fns["dit_reward"].engine.pixel is engine.pixel  # one VAE, one set of text encoders
-    assert sum(e is engine for e in shared_engines()) == 1
-    reward_fn, eval_reward_fn = combine(train_fns, score_dict), combine(eval_fns, score_dict)
+    reward_fn = multi_score(score_functions, device, score_dict)
+    eval_reward_fn = multi_score(score_functions, device, score_dict)
+    assert len(engines) == 1 and len(fronts) == 1  # one MMDiT; one VAE and one set of text encoders
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     prompts = ("a cat", "a cat", "a dog", "a dog")
     train, _ = reward_fn(images, prompts, {}, only_strict=True)
     evaluation, _ = eval_reward_fn(images, prompts, {}, only_strict=False)
     np.testing.assert_array_equal(train["avg"], evaluation["avg"])
+    # the reward fns multi_score builds hold the very same objects
+    train_fns = build_score_fns(score_functions, score_dict, device)
+    eval_fns = build_score_fns(score_functions, score_dict, device)
+    engine = train_fns["dit_reward"].engine
+    assert eval_fns["dit_reward"].engine is engine and eval_fns["dit_reward"].engine.pixel is engine.pixel
+    assert sum(e is engine for e in shared_engines()) == 1 and len(engines) == 1
     # a path spelt differently (relative, trailing dot) is the same checkpoint
     same = dit_reward_fn(checkpoint / ".", base=default_tiny_base(), dtype="fp32", kernels_backend="torch")
     assert same.engine is engine
@@ -76,16 +95,7 @@ def test_registry_holds_engines_weakly(checkpoint) -> None:
 
 
 def test_concurrent_callers_wait_for_one_build(checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    built = []
-    real = RewardEngine.from_pretrained.__func__
-    lock = threading.Lock()
-
-    def counting(cls, *args, **kwargs):
-        with lock:
-            built.append(1)
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(RewardEngine, "from_pretrained", classmethod(counting))
+    built = _count_calls(monkeypatch, RewardEngine, "from_pretrained")
     start = threading.Barrier(4)
 
     def load(_):
