@@ -260,7 +260,7 @@ def test_deployment_handle_skips_http(url, engine):
 def test_default_noise_is_common_so_a_reward_ignores_its_call_batch_and_position(url, engine):
     """Without noise or seed the server scores with engine.common_noise: an image's reward is the same alone, in a
     permuted batch, from several threads batched with other requests, and through RemoteLatentReward; fresh noise
-    (noise="fresh") moves rewards by far more than the tolerance."""
+    (noise="fresh") moves rewards by more than the tolerance."""
     gen = torch.Generator().manual_seed(8)
     x = make_request(engine, gen, batch=4, side=16, prompts=1, kind="common")
     reference = in_process(engine, x)
@@ -278,8 +278,9 @@ def test_default_noise_is_common_so_a_reward_ignores_its_call_batch_and_position
     torch.testing.assert_close(RemoteLatentReward(url, TOKEN)(x["latents"], *rows), reference, rtol=0, atol=TOL)
     fresh = RemoteLatentReward(url, TOKEN, noise="fresh")
     a, b = fresh(x["latents"], *rows), fresh(x["latents"], *rows)
-    assert (a - b).abs().max() > 100 * TOL and (a - reference).abs().max() > 100 * TOL
-    with pytest.raises(ValueError, match="noise='fresh' asks for new noise"):
+    # (near-clean noise moves the tiny preset's rewards by ~1e-4; equal draws would agree to ~1e-7)
+    assert (a - b).abs().max() > 2 * TOL and (a - reference).abs().max() > 2 * TOL
+    with pytest.raises(ValueError, match="seed= fixes the noise per image"):
         RemoteLatentReward(url, TOKEN, noise="fresh", seed=1)
 
 

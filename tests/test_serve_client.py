@@ -4,6 +4,7 @@ and which errors they raise. No Ray: the clients need only the standard library.
 from __future__ import annotations
 
 import email.utils
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from engine.serve import (
     RemoteRewardError,
     ScoreClient,
     ServerResponseError,
+    remote_reward_fn,
 )
 from engine.serve.client import retry_after_s
 
@@ -31,6 +33,7 @@ class Script:
 
     def __init__(self, *answers: tuple[int, dict[str, str], bytes]):
         self.answers, self.times, self.bodies = list(answers), [], []
+        self.healthz: dict = {}
 
 
 @pytest.fixture
@@ -45,6 +48,13 @@ def server() -> Iterator[tuple[str, Script]]:
             self.send_response(status)
             for k, v in {"Content-Length": str(len(body)), **headers}.items():
                 self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802
+            body = json.dumps(script.healthz).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
@@ -160,3 +170,20 @@ def test_remote_latent_reward_sends_the_noise_option(server):
     for bad, message in (({"noise": "random"}, "noise must be 'common'"), ({"seed": -1}, "seed must be an int in")):
         with pytest.raises(ValueError, match=message):
             RemoteLatentReward(url, **bad)
+
+
+def test_remote_image_reward_encodes_prompts_at_the_servers_trained_length(server):
+    """Issue 23.3: the server's reward was trained at some T5 length (its /healthz says which); remote_reward_fn
+    encodes prompts at it unless told otherwise, so the server scores the embeddings its head was trained on."""
+    from bench.tiny_base import default_tiny_base
+
+    url, script = server
+    script.healthz = {"status": "ok", "max_sequence_length": 64}
+    fn = remote_reward_fn(url, base=default_tiny_base(), device="cpu")
+    assert fn.front_end.prompt_encoder.max_sequence_length == 64
+    images = [torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()]
+    script.answers = [ok(rewards=torch.ones(1))]
+    scores, _ = fn(images, ["a red cube"])
+    assert scores.tolist() == [1.0] and load(script.bodies[-1])["prompt_embeds"].shape[1] == 77 + 64
+    fixed = remote_reward_fn(url, base=default_tiny_base(), device="cpu", max_sequence_length=32)
+    assert fixed.front_end.prompt_encoder.max_sequence_length == 32

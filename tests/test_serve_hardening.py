@@ -174,7 +174,7 @@ def test_property_malformed_bodies_never_change_a_good_ones_reward(url, engine, 
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     goods = [
         make_request(engine, gen, batch=data.draw(st.integers(1, 3)), side=data.draw(st.sampled_from([8, 16])),
-                     prompts=1, kind=data.draw(st.sampled_from(["noise", "seed"])))
+                     prompts=1, kind=data.draw(st.sampled_from(["noise", "seed", "common"])))
         for _ in range(data.draw(st.integers(1, 5), label="good requests"))
     ]  # fmt: skip
     kinds = data.draw(st.lists(st.sampled_from(BAD_KINDS), min_size=1, max_size=4), label="bad requests")

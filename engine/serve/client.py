@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.reward_noise import NoiseOption, check_noise_option
 from engine.serve.wire import decode_response, encode_request
 
 
@@ -128,6 +129,10 @@ class ScoreClient:
             delay = min(2 * delay, self.max_backoff_s)
             self.retries += 1
 
+    def describe(self) -> dict[str, Any]:
+        """``GET /healthz``: the server's model dimensions, prompt lengths, dtype and device."""
+        return json.loads(self.get("/healthz"))
+
     def get(self, path: str) -> bytes:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token is not None else {}
         with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=30) as r:
@@ -140,22 +145,6 @@ def _error_message(e: urllib.error.HTTPError) -> str:
         return json.loads(raw)["error"]
     except (ValueError, KeyError, TypeError):
         return raw.decode(errors="replace")[:500]
-
-
-NOISE_OPTIONS = ("common", "fresh")
-
-
-def check_noise(noise: str, seed: int | None) -> None:
-    """``noise``: "common" (the server's one fixed draw per latent shape: deterministic rewards) or "fresh"; a
-    ``seed`` fixes the noise itself and goes with "common" only."""
-    from engine.checks import check_seed
-
-    check_seed(seed)
-    if noise not in NOISE_OPTIONS:
-        raise ValueError(f"noise must be 'common' (one fixed draw per latent shape: deterministic rewards) or "
-                         f"'fresh' (new noise every call), got {noise!r}")  # fmt: skip
-    if seed is not None and noise == "fresh":
-        raise ValueError("seed= fixes the noise and noise='fresh' asks for new noise every call: pass one of them")
 
 
 class RemoteLatentReward:
@@ -171,10 +160,10 @@ class RemoteLatentReward:
     """
 
     def __init__(
-        self, url: str, token: str | None = None, *, noise: str = "common", seed: int | None = None,
+        self, url: str, token: str | None = None, *, noise: NoiseOption = "common", seed: int | None = None,
         **client_kwargs: Any,
     ):  # fmt: skip
-        check_noise(noise, seed)
+        check_noise_option(noise, seed, default="common")
         self.client = ScoreClient(url, token, **client_kwargs)
         self.noise, self.seed = noise, seed
 
@@ -205,9 +194,10 @@ def remote_reward_fn(
     base: str | os.PathLike,
     token: str | None = None,
     device: torch.device | str | None = None,
-    noise: str = "common",
+    noise: NoiseOption = "common",
     seed: int | None = None,
     max_side: int | None = None,
+    max_sequence_length: int | None = None,
     **client_kwargs: Any,
 ):
     """A Flow-GRPO image reward ``fn(images, prompts, metadata) -> (scores, {})`` backed by the server.
@@ -216,12 +206,15 @@ def remote_reward_fn(
     ``device`` (what `engine.rl.dit_reward_fn` runs in-process, without the MMDiT), encodes the images and prompts,
     and sends latents. It saves the reward backbone's memory, not the encoders'. Noise as `RemoteLatentReward`:
     the server's common noise by default, ``noise="fresh"``, or ``seed`` (image i of a call uses noise stream i, as
-    `RewardEngine.score_images`)."""
+    `RewardEngine.score_images`). Prompts are encoded at the T5 length the server's reward was trained at (its
+    ``/healthz`` says which), unless ``max_sequence_length`` says otherwise."""
     from engine.pixel import PixelFrontEnd
 
-    check_noise(noise, seed)
-    front = PixelFrontEnd.from_pretrained(base, device=device)
+    check_noise_option(noise, seed, default="common")
     client = ScoreClient(url, token, **client_kwargs)
+    if max_sequence_length is None:
+        max_sequence_length = client.describe()["max_sequence_length"]
+    front = PixelFrontEnd.from_pretrained(base, device=device, max_sequence_length=max_sequence_length)
 
     def reward_fn(images: Any, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
         groups = front.prepare(images, prompts, max_side=max_side, seed=seed)
@@ -232,4 +225,5 @@ def remote_reward_fn(
             scores[g.index.cpu().numpy()] = out["rewards"].numpy()
         return scores, {}
 
+    reward_fn.front_end = front  # type: ignore[attr-defined]
     return reward_fn

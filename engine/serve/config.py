@@ -13,14 +13,14 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from engine.config import PRESETS
+from engine.prompt_length import CLIP_TOKENS, MAX_T5_TOKENS
 from engine.schema import Schema, SchemaError, invalid, text_value, validate
 
 # The longest prompt_embeds the SD3/SD3.5 pipelines produce: 77 CLIP tokens, then T5 at max_sequence_length <= 512
 # (diffusers refuses more). Flow-GRPO sends 77 + 128, the pipeline's default is 77 + 256. Joint attention grows
 # with the text tokens, so an uncapped prompt is a cost any caller could impose (65,536 tokens: 33 s on the tiny
 # preset).
-CLIP_TOKENS, T5_MAX_TOKENS = 77, 512
-MAX_PROMPT_TOKENS = CLIP_TOKENS + T5_MAX_TOKENS
+MAX_PROMPT_TOKENS = CLIP_TOKENS + MAX_T5_TOKENS
 
 # RFC 6750 b64token: what can follow "Bearer " in an Authorization header.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")

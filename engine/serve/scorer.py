@@ -232,6 +232,8 @@ class Scorer:
             "joint_attention_dim": cfg.joint_attention_dim,
             "pooled_projection_dim": cfg.pooled_projection_dim,
             "max_prompt_tokens": self.max_prompt_tokens,
+            # the T5 length the reward was trained at: clients encode prompts at it (77 CLIP tokens come first)
+            "max_sequence_length": self.engine.prompt_length.t5_tokens,
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "device": str(self.engine.device),
             "cache_rows": len(self.cache),
