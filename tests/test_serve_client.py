@@ -158,6 +158,21 @@ def test_408_and_503_are_retried(server):
     assert client.score(LATENTS, *PROMPT)["rewards"].tolist() == [1.0, 1.0] and client.retries == 2
 
 
+def test_the_request_is_checked_by_the_servers_schema_before_it_is_sent(server):
+    url, script = server
+    noise = torch.zeros_like(LATENTS)
+    cases = [
+        ({"noise": noise, "seed": 1}, "request: seed: .* expected at most one of noise, seed, fresh_noise"),
+        ({"seed": 2**63}, "seed must be an int in \\[0, 2\\*\\*63\\)"),
+    ]
+    with pytest.raises(ValueError, match="request: latents: got float8_e4m3fn tensor"):
+        ScoreClient(url).score(LATENTS.to(torch.float8_e4m3fn), *PROMPT)
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ScoreClient(url).score(LATENTS, *PROMPT, **kwargs)
+    assert not script.times, "nothing was sent"
+
+
 def test_remote_latent_reward_sends_the_noise_option(server):
     url, script = server
     script.answers = [ok(rewards=torch.ones(2))]

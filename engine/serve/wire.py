@@ -34,21 +34,21 @@ def encode_request(
     seed: int | None = None,
     fresh_noise: bool = False,
 ) -> bytes:
-    """A ``POST /score`` body (tensors are copied to the CPU; dtypes are kept, bf16 included). Without noise, seed
-    or fresh_noise the server scores with its engine's common noise."""
-    if sum((noise is not None, seed is not None, fresh_noise)) > 1:
-        raise ValueError("pass at most one of noise, seed or fresh_noise=True")
-    check_seed(seed)
-    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled": pooled}
-    if prompt_index is not None:
-        tensors["prompt_index"] = torch.as_tensor(prompt_index).long()
-    if noise is not None:
-        tensors["noise"] = noise
-    if seed is not None:
-        tensors["seed"] = torch.tensor(seed, dtype=torch.int64)
-    if fresh_noise:
-        tensors["fresh_noise"] = torch.tensor(True)
-    return _save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    """A ``POST /score`` body (tensors are copied to the CPU; dtypes are kept, bf16 included), checked against the
+    request schema the server applies (`ScoreRequest`; a `RequestError` names what is wrong). Without noise, seed or
+    fresh_noise the server scores with its engine's common noise."""
+    check_seed(seed)  # a Python int outside int64 cannot become the wire's tensor
+    tensors = {
+        "latents": latents,
+        "prompt_embeds": prompt_embeds,
+        "pooled": pooled,
+        "prompt_index": None if prompt_index is None else torch.as_tensor(prompt_index).long(),
+        "noise": noise,
+        "seed": None if seed is None else torch.tensor(seed, dtype=torch.int64),
+        "fresh_noise": torch.tensor(True) if fresh_noise else None,
+    }
+    request = check_request({k: v for k, v in tensors.items() if v is not None})
+    return _save({k: v.detach().contiguous().cpu() for k, v in request.tensors().items()})
 
 
 def decode_request(body: bytes) -> ScoreRequest:
