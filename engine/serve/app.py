@@ -72,8 +72,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 
 # For `serve build engine.serve.app:app -o serve.yaml`, which takes an Application and no arguments: the tiny preset
-# with random weights on the CPU. The file it writes lists every deployment option; point its import_path at
-# app_builder and give args (checkpoint, base, device, autoscale, ...) to serve a real model.
+# with random weights on the CPU. To serve a real model, point the file's import_path at app_builder, give args
+# (checkpoint, base, device, autoscale, ...) and delete its `deployments:` list, whose entries would override what
+# the args set (tests/test_serve_deploy.py does exactly this).
 app = app_builder({"preset": "tiny", "dtype": "fp32", "device": "cpu"})
 
 
