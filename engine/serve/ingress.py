@@ -188,8 +188,10 @@ class Ingress:
     def _authorized(self, request: Request) -> bool:
         if self.config.token is None:
             return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.config.token}".encode())
+        # RFC 9110 11.1: the scheme is case-insensitive; the token (non-empty by ServeConfig) is compared in
+        # constant time, so an empty or partial secret never passes
+        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(secret.encode(), self.config.token.encode())
 
     async def _score(self, request: Request) -> Response:
         if not self._authorized(request):
