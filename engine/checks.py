@@ -44,9 +44,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torc
     return dtype
 
 
-def resolve_device(device: torch.device | str | int | None, default: torch.device | str | None = None) -> torch.device:
-    """`device` as a torch.device, refused with a ValueError when it does not parse or names a CUDA device this
-    process cannot use. None means `default`, or CUDA when available else the CPU."""
+def resolve_device(
+    device: torch.device | str | int | None, default: torch.device | str | None = None, *, allow_meta: bool = False
+) -> torch.device:
+    """`device` as a torch.device, refused with a ValueError when it does not parse, names a CUDA device this
+    process cannot use, or is "meta" (shapes without values: only loaders that check shapes pass `allow_meta`).
+    None means `default`, or CUDA when available else the CPU."""
     if device is None:
         device = default if default is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
@@ -56,6 +59,9 @@ def resolve_device(device: torch.device | str | int | None, default: torch.devic
         resolved = torch.device(device)
     except (RuntimeError, ValueError) as err:
         raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if resolved.type == "meta" and not allow_meta:
+        raise ValueError(f"device={str(device)!r} holds shapes but no values, so nothing can be scored or drawn "
+                         "there: pass 'cpu' or 'cuda'")  # fmt: skip
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
