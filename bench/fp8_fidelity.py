@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.gpu_sections import Setup, free_memory, log
+from bench.gpu_sections import Section, Setup, free_memory, log
 from bench.workload import dtype_kwargs
 
 
@@ -61,33 +61,44 @@ FIDELITY_VARIANTS = {
 GROUP = 16  # latents per prompt in the grouped fidelity inputs (a GRPO group)
 
 
-def fp8_fidelity() -> dict:
+def fp8_fidelity(sec: Section) -> dict:
     """Rewards of the same random full-size model in bf16 and FP8 variants on n random inputs: Spearman, pair order,
     and the share of the bf16 model's GEMM FLOPs each variant still runs in bf16 GEMMs (a mixed variant's speed cost;
     1 for the emulations). Then n more inputs in prompt groups of `GROUP` latents (one prompt each): the order
-    agreement within groups, which is what GRPO's group-normalised advantages see."""
+    agreement within groups, which is what GRPO's group-normalised advantages see. A variant that fails gets its
+    error in place of its numbers; none starts once the section's budget is spent."""
     from engine import RewardEngine
 
     out = {}
     scores, grouped = {}, {}
     text_len = 205 if Setup.device == "cuda" else None  # Flow-GRPO's T5 length
     for name, (dtype, transform) in {"bf16": ("bf16", None), **FIDELITY_VARIANTS}.items():
-        engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
-        if transform is not None:  # the same bf16 weights, transformed
-            transform(engine)
-        if name != "bf16":
-            out.setdefault("bf16_linear_share", {})[name] = _bf16_linear_share(engine)
-        engine.check_finite = False
-        scores[name] = _rewards(engine, seed=123, batch=8, text_len=text_len)
-        grouped[name] = _rewards(engine, seed=321, batch=GROUP, text_len=text_len, one_prompt=True)
-        del engine
+        if sec.stopped(f"variant {name}", variant=name):
+            break
+        try:
+            engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
+            if transform is not None:  # the same bf16 weights, transformed
+                transform(engine)
+            if name != "bf16":
+                out.setdefault("bf16_linear_share", {})[name] = _bf16_linear_share(engine)
+            engine.check_finite = False
+            scores[name] = _rewards(engine, seed=123, batch=8, text_len=text_len)
+            grouped[name] = _rewards(engine, seed=321, batch=GROUP, text_len=text_len, one_prompt=True)
+        except Exception as e:
+            out[name] = {"error": f"error: {type(e).__name__}: {str(e)[:300]}"}
+            log(f"fp8 fidelity, {name}: {out[name]['error']}")
+        engine = None
         free_memory()
+    if "bf16" not in scores:
+        return out
     out["reward_std_bf16"] = float(scores["bf16"].std())
     for name in FIDELITY_VARIANTS:
-        out[name] = _agreement(scores["bf16"], scores[name])
-        out[name]["group_order_agreement"] = _group_order_agreement(grouped["bf16"], grouped[name], GROUP)
+        if name in scores:
+            out[name] = _agreement(scores["bf16"], scores[name])
+            out[name]["group_order_agreement"] = _group_order_agreement(grouped["bf16"], grouped[name], GROUP)
     emulated = "e4m3 weights + activations, bf16 GEMMs"
-    out[f"{emulated} vs the fp8 engine"] = _agreement(scores["fp8"], scores[emulated])
+    if {"fp8", emulated} <= set(scores):
+        out[f"{emulated} vs the fp8 engine"] = _agreement(scores["fp8"], scores[emulated])
     log(f"fp8 fidelity: {out}")
     return out
 
