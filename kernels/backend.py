@@ -35,6 +35,11 @@ def row_tiles(n: int) -> tuple[int, int]:
     return a, 1 << max(n - a - 1, 0).bit_length()
 
 
+def row_num_warps(lanes: int) -> int:
+    """Warps for a program that holds a row of `lanes` fp32 values in registers: 8 from 2048 lanes, else 4."""
+    return 8 if lanes >= 2048 else 4
+
+
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether an op on `tensors` records an autograd graph here: only then does it go through its
     `autograd.Function` (an inference call launches the kernel directly, saving nothing for a backward)."""

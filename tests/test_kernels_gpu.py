@@ -101,8 +101,9 @@ def test_quantize_rowwise_cuda(gelu):
     q_ref, scale_ref = quantize_rowwise_ref(rows.reshape(-1, width), gelu=gelu)
     if not gelu:  # the same fp32 values: the same codes but for rare boundary cases
         assert_e4m3_agreement(q, scale, q_ref, scale_ref)
-    # GELU: the kernel's sigmoid form is more exact than torch's 1 + tanh for negative inputs, so judge both against
-    # the fp64 truth (STYLE.md: at most twice the reference's error)
+    # GELU: the kernel's tanh is the SFU's tanh.approx (relative error <= 2^-11, far below e4m3's 2^-4 step) and
+    # torch's is exact-ish, so the codes may differ at rounding boundaries: judge both against the fp64 truth
+    # (STYLE.md: at most twice the reference's error)
     x = rows.reshape(-1, width).double()
     truth = torch.nn.functional.gelu(x, approximate="tanh") if gelu else x
     assert rel_err(q.double() * scale, truth) <= 2 * rel_err(q_ref.double() * scale_ref, truth) + 1e-6

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from kernels import adaln, noise, pooling, qknorm, quant
+from kernels import adaln, adaln_backward, noise, pooling, qknorm, quant
 from kernels.backend import ENV_VAR, LazyKernel, interpreting, observe_launches
 
-KERNEL_MODULES = (adaln, noise, pooling, qknorm, quant)
+KERNEL_MODULES = (adaln, adaln_backward, noise, pooling, qknorm, quant)
 
 # constexprs the launchers set from `interpreting()` (a CPU-interpreter workaround): the GPU launches them like this
-GPU_LAUNCH_VALUES = {"EXACT_ROUNDING": False}
+GPU_LAUNCH_VALUES = {"EXACT_ROUNDING": False, "FAST_TANH": True, "WELFORD": True}
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def _access_widths(ptx: str) -> dict:
     """Widest global load and store in the PTX, in bits (128: fully vectorised; 16 for a bf16 kernel: one element per
     instruction, a memory-bound kernel running far below bandwidth)."""
     widths = {"LD_BITS": 0, "ST_BITS": 0}
-    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
         key = "LD_BITS" if op == "ld" else "ST_BITS"
         widths[key] = max(widths[key], int(vec or 1) * int(bits))
     return widths
