@@ -24,22 +24,30 @@ def _emulate_e4m3(weights: bool, activations: bool):
     """Variant transform: a bf16 engine whose block linears (adaLN excluded, as in `dtype="fp8"`) see FP8's rounding —
     weights rounded to rowwise e4m3 once, and/or inputs rounded per token in a pre-hook — while the GEMMs stay bf16.
     Each source alone says which of FP8's two errors costs the fidelity (the fix differs: weight rounding can be
-    calibrated at load, activation rounding cannot); both together check the emulation against the real FP8 engine."""
+    calibrated at load, activation rounding cannot); both together check the emulation against the real FP8 engine.
 
+    The FFN's first linear is hooked through its `GELUProjection`: on CUDA `Ops.linear_gelu` runs the GEMM with its
+    GELU epilogue from `proj`'s weights without calling `proj`, so a hook on `proj` itself would never fire there."""
     import kernels
+    from engine.model.layers import GELUProjection
 
     def rounded(x: torch.Tensor) -> torch.Tensor:
         q, scale = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]), backend="torch")
         return (q.float() * scale).to(x.dtype).reshape(x.shape)
 
+    def round_input(_, args):
+        return (rounded(args[0]), *args[1:])
+
     def transform(engine) -> None:
-        for name, m in engine.backbone.transformer_blocks.named_modules():
+        blocks = engine.backbone.transformer_blocks
+        for name, m in blocks.named_modules():
             if not isinstance(m, torch.nn.Linear) or ".norm1" in f".{name}":
                 continue
             if weights:
                 m.weight.data = rounded(m.weight.data)
             if activations:
-                m.register_forward_pre_hook(lambda _, args: (rounded(args[0]),))
+                parent = blocks.get_submodule(name.rpartition(".")[0])
+                (parent if isinstance(parent, GELUProjection) else m).register_forward_pre_hook(round_input)
 
     return transform
 
