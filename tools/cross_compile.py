@@ -57,7 +57,7 @@ SHAPES = (
     Shapes("sd3.5-large", dim=2432, heads=38, ffn=9728, tokens=(16, 21), text=5),
     Shapes("odd", dim=224, heads=7, ffn=808, tokens=(7,), text=3),
 )
-POOL_TOKENS = 300  # enough for mean_pool's chunked two-pass launch (more than 256 tokens) at both widths
+POOL_TOKENS = 300  # more tokens than one BLOCK_N tile at every strip width
 
 
 @dataclass
