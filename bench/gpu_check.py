@@ -51,17 +51,18 @@ class Planned:
     predicted_s: float
 
 
-# In order of value. Predictions: run 3's log (2026-11-26, H200) where the section existed, scaled by the rows added
-# since as the CPU smoke counts them; the compiled peers from the issue's estimate of 60-150 s per whole-model compile.
+# In order of value. Predictions (bench/PERF_NOTES.md, "Plan of the next device session"): run 3's seconds per row
+# (2026-11-26, H200) times the rows each section now makes (counted in the CPU smoke's rows.jsonl); the compiled peers
+# from an estimate of 60-150 s per whole-model compile of SD3.5-L (never measured).
 PLAN = (
     Planned("ceilings", 0, 10, 1),
     Planned("kernel_tests", 20, 60, 15),
     Planned("gelu_epilogue_is_tanh", 0, 10, 1),
     Planned("engine_parity", 20, 60, 15),
-    Planned("latency_512", 60, 150, 95),
-    Planned("fp8_fidelity", 60, 130, 85),
+    Planned("latency_512", 60, 170, 115),
+    Planned("fp8_fidelity", 60, 130, 70),
     Planned("adaln_on_host", 30, 60, 30),
-    Planned("latency_1024", 15, 40, 15),
+    Planned("latency_1024", 15, 40, 16),
     Planned("latency_512_b24", 15, 40, 15),
     Planned("profile_fp8", 5, 20, 3),
     Planned("profile_fp8_b1", 5, 20, 3),
