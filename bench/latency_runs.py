@@ -167,64 +167,70 @@ def device_weight_bytes(engine: RewardEngine) -> int:
 
 
 def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
-    args, device = b.args, b.device
-    for dtype in [] if args.no_engine else dtypes:
-        extra = dtype_kwargs(dtype)
-        b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
-        if args.checkpoint:
-            engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
-        elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
-            engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
-        else:
-            engine = RewardEngine.from_preset(preset, device=device, **extra)
-        engine.check_finite = False  # the RL-loop setting: no host syncs
-        # what was built (a checkpoint brings its own config and layers): shapes, FLOPs and labels follow it
-        cfg, layers = engine.config, engine.reward_config.layers
-        model = cfg.preset_name() or "custom"
-        graphed = None
-        if device.type == "cuda" and not args.no_graphs:
-            from engine.runtime.graphs import GraphedScorer
-
-            graphed = GraphedScorer(engine)
-        for side in resolutions:
-            flops = engine_costs(cfg, side, args.text_len, layers=layers)["flops_per_image"]
-            for batch in args.batch:
-                inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
-                common = dict(
-                    interface="latent",
-                    preset=model,
-                    layers=list(layers),
-                    resolution=side,
-                    dtype=dtype,
-                    flops_per_image=flops,
-                    weights_gib=round(device_weight_bytes(engine) / 2**30, 3),
-                    random_weights=not args.checkpoint,
-                )
-                b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
-                # prompt-only work on its own (per prompt), and scoring against conditioning made beforehand: the
-                # GRPO pattern, one condition() per prompt batch serving its group of latents
-                prompt_only = {k: v for k, v in common.items() if k != "flops_per_image"}  # not the forward's FLOPs
-                b.run("condition() per prompt", lambda x: engine.condition(x[1], x[2]), inputs, batch, **prompt_only)
-                cached = [(x[0], engine.condition(x[1], x[2])) for x in inputs]
-                if graphed is not None:
-                    b.run(
-                        "engine cuda-graph",
-                        lambda x: graphed.score(x[0], (x[1], x[2])),
-                        inputs,
-                        batch,
-                        late_fields=lambda: {"first_call_s": round(max(graphed.capture_seconds.values()), 2)},
-                        **common,
-                    )
-                    b.run("engine cuda-graph, cond cached", lambda x: graphed.score(*x), cached, batch, **common)
-                else:
-                    b.run("engine eager, cond cached", lambda x: engine.score(*x), cached, batch, **common)
-                cached = None
-        engine = graphed = None  # free before the next dtype's model is built
-        gc.collect()
-        if device.type == "cuda":
+    for dtype in [] if b.args.no_engine else dtypes:
+        with b.guarded("engine", interface="latent", dtype=dtype):  # a build that fails costs only its dtype
+            _bench_engine(b, preset, resolutions, dtype)
+        gc.collect()  # the engine is freed before the next dtype's model is built
+        if b.device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.baselines:
+    if b.args.baselines:
         bench_diffusers(b, preset, resolutions)
+
+
+def _bench_engine(b: Bench, preset: str, resolutions: list[int], dtype: str) -> None:
+    """The engine rows of one dtype at every --resolution and --batch."""
+    args, device = b.args, b.device
+    b.check_injected("engine")
+    extra = dtype_kwargs(dtype)
+    b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
+    if args.checkpoint:
+        engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
+    elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
+        engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
+    else:
+        engine = RewardEngine.from_preset(preset, device=device, **extra)
+    engine.check_finite = False  # the RL-loop setting: no host syncs
+    # what was built (a checkpoint brings its own config and layers): shapes, FLOPs and labels follow it
+    cfg, layers = engine.config, engine.reward_config.layers
+    model = cfg.preset_name() or "custom"
+    graphed = None
+    if device.type == "cuda" and not args.no_graphs:
+        from engine.runtime.graphs import GraphedScorer
+
+        graphed = GraphedScorer(engine)
+    for side in resolutions:
+        flops = engine_costs(cfg, side, args.text_len, layers=layers)["flops_per_image"]
+        for batch in args.batch:
+            inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
+            common = dict(
+                interface="latent",
+                preset=model,
+                layers=list(layers),
+                resolution=side,
+                dtype=dtype,
+                flops_per_image=flops,
+                weights_gib=round(device_weight_bytes(engine) / 2**30, 3),
+                random_weights=not args.checkpoint,
+            )
+            b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
+            # prompt-only work on its own (per prompt), and scoring against conditioning made beforehand: the
+            # GRPO pattern, one condition() per prompt batch serving its group of latents
+            prompt_only = {k: v for k, v in common.items() if k != "flops_per_image"}  # not the forward's FLOPs
+            b.run("condition() per prompt", lambda x: engine.condition(x[1], x[2]), inputs, batch, **prompt_only)
+            cached = [(x[0], engine.condition(x[1], x[2])) for x in inputs]
+            if graphed is not None:
+                b.run(
+                    "engine cuda-graph",
+                    lambda x: graphed.score(x[0], (x[1], x[2])),
+                    inputs,
+                    batch,
+                    late_fields=lambda: {"first_call_s": round(max(graphed.capture_seconds.values()), 2)},
+                    **common,
+                )
+                b.run("engine cuda-graph, cond cached", lambda x: graphed.score(*x), cached, batch, **common)
+            else:
+                b.run("engine eager, cond cached", lambda x: engine.score(*x), cached, batch, **common)
+            cached = None
 
 
 def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:

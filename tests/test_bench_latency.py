@@ -147,6 +147,14 @@ def test_rows_reach_the_sink_as_they_come_and_a_failing_path_costs_only_its_rows
     assert {"condition() per prompt", "engine eager, cond cached", "diffusers eager+hooks"} <= timed
 
 
+def test_an_engine_that_fails_to_build_costs_only_its_dtype():
+    argv = ["--batch", "2", "--iters", "1", "--resolution", "128", "--dtype", "fp32", "bf16", "--baselines", "eager"]
+    rows = latency.main([*argv, "--fail-path", "engine"])
+    failed = [r for r in rows if r["path"] == "engine"]
+    assert [r["dtype"] for r in failed] == ["fp32", "bf16"] and all(r["error"].startswith("error:") for r in failed)
+    assert [r["path"] for r in rows if r.get("per_image_ms", 0) > 0] == ["diffusers eager+hooks"]
+
+
 def test_a_spent_deadline_stops_every_row_with_a_reason():
     import time
 
