@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", default=None, help="SD3.5 diffusers dir or single file for --checkpoint")
     p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
+    p.add_argument(
+        "--fail-path",
+        default=None,
+        metavar="LABEL",
+        help="testing: make the rows of this path (e.g. 'diffusers eager+hooks') raise, to see its error rows",
+    )
     args = p.parse_args(argv)
     if args.text_len is None:
         args.text_len = CLIP_TOKENS + (checkpoint_t5_tokens(args.checkpoint) if args.checkpoint else SD3_T5_TOKENS)
@@ -121,7 +128,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         label = row_label(r)
         if "per_image_ms" not in r:
-            print(f"{r.get('interface', '-'):<9} {label:<40} {r.get('dtype', '-'):<15} {r['skipped']}")
+            why = r.get("skipped") or r.get("error")
+            print(f"{r.get('interface', '-'):<9} {label:<40} {r.get('dtype', '-'):<15} {why}")
             continue
         ratios = []
         for base in (eager, compiled):
@@ -134,7 +142,10 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(
+    argv: list[str] | None = None, *, sink: Callable[[dict], None] | None = None, deadline: float | None = None
+) -> list[dict]:
+    """Run the benchmark; `sink` and `deadline` as in `Bench` (rows written as they come; a time budget)."""
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{not args.checkpoint}",
         file=sys.stderr,
     )
-    b = Bench(args, device)
+    b = Bench(args, device, sink=sink, deadline=deadline)
     if args.interface == "latent":
         bench_latent(b, preset, resolutions, dtypes)
     elif args.interface == "pixel":
