@@ -66,3 +66,9 @@ def test_report_reads_results_through_the_safe_reader(tmp_path):
 def test_targets_names_a_results_path_that_is_not_a_file(tmp_path):
     with pytest.raises(SystemExit, match="RESULTS: .*expected a regular file"):
         targets.main([str(tmp_path)])
+
+
+def test_a_no_flag_switches_its_field_on():
+    assert report.parse_cli(report.ReportArgs, ["--no-plot"], "report").no_plot is True
+    assert report.parse_cli(report.ReportArgs, [], "report").no_plot is False
+    assert report.parse_cli(report.ReportArgs, ["--latest-only"], "report").latest_only is True

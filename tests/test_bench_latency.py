@@ -79,10 +79,13 @@ def test_latent_rows_include_the_cached_path_and_device_weights(tmp_path):
     "argv, message",
     [
         (["--resolution", "100"], "multiple of 16"),
-        (["--resolution", "0"], "integer >= 1"),
-        (["--batch", "0"], "integer >= 1"),
-        (["--iters", "0"], "integer >= 1"),
-        (["--interface", "pixel", "--text-len", "50"], "must exceed 77"),
+        (["--resolution", "0"], "--resolution[0]: got 0, expected a value >= 16"),
+        (["--batch", "0"], "--batch[0]: got 0, expected a value >= 1"),
+        (["--iters", "0"], "--iters: got 0, expected a value >= 1"),
+        (["--iters", "nan"], "--iters: got 'nan', expected an integer"),
+        (["--interface", "pixel", "--text-len", "50"], "--text-len: got 50, expected more than 77"),
+        (["--dtype", "fp16"], "--dtype[0]: got 'fp16', expected <bf16|fp8|fp32>"),
+        (["--preset", "sdxl"], "--preset: got 'sdxl', expected one of"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
@@ -131,7 +134,7 @@ def test_baselines_run_in_the_same_process_and_unavailable_ones_say_why(tmp_path
 def test_no_engine_needs_baselines(capsys):
     with pytest.raises(SystemExit):
         latency.parse_args(["--no-engine"])
-    assert "--no-engine needs --baselines" in capsys.readouterr().err
+    assert "--no-engine: got True, expected --baselines beside it" in capsys.readouterr().err
     assert latency.parse_args(["--baselines"]).baselines == list(latency.BASELINES)  # bare flag: every baseline
 
 
