@@ -20,7 +20,6 @@ nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,13 +27,16 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 if "--cpu-smoke" in sys.argv:  # before anything imports triton: its CPU interpreter must be chosen at import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from pydantic import Field, model_validator  # noqa: E402
 
 from bench.gpu_sections import T0, Section, Setup, log  # noqa: E402
+from engine.schema import Schema, invalid, parse_cli  # noqa: E402
 
 DEADLINE_S = 490  # the run's own deadline: with the wheel install and imports, ~60 s of margin in a 570 s call
 CALL_TIMEOUT_S = 570
@@ -232,27 +234,41 @@ def plan_text(max_autotune: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="output folder (rows.jsonl, gpu_results.json)")
-    p.add_argument(
-        "--deadline-s",
-        type=float,
-        default=None,
-        help=f"no section starts this many seconds after the imports (default {DEADLINE_S}; with --cpu-smoke 3600: "
-        "every section must run, on a CPU that compiles for minutes)",
+class GpuCheckArgs(Schema):
+    """The command line of `python -m bench.gpu_check`."""
+
+    out: str | None = Field(None, min_length=1, description="output folder (rows.jsonl, gpu_results.json)")
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=7 * 24 * 3600,
+        description=f"no section starts this many seconds after the report starts (default {DEADLINE_S}; with "
+        "--cpu-smoke 3600: every section must run, on a CPU that compiles for minutes)",
     )
-    p.add_argument("--only", nargs="*", default=None, help="run just these sections")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU: check the script, not the GPU")
-    p.add_argument("--plan", action="store_true", help="print the prepared device command and section times, exit")
-    p.add_argument("--max-autotune", action="store_true", help="also time max-autotune (minutes of GEMM tuning)")
-    p.add_argument("--fail-path", default=None, metavar="LABEL", help="testing: make this latency path's rows fail")
-    args = p.parse_args(argv)
+    only: list[Literal[tuple(plan.name for plan in PLAN)]] | None = Field(
+        None, min_length=1, description="run just these sections"
+    )
+    cpu_smoke: bool = Field(False, description="tiny preset on the CPU: check the script, not the GPU")
+    plan: bool = Field(False, description="print the prepared device command and section times, exit")
+    max_autotune: bool = Field(False, description="also time max-autotune (minutes of GEMM tuning)")
+    fail_path: str | None = Field(
+        None, description="testing: make this latency path's rows fail", json_schema_extra={"cli": {"metavar": "LABEL"}}
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GpuCheckArgs:
+        if self.out is None and not self.plan:
+            raise invalid("out", None, "an output folder (or --plan)")
+        if self.only and "max_autotune_512" in self.only and not self.max_autotune:
+            raise invalid("only", self.only, "max_autotune_512 only with --max-autotune")
+        return self
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_cli(GpuCheckArgs, argv, "python -m bench.gpu_check", __doc__.split("\n\n")[0])
     if args.plan:
         print(plan_text(args.max_autotune))
         return {}
-    if not args.out:
-        p.error("--out is required (or --plan)")
     if args.cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--cpu-smoke needs TRITON_INTERPRET=1 set before triton is imported")
@@ -263,8 +279,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.max_autotune:
         fns.pop("max_autotune_512", None)
     plans = [plan for plan in PLAN if plan.name in fns]
-    if args.only is not None and (not args.only or set(args.only) - set(fns)):
-        p.error(f"--only takes section names among {list(fns)}, got {args.only}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out, args.deadline_s if args.deadline_s is not None else (3600 if args.cpu_smoke else DEADLINE_S))
