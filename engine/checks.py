@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from engine.config import BackboneConfig
+from engine.schedule import TimeSchedule
 
 if TYPE_CHECKING:  # (engine.model.conditioning imports this module)
     from engine.model.conditioning import Conditioning
@@ -180,9 +181,9 @@ def check_latents(
 
 
 def check_conditioning_fits(
-    cond: Conditioning, cfg: BackboneConfig, n_vectors: int, dtype: torch.dtype, t: float, device: torch.device
+    cond: Conditioning, cfg: BackboneConfig, n_vectors: int, dtype: torch.dtype, device: torch.device
 ) -> None:
-    """A Conditioning whose shapes, dtype, t and device fit the engine (`n_vectors` adaLN vectors per prompt); where
+    """A Conditioning whose shapes, dtype and device fit the engine (`n_vectors` adaLN vectors per prompt); where
     it came from is the engine's own check."""
     dim = cfg.hidden_size
     context, modulation = cond.context, cond.modulation
@@ -200,8 +201,6 @@ def check_conditioning_fits(
         )
     if context.dtype != dtype or modulation.dtype != dtype:
         raise ValueError(f"Conditioning is {modulation.dtype}, the engine computes in {dtype}: re-condition")
-    if cond.t != t:
-        raise ValueError(f"Conditioning was made at t={cond.t}, the engine scores at t={t}")
     check_device("Conditioning", context, device)
 
 
@@ -236,17 +235,44 @@ def check_prompt_index(
     return index.to(device, torch.long)
 
 
-def select_rows(
-    cond: Conditioning, batch: int, prompt_index: Any, device: torch.device, *, finite: bool
-) -> Conditioning:
-    """The Conditioning row of each of `batch` latents: by `prompt_index`, one prompt per latent, or one for all."""
+def prompt_rows(num_prompts: int, batch: int, prompt_index: Any, device: torch.device, *, finite: bool):
+    """The prompt row of each of `batch` latents ([batch] long), or None when row b is prompt b: by
+    `prompt_index`, one prompt per latent, or one for all."""
     if prompt_index is not None:
-        return cond.select(check_prompt_index(prompt_index, batch, cond.num_prompts, device, finite=finite))
-    if cond.num_prompts == batch:
-        return cond
-    if cond.num_prompts == 1:
-        return cond.select(torch.zeros(batch, dtype=torch.long, device=cond.context.device))
+        return check_prompt_index(prompt_index, batch, num_prompts, device, finite=finite)
+    if num_prompts == batch:
+        return None
+    if num_prompts == 1:
+        return torch.zeros(batch, dtype=torch.long, device=device)
     raise ValueError(
-        f"batch sizes disagree: {batch} latents but {cond.num_prompts} prompts; pass one prompt per "
+        f"batch sizes disagree: {batch} latents but {num_prompts} prompts; pass one prompt per "
         f"latent, a single prompt, or prompt_index=[...] mapping latents to prompts"
     )
+
+
+def noise_levels(t: Any, batch: int, schedule: TimeSchedule, default: float) -> tuple[list[float], int]:
+    """The sigma of each forward row and the number of views K, from a score call's `t`:
+    None: the checkpoint's t (`default`) for every latent; a float: one t for all; a tensor [batch]: one per latent
+    (row b at t[b]); a list or tuple of K floats: the ensemble, every latent at each of the K levels (K B rows,
+    view-major). Each t goes through `schedule` (the model's time convention)."""
+    if t is None:
+        t = default
+    if isinstance(t, torch.Tensor):
+        if t.ndim != 1 or t.shape[0] != batch or not t.is_floating_point():
+            raise ValueError(
+                f"t as a tensor gives one noise level per latent: a float tensor [{batch}], got {t.dtype} "
+                f"{list(t.shape)} "
+                f"(a Python list or tuple of floats is a multi-timestep ensemble)"
+            )
+        values = [float(v) for v in t.tolist()]
+        for b, v in enumerate(values):
+            schedule.check(v, f"t[{b}]")
+        return [schedule.sigma(v) for v in values], 1
+    if isinstance(t, (list, tuple)):
+        if not t:
+            raise ValueError("t as a list gives the noise levels of an ensemble: at least one float, got []")
+        for k, v in enumerate(t):
+            schedule.check(v, f"t[{k}]")
+        return [schedule.sigma(v) for v in t for _ in range(batch)], len(t)
+    schedule.check(t)
+    return [schedule.sigma(t)] * batch, 1

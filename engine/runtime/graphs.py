@@ -42,6 +42,7 @@ class _Captured:
     noise: torch.Tensor
     context: torch.Tensor
     modulation: torch.Tensor
+    temb: torch.Tensor | None  # read by a query-attention head
     rewards: torch.Tensor  # static output [bucket]
 
 
@@ -67,10 +68,11 @@ class GraphedScorer:
     def _run(self, s: _Captured) -> torch.Tensor:
         engine = self.engine
         with torch.inference_mode():
-            features = engine.backbone(
-                s.latents, s.context, s.modulation, engine.reward_config.t, engine.backends, noise=s.noise
+            sigma = engine.reward_config.schedule.sigma(engine.reward_config.t)
+            outputs = engine.backbone(
+                s.latents, s.context, s.modulation, sigma, engine.backends, noise=s.noise, temb=s.temb
             )
-            return engine.head(features)
+            return engine.head(outputs)
 
     def _capture(self, key: tuple[int, int, int, int], cond) -> _Captured:
         bucket, h, w, text_len = key
@@ -82,6 +84,7 @@ class GraphedScorer:
             noise=torch.randn(bucket, engine.config.in_channels, h, w, device=dev, dtype=dt),
             context=cond.context[:1].expand(bucket, -1, -1).clone(),
             modulation=cond.modulation[:1].expand(bucket, -1, -1).clone(),
+            temb=cond.temb[:1].expand(bucket, -1).clone() if engine.backbone.readout.temb else None,
             rewards=torch.empty(0),
         )
         side = torch.cuda.Stream()
@@ -126,5 +129,7 @@ class GraphedScorer:
             s.noise[:n].copy_(noise[lo:hi])
         s.context[:n].copy_(cond.context[lo:hi])
         s.modulation[:n].copy_(cond.modulation[lo:hi])
+        if s.temb is not None:
+            s.temb[:n].copy_(cond.temb[lo:hi])
         s.graph.replay()
         return s.rewards[:n].clone()
