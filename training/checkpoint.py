@@ -276,7 +276,7 @@ def export(
     (for `score(normalize=True)`), the per-file validation accuracy and what bench.accuracy needs to reproduce the
     validation (`cache_settings`: the training cache's `LatentCache.settings`). A LoRA run's adapters are merged into
     the backbone weights (the checkpoint loads without peft); `save_adapter` also writes them alone to out_dir/adapter
-    in peft's format."""
+    in peft's or diffusers' layout (`save_adapter_format`)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options())  # collective under FSDP
@@ -287,9 +287,9 @@ def export(
             TrainableReward(engine).load_state_dict(state)
         if cfg.mode == "lora":
             if cfg.save_adapter:
-                save_adapter(
-                    engine.backbone, Path(cfg.out_dir) / "adapter", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets
-                )
+                adapter = Path(cfg.out_dir) / "adapter"
+                lora = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+                save_adapter(engine.backbone, adapter, *lora, format=cfg.save_adapter_format)
             merge_lora(engine.backbone)
         engine.reward_config = engine.reward_config.replace(
             reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)

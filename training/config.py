@@ -16,7 +16,7 @@ from typing import Any
 
 from engine.config import RewardConfig
 from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE
-from training.lora import DEFAULT_LORA_TARGETS
+from training.lora import ADAPTER_FORMATS, DEFAULT_LORA_TARGETS
 from training.losses import LOSSES
 
 MODES = ("full", "frozen", "lora")
@@ -44,6 +44,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # adapter scale alpha / rank = 1: the lr needs no retuning when the rank changes
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # attention qkv/out, FFN
     save_adapter: bool = False  # lora: also write out_dir/adapter (peft's format) next to the merged reward/
+    save_adapter_format: str = "peft"  # "peft" loads onto the engine's backbone; "diffusers" onto SD3 (q/k/v split)
     # loss
     loss: str = "bt"  # "bt" (Eq. 6), "uncertainty" (HPSv3: the head predicts mean and log-std), "btt" (BT with ties)
     tied_threshold: float = 0.1  # btt: a pair is a tie when |c1 - c2| / (c1 + c2) <= this (a 55/45 vote or closer)
@@ -174,6 +175,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("mode='lora' trains adapters with peft, which is not installed: pip install dit-reward[train]")
     if cfg.save_adapter and cfg.mode != "lora":
         raise ValueError("save_adapter writes LoRA adapters: it needs mode='lora'")
+    if cfg.save_adapter_format not in ADAPTER_FORMATS:
+        raise ValueError(f"save_adapter_format must be one of {ADAPTER_FORMATS}, got {cfg.save_adapter_format!r}")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
     if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
