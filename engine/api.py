@@ -16,10 +16,9 @@ from torch import nn
 from engine.checks import (
     as_prompt_pair,
     check_conditioning_fits,
-    check_finite,
     check_latents,
+    check_outputs_finite,
     check_prompts,
-    first_nonfinite,
     noise_levels,
     prompt_rows,
     resolve_device,
@@ -29,12 +28,11 @@ from engine.config import BackboneConfig, RewardConfig
 from engine.heads import RewardHead, build_head
 from engine.io import hub
 from engine.io.backbone import base_source, load_backbone, random_backbone
-from engine.io.checkpoint import load_head, read_reward_config, save_reward_checkpoint
-from engine.io.sources import TensorSource
-from engine.model.conditioning import Conditioning, MakeLevel
+from engine.io.checkpoint import save_reward_checkpoint
+from engine.io.formats import open_reward_checkpoint
+from engine.model.conditioning import Conditioning
 from engine.model.mmdit import BackboneOutputs, MMDiTReward, diffusers_state_dict
 from engine.runtime.backends import Backends
-from engine.schedule import TimeSchedule
 from kernels.backend import accumulation_dtype
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
@@ -43,7 +41,7 @@ NoiseArg = float | torch.Tensor | Sequence[float] | None
 
 
 class RewardEngine(nn.Module):
-    """DiT-Reward: an SD3/SD3.5 MMDiT (blocks 0..max(layers)) + an MLP head.
+    """A latent reward: an SD3/SD3.5 MMDiT (the blocks its head reads) + a reward head (`engine.heads`).
 
     Build with `from_pretrained` (a reward checkpoint + a local base model), `from_diffusers` (an in-memory diffusers
     `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default). Serving options,
@@ -206,34 +204,23 @@ class RewardEngine(nn.Module):
         device: torch.device | str = "cpu",
         **backends: Any,
     ) -> RewardEngine:
-        """A reward checkpoint directory (`reward_config.json`, `head.safetensors`, optional fine-tuned
-        `backbone.safetensors`) on top of a local base model (diffusers directory or original single file). `base`
-        may be omitted when the checkpoint carries every backbone weight it needs. Either may be a Hugging Face hub
-        id (`org/name`), resolved through the local cache first (`engine.io.hub`)."""
+        """A reward checkpoint directory on top of a local base model (diffusers directory or original single file):
+        this engine's (`reward_config.json`, `head.safetensors`, optional fine-tuned `backbone.safetensors`; `base` may
+        be omitted when it carries every backbone weight it needs) or DiNa-LRM's (`config.json`, `checkpoint/
+        backbone_lora/`, `checkpoint/rm_head.pt`: its LoRA merged at load; `t` is then its `u`, default 0.4); see
+        `engine.io.formats`. Either may be a Hugging Face hub id (`org/name`), resolved through the local cache first
+        (`engine.io.hub`)."""
         checkpoint = hub.resolve(checkpoint, "reward checkpoint")
-        meta, reward, cfg = read_reward_config(checkpoint)
-        sources = []
         if base is not None:
             base = hub.resolve(base, "base model", hub.BASE_FILES)
-            base_cfg, source = base_source(base, cfg)
-            if base_cfg != cfg and base_cfg != BackboneConfig(**{**cfg.to_dict(), "sample_size": base_cfg.sample_size}):
-                raise ValueError(
-                    f"base model {base} has config {base_cfg}, but the reward checkpoint {checkpoint} was "
-                    f"trained on {cfg}"
-                )
-            sources.append(source)
-        if meta["backbone_weights"] is not None:  # (a path checked to lie inside the checkpoint)
-            sources.append(TensorSource([meta["backbone_weights"]]))
-        if not sources:
-            raise ValueError(
-                f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
-                f"directory or single .safetensors file>"
-            )
+        found = open_reward_checkpoint(checkpoint, base)
         device = resolve_device(device)
         with torch.device("meta"):  # what the head reads (its shapes only): the backbone is checked and loaded first
-            readout = build_head(reward, cfg).readout
-        backbone = load_backbone(cfg, readout, sources, resolve_dtype(dtype, torch.bfloat16), device)
-        engine = cls(backbone, load_head(checkpoint, reward, cfg).to(device), reward, fp8=dtype == "fp8", **backends)
+            readout = build_head(found.reward, found.backbone).readout
+        backbone = load_backbone(
+            found.backbone, readout, found.sources, resolve_dtype(dtype, torch.bfloat16), device, found.adapter
+        )
+        engine = cls(backbone, found.head().to(device), found.reward, fp8=dtype == "fp8", **backends)
         if base is not None:
             engine._attach_pixel(base)
         return engine
@@ -321,10 +308,9 @@ class RewardEngine(nn.Module):
     def condition(
         self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, t: NoiseArg = None, grad: bool = False
     ) -> Conditioning:
-        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. It holds the
-        (prompt, t) part at the checkpoint's t, and makes and keeps any other t a score asks for (`cond.hits` /
-        `cond.misses` count them); `t` (a float, or a list of floats: a sampler's timesteps) makes those ahead.
-        With adaLN weights on the host each new t streams them to the device once: make the levels ahead there.
+        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. It also makes
+        and keeps the (prompt, t) part of each t a score asks for (`cond.hits`/`misses`); `t` (a float or a list: a
+        sampler's timesteps) makes those ahead (with adaLN weights on the host, each new t streams them once).
         `grad=True` keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs,
         unlike inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
         check_prompts(prompt_embeds, pooled, self.config, self.device, finite=self.check_finite)
@@ -335,25 +321,12 @@ class RewardEngine(nn.Module):
             cond.check_finite()
         cond = replace(cond, origin=(self._identity, self._prompt_weights_version()))
         if t is not None:
-            levels, _ = noise_levels(list(t) if isinstance(t, (list, tuple)) else t, 1, *self._time())
+            levels, _ = noise_levels(
+                list(t) if isinstance(t, (list, tuple)) else t, 1, self.reward_config.schedule, self.reward_config.t
+            )
             for level in dict.fromkeys(levels):
-                cond.at(level, self._level_maker(grad))
+                cond.at(level, self.backbone.level_maker(grad, self.check_finite))
         return cond
-
-    def _time(self) -> tuple[TimeSchedule, float]:
-        return self.reward_config.schedule, self.reward_config.t
-
-    def _level_maker(self, grad: bool) -> MakeLevel:
-        """What a Conditioning calls to make its prompts' (modulation, temb) at a new noise level (sigma)."""
-
-        def make(pooled: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.enable_grad() if grad else torch.no_grad():
-                modulation, temb = self.backbone.embed_level(pooled, sigma)
-            if self.check_finite:
-                check_finite({"Conditioning.modulation": modulation, "Conditioning.temb": temb})
-            return modulation, temb
-
-        return make
 
     def _prompt_weights_version(self) -> int:
         """Changes whenever a weight `condition()` reads is modified in place (optimizer steps, load_state_dict):
@@ -400,35 +373,17 @@ class RewardEngine(nn.Module):
     def _forward(
         self, latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset
     ) -> tuple[BackboneOutputs, int]:
-        """The backbone's outputs for every forward row, and the number of views (K of an ensemble, else 1):
-        inference-mode tensors when grad=False (`score` reads them under no_grad, which hands back an ordinary
-        tensor)."""
+        """The backbone's outputs for every forward row and the views K (1 unless an ensemble); inference-mode tensors
+        when grad=False (`score` reads them under no_grad, which hands back an ordinary tensor)."""
         if not add_noise and (noise is not None or seed is not None):
             raise ValueError("add_noise=False scores the latents as the x_t they are: pass neither noise nor seed")
         cond = self.conditioning_for(latents, prompt_emb, noise, prompt_index, t=t, add_noise=add_noise, grad=grad)
         views = cond.context.shape[0] // latents.shape[0]
         with torch.enable_grad() if grad else torch.inference_mode():
-            outputs = self.backbone(
-                latents,
-                cond.context,
-                cond.modulation,
-                cond.t,
-                self.backends,
-                noise,
-                seed,
-                image_offset,
-                add_noise=add_noise,
-                temb=cond.temb,
-            )
+            rows = (latents, cond.context, cond.modulation, cond.t, self.backends, noise, seed, image_offset)
+            outputs = self.backbone(*rows, add_noise=add_noise, temb=cond.temb)
         if self.check_finite:
-            checked = {"features": outputs.pooled} if outputs.pooled is not None else {"tokens": outputs.image[-1]}
-            if first_nonfinite(checked) is not None:
-                raise ValueError(
-                    f"the {next(iter(checked))} overflowed to NaN/Inf although latents and prompt embeddings are "
-                    f"finite: an input is too large for {self.dtype} (largest |latent| "
-                    f"{float(latents.abs().max()):.3g}, largest adaLN |modulation| "
-                    f"{float(cond.modulation.abs().max()):.3g}); check the latents' and prompts' scale"
-                )
+            check_outputs_finite(outputs, latents, cond.modulation)
         return outputs, views
 
     def _conditioning(self, prompt_emb: PromptEmb, grad: bool = False) -> Conditioning:
@@ -508,7 +463,7 @@ class RewardEngine(nn.Module):
                 "backward); build the engine with dtype='bf16' for reward backprop"
             )
         batch = latents.shape[0]
-        levels, views = noise_levels(t, batch, *self._time())
+        levels, views = noise_levels(t, batch, self.reward_config.schedule, self.reward_config.t)
         if views > 1 and not add_noise:
             raise ValueError(
                 "an ensemble t=[t1, ..., tK] noises each latent at K levels; add_noise=False (latents already x_t at "
@@ -517,7 +472,7 @@ class RewardEngine(nn.Module):
         cond = self._conditioning(prompt_emb, grad)
         self._check_conditioning(cond)
         rows = prompt_rows(cond.num_prompts, batch, prompt_index, self.device, finite=self.check_finite)
-        return cond.rows(rows, levels, self._level_maker(grad))
+        return cond.rows(rows, levels, self.backbone.level_maker(grad, self.check_finite))
 
     def _check_conditioning(self, cond: Conditioning) -> None:
         """A Conditioning from this engine's `condition()` with its current weights, or one built by hand that fits

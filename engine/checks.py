@@ -16,6 +16,7 @@ from engine.schedule import TimeSchedule
 
 if TYPE_CHECKING:  # (engine.model.conditioning imports this module)
     from engine.model.conditioning import Conditioning
+    from engine.model.mmdit import BackboneOutputs
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -95,6 +96,17 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     name = first_nonfinite(tensors)
     if name is not None:
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_outputs_finite(outputs: BackboneOutputs, latents: torch.Tensor, modulation: torch.Tensor) -> None:
+    """ValueError when a forward of finite inputs overflowed (its pooled features, or the deepest image tokens read)."""
+    checked = {"features": outputs.pooled} if outputs.pooled is not None else {"tokens": outputs.image[-1]}
+    if first_nonfinite(checked) is not None:
+        raise ValueError(
+            f"the {next(iter(checked))} overflowed to NaN/Inf although latents and prompt embeddings are finite: an "
+            f"input is too large for {modulation.dtype} (largest |latent| {float(latents.abs().max()):.3g}, largest "
+            f"adaLN |modulation| {float(modulation.abs().max()):.3g}); check the latents' and prompts' scale"
+        )
 
 
 def check_seed(seed: int | None) -> None:

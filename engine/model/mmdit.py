@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.checks import check_finite
 from engine.config import BackboneConfig
 from engine.model.block import JointBlock
-from engine.model.conditioning import Conditioning
+from engine.model.conditioning import Conditioning, MakeLevel
 from engine.model.embeddings import PatchEmbed, TimeTextEmbed
 from engine.model.layers import FUSED_PROJECTIONS, AdaLN, Attention
 from engine.runtime.backends import Backends
@@ -126,6 +127,19 @@ class MMDiTReward(nn.Module):
         """(modulation [P, M, D], temb [P, D]) of `pooled`'s prompts at noise level t."""
         temb = self.embed_time(pooled, t)
         return self.modulation(temb), temb
+
+    def level_maker(self, grad: bool, finite: bool) -> MakeLevel:
+        """What a Conditioning calls to make its prompts' (modulation, temb) at a new noise level: `embed_level` with
+        autograd as `grad` says, checked finite (one sync) when `finite`."""
+
+        def make(pooled: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.enable_grad() if grad else torch.no_grad():
+                modulation, temb = self.embed_level(pooled, t)
+            if finite:
+                check_finite({"Conditioning.modulation": modulation, "Conditioning.temb": temb})
+            return modulation, temb
+
+        return make
 
     @staticmethod
     def noised(
