@@ -148,3 +148,23 @@ def test_flow_match_table_is_diffusers_table():
         schedule.check(0.99995)
     direct = TimeSchedule()
     assert (direct.sigma(0.1), direct.timestep(0.1)) == (0.1, 1000.0 * 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_scorer_takes_t_as_data():
+    """GraphedScorer at the checkpoint's t, at another t, per latent, and on x_t equals engine.score with the same
+    noise (the same kernels: up to fp32 summation order of the captured GEMMs)."""
+    from engine.runtime.graphs import GraphedScorer
+
+    engine = RewardEngine.from_preset("tiny", dtype=torch.float32, device="cuda")
+    z0, pe, po, noise = (x.cuda() for x in random_inputs(batch=3, h=8, w=10, text_len=7, seed=32))
+    cond = engine.condition(pe, po)
+    graphed = GraphedScorer(engine, buckets=(4,))
+    for t in (None, 0.6, torch.tensor([0.2, 0.6, 0.9], device="cuda")):
+        expected = engine.score(z0, cond, noise=noise, t=t)
+        assert rel_err(graphed.score(z0, cond, noise=noise, t=t), expected) < 1e-5
+        level = 0.1 if t is None else t if isinstance(t, float) else t.view(-1, 1, 1, 1)
+        x_t = (1 - level) * z0 + level * noise
+        assert rel_err(graphed.score(x_t, cond, t=t, add_noise=False), expected) < 1e-5
+    assert {key[-1] for key in graphed.graphs} == {True, False}  # the noising graph and the x_t graph
