@@ -96,7 +96,7 @@ def run(
         base,
         device=device,
         dtype=_DTYPES.get(training.get("cache_dtype", "fp32"), torch.float32),
-        max_sequence_length=int(training.get("max_sequence_length", 256)),
+        max_sequence_length=engine.prompt_length.t5_tokens,  # the checkpoint's, as the engine reads it
     )
     seed = int(training.get("eval_seed", 1234)) if seed is None else seed
     area = training.get("area") if area is None else area

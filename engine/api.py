@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -32,12 +33,13 @@ from engine.io.checkpoint import save_reward_checkpoint
 from engine.io.formats import open_reward_checkpoint
 from engine.model.conditioning import Conditioning
 from engine.model.mmdit import BackboneOutputs, MMDiTReward, diffusers_state_dict
-from engine.runtime.backends import Backends
+from engine.prompt_length import SD3_T5_TOKENS, PromptLength
+from engine.reward_noise import CommonNoise, NoiseOption, check_noise_option
+from engine.runtime.backends import Backends, in_engine_dtype
 from kernels.backend import accumulation_dtype
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
-# A score call's noise level: None (the checkpoint's), a float, a tensor [B] (per latent), a list of K (ensemble).
-NoiseArg = float | torch.Tensor | Sequence[float] | None
+NoiseArg = float | torch.Tensor | Sequence[float] | None  # t: the checkpoint's, one, per latent [B], an ensemble
 
 
 class RewardEngine(nn.Module):
@@ -47,7 +49,8 @@ class RewardEngine(nn.Module):
     `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default). Serving options,
     keywords of every constructor: dtype="fp8" (block linears e4m3, inference only), fp8_adaln=True (adaLN weights
     e4m3 too, weight-only), fp8_fast_accum=True (Hopper's fast FP8 accumulation), adaln_on_host=True (adaLN weights
-    in pinned host memory, streamed by `condition()`), kernels_backend, attention, check_finite."""
+    in pinned host memory, streamed by `condition()`), kernels_backend, attention, check_finite; max_sequence_length
+    and strict_prompt_length (`engine.prompt_length`: `from_pretrained` takes the checkpoint's T5 length)."""
 
     def __init__(
         self,
@@ -62,6 +65,8 @@ class RewardEngine(nn.Module):
         fp8_adaln: bool = False,
         fp8_fast_accum: bool = False,
         adaln_on_host: bool = False,
+        max_sequence_length: int | None = None,
+        strict_prompt_length: bool = False,
     ):
         super().__init__()
         if not fp8 and (fp8_adaln or fp8_fast_accum):
@@ -93,6 +98,9 @@ class RewardEngine(nn.Module):
         self._prompt_tensors = [t for m in prompt_path for t in (*m.parameters(), *m.buffers())]
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
+        self._pixel_lock = threading.Lock()  # engines are shared between threads (engine.shared): load it once
+        self.prompt_length = PromptLength(max_sequence_length, strict_prompt_length)
+        self._common_noise = CommonNoise()
         self.backends = Backends.resolve(kernels_backend, attention, self.device, self.dtype, fp8=fp8)
         self.eval().requires_grad_(False)
 
@@ -149,18 +157,11 @@ class RewardEngine(nn.Module):
         """From an in-memory diffusers `SD3Transformer2DModel` (its weights are copied; blocks past max(layers) are
         not). `head=None` gives a freshly initialised head."""
         cfg = BackboneConfig.from_diffusers(transformer.config)
-        reward = RewardConfig.for_backbone(
-            cfg, t=t, head_hidden=tuple(head_hidden), **({"layers": tuple(layers)} if layers is not None else {})
-        )
+        reward = RewardConfig.for_backbone(cfg, layers=layers, t=t, head_hidden=tuple(head_hidden))
         param = next(transformer.parameters())
         head = head if head is not None else build_head(reward, cfg)
-        backbone = load_backbone(
-            cfg,
-            head.readout,
-            [transformer.state_dict()],
-            resolve_dtype(dtype, param.dtype),
-            resolve_device(device, default=param.device),
-        )
+        compute, where = resolve_dtype(dtype, param.dtype), resolve_device(device, default=param.device)
+        backbone = load_backbone(cfg, head.readout, [transformer.state_dict()], compute, where)
         return cls(backbone, head, reward, fp8=dtype == "fp8", **backends)
 
     @classmethod
@@ -181,16 +182,12 @@ class RewardEngine(nn.Module):
         base = hub.resolve(base, "base model", hub.BASE_FILES)
         cfg, source = base_source(base, config)
         reward = RewardConfig.for_backbone(
-            cfg,
-            t=t,
-            head_hidden=tuple(head_hidden),
-            head_outputs=head_outputs,
-            **({"layers": tuple(layers)} if layers is not None else {}),
+            cfg, layers=layers, t=t, head_hidden=tuple(head_hidden), head_outputs=head_outputs
         )
         head = build_head(reward, cfg)
         backbone = load_backbone(
-            cfg, head.readout, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device)
-        )
+            cfg, head.readout, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device, allow_meta=True)
+        )  # (meta: the loaders' shape checks without weights)
         engine = cls(backbone, head, reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
         return engine
@@ -204,16 +201,14 @@ class RewardEngine(nn.Module):
         device: torch.device | str = "cpu",
         **backends: Any,
     ) -> RewardEngine:
-        """A reward checkpoint directory on top of a local base model (diffusers directory or original single file):
-        this engine's (`reward_config.json`, `head.safetensors`, optional fine-tuned `backbone.safetensors`; `base` may
-        be omitted when it carries every backbone weight it needs) or DiNa-LRM's (`config.json`, `checkpoint/
-        backbone_lora/`, `checkpoint/rm_head.pt`: its LoRA merged at load; `t` is then its `u`, default 0.4); see
-        `engine.io.formats`. Either may be a Hugging Face hub id (`org/name`), resolved through the local cache first
-        (`engine.io.hub`)."""
+        """A reward checkpoint directory (any format of `engine.io.formats`: this engine's, or DiNa-LRM's, whose t is
+        its `u`) on top of a local base model (diffusers directory or original single file; optional when the
+        checkpoint holds every backbone weight). Either may be a hub id (`org/name`, `engine.io.hub`)."""
         checkpoint = hub.resolve(checkpoint, "reward checkpoint")
         if base is not None:
             base = hub.resolve(base, "base model", hub.BASE_FILES)
         found = open_reward_checkpoint(checkpoint, base)
+        backends.setdefault("max_sequence_length", found.t5_tokens or SD3_T5_TOKENS)
         device = resolve_device(device)
         with torch.device("meta"):  # what the head reads (its shapes only): the backbone is checked and loaded first
             readout = build_head(found.reward, found.backbone).readout
@@ -238,7 +233,7 @@ class RewardEngine(nn.Module):
     ) -> RewardEngine:
         """A preset backbone with RANDOM weights (latency/memory do not depend on the values)."""
         cfg = BackboneConfig.from_name(name)
-        reward = RewardConfig.for_backbone(cfg, t=t, **({"layers": tuple(layers)} if layers is not None else {}))
+        reward = RewardConfig.for_backbone(cfg, layers=layers, t=t)
         device = resolve_device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -251,41 +246,50 @@ class RewardEngine(nn.Module):
         self.base_path = Path(base) if Path(base).is_dir() and (Path(base) / "model_index.json").is_file() else None
 
     def pixel_front_end(self, **kwargs: Any):
-        """The VAE + text encoders of the base directory (`engine.pixel.PixelFrontEnd`), loaded once, on demand."""
-        if self.pixel is None:
-            from engine.pixel import PixelFrontEnd
+        """The VAE + text encoders of the base directory (`engine.pixel.PixelFrontEnd`), loaded once, on demand;
+        prompts encode at the engine's `prompt_length` unless `max_sequence_length=` says otherwise."""
+        with self._pixel_lock:
+            if self.pixel is None:
+                from engine.pixel import PixelFrontEnd
 
-            if getattr(self, "base_path", None) is None:
-                raise ValueError(
-                    "score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
-                    "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)"
-                )
-            kwargs.setdefault("dtype", self.dtype)
-            self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
+                if getattr(self, "base_path", None) is None:
+                    raise ValueError(
+                        "score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
+                        "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)"
+                    )
+                kwargs.setdefault("dtype", self.dtype)
+                kwargs.setdefault("max_sequence_length", self.prompt_length.t5_tokens)
+                self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
         return self.pixel
 
+    @in_engine_dtype
     def score_images(
         self,
         images: Any,
         prompts: Sequence[str],
         *,
         seed: int | None = None,
+        noise: NoiseOption = "fresh",
         max_side: int | None = None,
         normalize: bool = False,
         progress: bool | None = None,
     ) -> torch.Tensor:
         """The pixel interface: images (PIL, paths, uint8 HWC arrays or float NCHW in [0, 1]) and one prompt each ->
         rewards [B] float32 in input order. Images are resized to multiples of 16 (see `engine.pixel.load_images`),
-        VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
-        and scored on the latent path; images of different sizes are scored in separate groups. With `seed`, image i
-        of the call uses noise stream i whatever the sizes of the others (its reward does not depend on them)."""
+        VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached,
+        at the engine's `prompt_length`), and scored on the latent path; images of different sizes are scored in
+        separate groups. Noise: fresh; with `seed`, image i of the call uses stream i whatever the sizes of the
+        others; `noise="common"`: each size group gets the `common_noise` of its shape (as the RL reward fns)."""
+        check_noise_option(noise, seed, default="fresh")
         groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress, seed=seed)
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
+            latents = g.latents.to(self.device, self.dtype)
+            eps = self.common_noise(latents) if noise == "common" else g.noise  # (fp32: as the seeded kernel draws)
             rewards[g.index.to(self.device)] = self.score(
-                g.latents.to(self.device, self.dtype),
+                latents,
                 (g.prompt_embeds, g.pooled),
-                noise=None if g.noise is None else g.noise.to(self.device, self.dtype),
+                noise=None if eps is None else eps.to(self.device),
                 prompt_index=g.prompt_index.to(self.device),
                 normalize=normalize,
             )
@@ -301,31 +305,36 @@ class RewardEngine(nn.Module):
                 "e4m3 at load: save the backbone from an engine built with dtype='bf16' (checkpoints stay bf16)"
             )
         state = diffusers_state_dict(self.backbone) if include_backbone else None
+        training = metadata.get("training", {})
+        if self.prompt_length.enforced and isinstance(training, dict):  # a reloaded engine keeps the same length
+            metadata = {**metadata, "training": {"max_sequence_length": self.prompt_length.t5_tokens, **training}}
         return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, metadata)
 
     # ---------------------------------------------------------------------------------------------- scoring
 
+    def common_noise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The eps RL rewards use by default (`engine.reward_noise`): one fixed draw per latent shape, expanded over
+        latents [B, C, H, W], on their device, float32; cached per (shape, device, dtype); a read-only view."""
+        return self._common_noise.draw(latents)
+
+    @in_engine_dtype
     def condition(
         self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, t: NoiseArg = None, grad: bool = False
     ) -> Conditioning:
-        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. It also makes
-        and keeps the (prompt, t) part of each t a score asks for (`cond.hits`/`misses`); `t` (a float or a list: a
-        sampler's timesteps) makes those ahead (with adaLN weights on the host, each new t streams them once).
-        `grad=True` keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs,
-        unlike inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
+        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]; the (prompt, t)
+        part of each t scored is made once and kept (`cond.hits`/`misses`; `t`: a float or list made ahead, e.g. a
+        sampler's timesteps). `grad=True` keeps the graph (training the embedders and adaLN linears); otherwise
+        no_grad, whose outputs, unlike inference-mode tensors, may still feed a differentiable `score(grad=True)`."""
         check_prompts(prompt_embeds, pooled, self.config, self.device, finite=self.check_finite)
-        sigma = self.reward_config.schedule.sigma(self.reward_config.t)
+        self.prompt_length.check(prompt_embeds.shape[1])
+        schedule, default = self.reward_config.schedule, self.reward_config.t
         with torch.enable_grad() if grad else torch.no_grad():
-            cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), sigma)
+            cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), schedule.sigma(default))
         if self.check_finite:  # finite inputs can still overflow the adaLN linears (pooled x 1e20)
             cond.check_finite()
         cond = replace(cond, origin=(self._identity, self._prompt_weights_version()))
-        if t is not None:
-            levels, _ = noise_levels(
-                list(t) if isinstance(t, (list, tuple)) else t, 1, self.reward_config.schedule, self.reward_config.t
-            )
-            for level in dict.fromkeys(levels):
-                cond.at(level, self.backbone.level_maker(grad, self.check_finite))
+        for level in dict.fromkeys(noise_levels(t, 1, schedule, default)[0] if t is not None else []):
+            cond.at(level, self.backbone.level_maker(grad, self.check_finite))
         return cond
 
     def _prompt_weights_version(self) -> int:
@@ -335,6 +344,7 @@ class RewardEngine(nn.Module):
         assign=True) is not seen."""
         return sum(t._version for t in self._prompt_tensors)
 
+    @in_engine_dtype
     def features(
         self,
         latents: torch.Tensor,
@@ -356,19 +366,15 @@ class RewardEngine(nn.Module):
         `Conditioning`; P == B, or P == 1 (one prompt for all), or `prompt_index` [B] picks a prompt per latent.
         noise: explicit eps [B, C, H, W]; seed: reproducible eps (image b uses stream b + image_offset); neither:
         fresh noise. grad=True keeps the graph so rewards backpropagate to the latents.
-        t: the noise level. None: the checkpoint's; a float: one for all; a float tensor [B]: one per latent; a
-        list or tuple of K floats: the ensemble, every latent at each level with one eps shared by its K views.
-        For a DiNa-LRM checkpoint t is its `u` (`engine.schedule`). `add_noise=False`: the latents already are x_t
-        at t (a sampler's state): no noise is injected (noise and seed must be None)."""
+        t: None (the checkpoint's), a float, a float tensor [B] (per latent), or a list of K floats (the ensemble:
+        each latent at K levels, one eps); a DiNa-LRM checkpoint's t is its `u` (`engine.schedule`).
+        `add_noise=False`: the latents already are x_t at t (a sampler's state): no noise, seed or noise."""
         if not self.backbone.readout.pooled:
-            raise ValueError(
-                f"features() returns mean-pooled image features, which this {self.reward_config.head} head does not "
-                f"read: call score()"
-            )
-        outputs, _ = self._forward(latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset)
-        assert outputs.pooled is not None
-        # a normal tensor: callers may edit it in place or train a head on it
-        return outputs.pooled if grad else outputs.pooled.clone()
+            raise ValueError(f"features() gives mean-pooled features: a {self.reward_config.head} head reads none")
+        pooled = self._forward(latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset)[
+            0
+        ].pooled
+        return pooled if grad else pooled.clone()  # a normal tensor: callers may edit it in place or train a head on it
 
     def _forward(
         self, latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset
@@ -402,6 +408,7 @@ class RewardEngine(nn.Module):
             )
         return self.condition(*as_prompt_pair(prompt_emb, self.config), grad=grad)
 
+    @in_engine_dtype
     def score(
         self,
         latents: torch.Tensor,
@@ -441,6 +448,7 @@ class RewardEngine(nn.Module):
 
     # ------------------------------------------------------------------------------------------- validation
 
+    @in_engine_dtype
     def conditioning_for(
         self,
         latents: torch.Tensor,
@@ -463,12 +471,7 @@ class RewardEngine(nn.Module):
                 "backward); build the engine with dtype='bf16' for reward backprop"
             )
         batch = latents.shape[0]
-        levels, views = noise_levels(t, batch, self.reward_config.schedule, self.reward_config.t)
-        if views > 1 and not add_noise:
-            raise ValueError(
-                "an ensemble t=[t1, ..., tK] noises each latent at K levels; add_noise=False (latents already x_t at "
-                "one t) does not combine with it"
-            )
+        levels, _ = noise_levels(t, batch, self.reward_config.schedule, self.reward_config.t, add_noise)
         cond = self._conditioning(prompt_emb, grad)
         self._check_conditioning(cond)
         rows = prompt_rows(cond.num_prompts, batch, prompt_index, self.device, finite=self.check_finite)

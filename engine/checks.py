@@ -46,9 +46,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torc
     return dtype
 
 
-def resolve_device(device: torch.device | str | int | None, default: torch.device | str | None = None) -> torch.device:
-    """`device` as a torch.device, refused with a ValueError when it does not parse or names a CUDA device this
-    process cannot use. None means `default`, or CUDA when available else the CPU."""
+def resolve_device(
+    device: torch.device | str | int | None, default: torch.device | str | None = None, *, allow_meta: bool = False
+) -> torch.device:
+    """`device` as a torch.device, refused with a ValueError when it does not parse, names a CUDA device this
+    process cannot use, or is "meta" (shapes without values: only loaders that check shapes pass `allow_meta`).
+    None means `default`, or CUDA when available else the CPU."""
     if device is None:
         device = default if default is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
@@ -58,6 +61,9 @@ def resolve_device(device: torch.device | str | int | None, default: torch.devic
         resolved = torch.device(device)
     except (RuntimeError, ValueError) as err:
         raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if resolved.type == "meta" and not allow_meta:
+        raise ValueError(f"device={str(device)!r} holds shapes but no values, so nothing can be scored or drawn "
+                         "there: pass 'cpu' or 'cuda'")  # fmt: skip
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
@@ -262,11 +268,13 @@ def prompt_rows(num_prompts: int, batch: int, prompt_index: Any, device: torch.d
     )
 
 
-def noise_levels(t: Any, batch: int, schedule: TimeSchedule, default: float) -> tuple[list[float], int]:
+def noise_levels(
+    t: Any, batch: int, schedule: TimeSchedule, default: float, add_noise: bool = True
+) -> tuple[list[float], int]:
     """The sigma of each forward row and the number of views K, from a score call's `t`:
     None: the checkpoint's t (`default`) for every latent; a float: one t for all; a tensor [batch]: one per latent
     (row b at t[b]); a list or tuple of K floats: the ensemble, every latent at each of the K levels (K B rows,
-    view-major). Each t goes through `schedule` (the model's time convention)."""
+    view-major), not with `add_noise=False`. Each t goes through `schedule` (the model's time convention)."""
     if t is None:
         t = default
     if isinstance(t, torch.Tensor):
@@ -278,13 +286,18 @@ def noise_levels(t: Any, batch: int, schedule: TimeSchedule, default: float) -> 
             )
         values = [float(v) for v in t.tolist()]
         for b, v in enumerate(values):
-            schedule.check(v, f"t[{b}]")
+            schedule.check(v, f"t[{b}]", add_noise)
         return [schedule.sigma(v) for v in values], 1
     if isinstance(t, (list, tuple)):
         if not t:
             raise ValueError("t as a list gives the noise levels of an ensemble: at least one float, got []")
+        if not add_noise:
+            raise ValueError(
+                "an ensemble t=[t1, ..., tK] noises each latent at K levels; add_noise=False (latents already x_t at "
+                "one t) does not combine with it"
+            )
         for k, v in enumerate(t):
-            schedule.check(v, f"t[{k}]")
+            schedule.check(v, f"t[{k}]", add_noise)
         return [schedule.sigma(v) for v in t for _ in range(batch)], len(t)
-    schedule.check(t)
+    schedule.check(t, "t", add_noise)
     return [schedule.sigma(t)] * batch, 1

@@ -30,17 +30,18 @@ class TimeSchedule(Schema):
     num_train_timesteps: int = Field(1000, ge=2, le=100000, description="entries of the FlowMatch table")
     shift: float = Field(3.0, gt=0.0, le=1000.0, description="the table's shift (SD3.5: 3.0)")
 
-    def check(self, t: float, what: str = "t") -> None:
-        """ValueError unless t is a noise level this schedule scores at (naming `what`)."""
+    def check(self, t: float, what: str = "t", noised: bool = True) -> None:
+        """ValueError unless t is a noise level this schedule scores at (naming `what`); pure noise (sigma 1) only
+        for latents that already are x_t (`noised=False`: a sampler's first step)."""
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
             raise ValueError(f"{what} must be a finite float noise level, got {t!r}")
         if self.kind == "direct":
-            if not 0.0 < t < 1.0:
+            if not (0.0 < t < 1.0 or (t == 1.0 and not noised)):
                 raise ValueError(f"{what} must lie in (0, 1) (the noise level sigma, e.g. 0.1), got {t}")
             return
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"{what} must lie in [0, 1] (DiNa-LRM's u, a target sigma, e.g. 0.4), got {t}")
-        if self.sigma(t) >= 1.0:
+        if noised and self.sigma(t) >= 1.0:
             raise ValueError(f"{what}={t} snaps to sigma 1 (pure noise, nothing of the latent left): use a smaller t")
 
     def sigma(self, t: float) -> float:

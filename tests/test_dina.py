@@ -107,6 +107,7 @@ def test_dina_checkpoint_scores_as_the_reference(tmp_path, base, visual, text):
     ckpt = write_dina(tmp_path, base, visual, text)
     engine = RewardEngine.from_pretrained(ckpt, base=base, dtype=torch.float32, kernels_backend="torch")
     assert engine.reward_config.head == "query_attention" and engine.reward_config.t == 0.4
+    assert engine.prompt_length.t5_tokens == 128  # their training prompt length (77 + 128 text tokens)
     assert len(engine.backbone.transformer_blocks) == 3  # blocks past the deepest read are not built
     z0, pe, po, noise = random_inputs(batch=3, h=10, w=14, text_len=9, seed=8)
     for u in (0.1, 0.4, 0.9):

@@ -56,6 +56,8 @@ def test_add_noise_false_scores_x_t(engine, inputs):
         assert rel_err(on_x_t, engine.score(z0, emb, noise=noise, t=t)) < 1e-6
     with pytest.raises(ValueError, match="pass neither noise nor seed"):
         engine.score(z0, emb, noise=noise, add_noise=False)
+    # a sampler's first state is pure noise (sigma 1): scored as it is, never noised to it
+    assert torch.isfinite(engine.score(noise, emb, t=1.0, add_noise=False)).all()
 
 
 def test_ensemble_of_a_mean_pool_head_averages_its_views(engine, inputs):

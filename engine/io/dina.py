@@ -33,7 +33,7 @@ LORA_DIR = "checkpoint/backbone_lora"
 HEAD_FILE = "checkpoint/rm_head.pt"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 DEFAULT_U = 0.4  # their validation levels are u = 0.3, 0.4, 0.5
-PROMPT_LENGTH = 205  # CLIP 77 + T5 128, what the published head was trained on
+T5_TOKENS = 128  # the T5 length the published head was trained at (prompt_embeds of 77 + 128 tokens)
 MAX_HEAD_BYTES = 2 * 2**30  # the published SD3.5-M head is ~0.2 GB in bf16
 
 
@@ -200,7 +200,7 @@ def read_head_state(path: Path) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "DEFAULT_U",
-    "PROMPT_LENGTH",
+    "T5_TOKENS",
     "DinaCheckpoint",
     "is_dina_checkpoint",
     "read_dina_checkpoint",

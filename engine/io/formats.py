@@ -24,18 +24,21 @@ from engine.io.checkpoint import REWARD_CONFIG, head_from_state, load_head, read
 from engine.io.files import is_regular_file
 from engine.io.lora import LoraAdapter, read_lora_adapter
 from engine.io.sources import TensorSource
+from engine.prompt_length import recorded_t5_tokens
 
 
 @dataclass
 class RewardCheckpoint:
     """What a checkpoint directory (and its base) gives the engine: its configs, the backbone's weight sources (later
-    ones win), a LoRA adapter merged into them at load, and the head (read and checked when called)."""
+    ones win), a LoRA adapter merged into them at load, the head (read and checked when called), and the T5 prompt
+    length it was trained at (None: not recorded; `engine.prompt_length`)."""
 
     reward: RewardConfig
     backbone: BackboneConfig
     sources: list[Mapping[str, torch.Tensor]]
     adapter: LoraAdapter | None
     head: Callable[[], RewardHead]
+    t5_tokens: int | None
 
 
 def open_reward_checkpoint(checkpoint: str | os.PathLike, base: str | os.PathLike | None = None) -> RewardCheckpoint:
@@ -66,7 +69,8 @@ def _open_own(directory: Path, base: str | os.PathLike | None) -> RewardCheckpoi
             f"reward checkpoint {directory} holds no backbone weights: pass base=<SD3.5 diffusers directory or single "
             f".safetensors file>"
         )
-    return RewardCheckpoint(reward, cfg, sources, None, lambda: load_head(directory, reward, cfg))
+    t5_tokens = recorded_t5_tokens(meta["metadata"], str(directory / REWARD_CONFIG))
+    return RewardCheckpoint(reward, cfg, sources, None, lambda: load_head(directory, reward, cfg), t5_tokens)
 
 
 def _open_dina(directory: Path, base: str | os.PathLike | None) -> RewardCheckpoint:
@@ -86,7 +90,7 @@ def _open_dina(directory: Path, base: str | os.PathLike | None) -> RewardCheckpo
     def head() -> RewardHead:
         return head_from_state(found.reward, cfg, dina.read_head_state(found.head), str(found.head))
 
-    return RewardCheckpoint(found.reward, cfg, [source], adapter, head)
+    return RewardCheckpoint(found.reward, cfg, [source], adapter, head, dina.T5_TOKENS)
 
 
 __all__ = ["RewardCheckpoint", "open_reward_checkpoint"]
