@@ -73,8 +73,9 @@ def write_dina(root: Path, base: Path, visual: list[int], text: list[int], **mod
     return ckpt
 
 
-def reference_rewards(ckpt: Path, base: Path, z0, pe, po, noise, u: float, visual, text) -> torch.Tensor:
-    """diffusers blocks by hand on peft's merged weights, x_t at the nearest table sigma, the head's equations."""
+def reference_rewards(ckpt: Path, base: Path, z0, pe, po, noise, u, visual, text) -> torch.Tensor:
+    """diffusers blocks by hand on peft's merged weights, x_t at the nearest table sigma, the head's equations; `u`
+    a list: their ensemble (each view's tokens made at its own level, then side by side on the token axis)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from peft import PeftModel
 
@@ -82,19 +83,26 @@ def reference_rewards(ckpt: Path, base: Path, z0, pe, po, noise, u: float, visua
         SD3Transformer2DModel.from_pretrained(base / "transformer"), ckpt / "checkpoint" / "backbone_lora"
     ).merge_and_unload()
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base / "scheduler")
-    index = int(torch.argmin((scheduler.sigmas - u).abs()))
-    sigma, timestep = scheduler.sigmas[index], scheduler.timesteps[index]
+    views = u if isinstance(u, list) else [u]
+    rows: list[list] = [[], [], []]  # per view: its image layers, text layers and temb (stacked view-major below)
     with torch.no_grad():
-        h = model.pos_embed((1 - sigma) * z0 + sigma * noise)
-        temb = model.time_text_embed(timestep.expand(z0.shape[0]), po)
-        c = model.context_embedder(pe)
-        image, words = [], []
-        for i, block in enumerate(model.transformer_blocks[: max(visual + text)]):
-            c, h = block(hidden_states=h, encoder_hidden_states=c, temb=temb)
-            image += [h] if i + 1 in visual else []
-            words += [c] if i + 1 in text else []
+        for level in views:
+            index = int(torch.argmin((scheduler.sigmas - level).abs()))
+            sigma, timestep = scheduler.sigmas[index], scheduler.timesteps[index]
+            h = model.pos_embed((1 - sigma) * z0 + sigma * noise)
+            temb = model.time_text_embed(timestep.expand(z0.shape[0]), po)
+            c = model.context_embedder(pe)
+            image, words = [], []
+            for i, block in enumerate(model.transformer_blocks[: max(visual + text)]):
+                c, h = block(hidden_states=h, encoder_hidden_states=c, temb=temb)
+                image += [h] if i + 1 in visual else []
+                words += [c] if i + 1 in text else []
+            for row, value in zip(rows, (image, words, temb), strict=True):
+                row.append(value)
+        image = [torch.cat(layer) for layer in zip(*rows[0], strict=True)]
+        words = [torch.cat(layer) for layer in zip(*rows[1], strict=True)]
         state = torch.load(ckpt / "checkpoint" / "rm_head.pt", weights_only=True)
-        return reference_head(state, image, words, temb, heads=4)[:, 0]
+        return reference_head(state, image, words, torch.cat(rows[2]), heads=4, views=len(views))[:, 0]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +118,7 @@ def test_dina_checkpoint_scores_as_the_reference(tmp_path, base, visual, text):
     assert engine.prompt_length.t5_tokens == 128  # their training prompt length (77 + 128 text tokens)
     assert len(engine.backbone.transformer_blocks) == 3  # blocks past the deepest read are not built
     z0, pe, po, noise = random_inputs(batch=3, h=10, w=14, text_len=9, seed=8)
-    for u in (0.1, 0.4, 0.9):
+    for u in (0.1, 0.4, 0.9, [0.1, 0.5, 0.8]):
         got = engine.score(z0, (pe, po), noise=noise, t=u)
         expected = reference_rewards(ckpt, base, z0, pe, po, noise, u, visual, text)
         assert ((got - expected).abs() <= 1e-4 * expected.abs().clamp_min(1.0)).all(), (u, got, expected)
