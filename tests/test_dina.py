@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,9 @@ def reference_rewards(ckpt: Path, base: Path, z0, pe, po, noise, u, visual, text
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(
-        SD3Transformer2DModel.from_pretrained(base / "transformer"), ckpt / "checkpoint" / "backbone_lora"
-    ).merge_and_unload()
+    model = SD3Transformer2DModel.from_pretrained(base / "transformer")
+    if (ckpt / "checkpoint" / "backbone_lora").is_dir():
+        model = PeftModel.from_pretrained(model, ckpt / "checkpoint" / "backbone_lora").merge_and_unload()
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base / "scheduler")
     views = u if isinstance(u, list) else [u]
     rows: list[list] = [[], [], []]  # per view: its image layers, text layers and temb (stacked view-major below)
@@ -125,6 +126,17 @@ def test_dina_checkpoint_scores_as_the_reference(tmp_path, base, visual, text):
     assert torch.equal(engine.score(z0, (pe, po), noise=noise), engine.score(z0, (pe, po), noise=noise, t=0.4))
 
 
+def test_dina_checkpoint_of_a_frozen_base(tmp_path, base):
+    """freeze_backbone without a LoRA: the head alone on the base's blocks."""
+    ckpt = write_dina(tmp_path, base, [1, 2], [2], use_lora=False, freeze_backbone=True)
+    shutil.rmtree(ckpt / "checkpoint" / "backbone_lora")
+    engine = RewardEngine.from_pretrained(ckpt, base=base, dtype=torch.float32, kernels_backend="torch")
+    z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=9)
+    expected = reference_rewards(ckpt, base, z0, pe, po, noise, 0.3, [1, 2], [2])
+    got = engine.score(z0, (pe, po), noise=noise, t=0.3)
+    assert ((got - expected).abs() <= 1e-4 * expected.abs().clamp_min(1.0)).all()
+
+
 def test_dina_config_maps_onto_the_engines(tmp_path, base):
     ckpt = write_dina(tmp_path, base, [3, 1], [2])  # their features follow block order, whatever the list order
     engine = RewardEngine.from_pretrained(ckpt, base=base, dtype=torch.float32, kernels_backend="torch")
@@ -163,6 +175,10 @@ def test_bad_dina_layouts_name_the_file(tmp_path, base):
     refused("config.json: model.text_head_idx")
     edit_config(ckpt, visual_head_idx=[7], num_transformer_layers=7)
     refused("config.json: model: reward layers \\[6\\] out of range")
+    edit_config(ckpt, use_lora=False)  # a fully fine-tuned backbone: no file holds it
+    refused("config.json: model.use_lora: got False")
+    (ckpt / "config.json").write_text(json.dumps({**config, "training": {"add_noise": False}}))
+    refused("config.json: training.add_noise: got False")
     (ckpt / "config.json").write_text(json.dumps({"training": {}}))
     refused("config.json: model: missing")
     head_file = ckpt / "checkpoint" / "rm_head.pt"
