@@ -170,3 +170,14 @@ def test_graphed_scorer_takes_t_as_data():
         x_t = (1 - level) * z0 + level * noise
         assert rel_err(graphed.score(x_t, cond, t=t, add_noise=False), expected) < 1e-5
     assert {key[-1] for key in graphed.graphs} == {True, False}  # the noising graph and the x_t graph
+
+
+def test_latent_reward_fn_scores_a_samplers_state(engine, inputs):
+    from engine.rl import dit_latent_reward_fn
+
+    z0, (pe, po), noise = inputs
+    fn = dit_latent_reward_fn(engine)
+    x_t = 0.6 * z0 + 0.4 * noise
+    assert torch.equal(fn(x_t, pe, po, t=0.4, add_noise=False), engine.score(x_t, (pe, po), t=0.4, add_noise=False))
+    common = engine.common_noise(z0)
+    assert torch.equal(fn(z0, pe, po, t=0.7), engine.score(z0, (pe, po), common, t=0.7))
