@@ -474,7 +474,7 @@ class RewardEngine(nn.Module):
         levels, _ = noise_levels(t, batch, self.reward_config.schedule, self.reward_config.t, add_noise)
         cond = self._conditioning(prompt_emb, grad)
         self._check_conditioning(cond)
-        rows = prompt_rows(cond.num_prompts, batch, prompt_index, self.device, finite=self.check_finite)
+        rows = prompt_rows(batch, cond.num_prompts, prompt_index, self.device, finite=self.check_finite)
         return cond.rows(rows, levels, self.backbone.level_maker(grad, self.check_finite))
 
     def _check_conditioning(self, cond: Conditioning) -> None:

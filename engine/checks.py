@@ -30,6 +30,16 @@ _DTYPES = {
 }
 
 
+# The floating-point dtypes `score` and `condition` take (float8 is a weight format of the fp8 engine, not an input).
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_input_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in INPUT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
+        raise TypeError(f"{name} must be a floating-point tensor ({names}), got {x.dtype}")
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
     """The weights' dtype for a constructor's `dtype=` ("fp8" loads bf16 weights, quantised to e4m3 afterwards by
     engine.runtime.fp8); None means `default`."""
@@ -115,9 +125,15 @@ def check_outputs_finite(outputs: BackboneOutputs, latents: torch.Tensor, modula
         )
 
 
+# What `engine.score(seed=...)` draws from: a Philox key in [0, 2**63) (kernels.noise.near_clean).
+SEED_RANGE = (0, 2**63)
+
+
 def check_seed(seed: int | None) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
 
 
 def as_prompt_pair(prompt_emb: Any, cfg: BackboneConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +158,7 @@ def check_prompts(
     for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        check_input_dtype(name, x)
         check_device(name, x, device)
     if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
         raise ValueError(
@@ -168,8 +183,7 @@ def check_latents(
     """latents [B, C, H, W] that the backbone can patchify and position-embed; noise, if given, of the same shape."""
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor [B, {cfg.in_channels}, H, W], got {type(latents).__name__}")
-    if not latents.is_floating_point():
-        raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
+    check_input_dtype("latents", latents)
     if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
         raise ValueError(
             f"latents must be [B, {cfg.in_channels}, H, W] transformer-space latents, got {list(latents.shape)}"
@@ -191,6 +205,7 @@ def check_latents(
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor like latents, got {type(noise).__name__}")
+        check_input_dtype("noise", noise)
         if noise.shape != latents.shape:
             raise ValueError(f"noise must have the latents' shape {list(latents.shape)}, got {list(noise.shape)}")
         check_device("noise", noise, device)
@@ -253,9 +268,10 @@ def check_prompt_index(
     return index.to(device, torch.long)
 
 
-def prompt_rows(num_prompts: int, batch: int, prompt_index: Any, device: torch.device, *, finite: bool):
-    """The prompt row of each of `batch` latents ([batch] long), or None when row b is prompt b: by
-    `prompt_index`, one prompt per latent, or one for all."""
+def prompt_rows(
+    batch: int, num_prompts: int, prompt_index: Any, device: torch.device, *, finite: bool
+) -> torch.Tensor | None:
+    """The prompt row of each of `batch` latents, [batch] long on `device`; None when latent b uses row b."""
     if prompt_index is not None:
         return check_prompt_index(prompt_index, batch, num_prompts, device, finite=finite)
     if num_prompts == batch:
