@@ -31,14 +31,15 @@ def test_default_t_is_the_checkpoints(engine, inputs):
 
 
 def test_per_latent_t_equals_separate_calls(engine, inputs):
-    """Row b of a call with t [B] is the row b of a call with t = t[b] for all (same shapes: bit-equal), for fixed
-    and for seeded noise."""
+    """Row b of a call with t [B] is the row b of a call with t = t[b] for all, for fixed and for seeded noise. Same
+    shapes, same ops, but the noise op forms 1 - t from a float32 t rather than from a Python float: up to an ulp of
+    z_t, so equal to 1e-6 (different levels give different rewards: checked below)."""
     z0, emb, noise = inputs
     t = torch.tensor([0.1, 0.7, 0.35, 0.7])
     for kw in ({"noise": noise}, {"seed": 5}):
         rewards = engine.score(z0, emb, t=t, **kw)
         for b, level in enumerate(t.tolist()):
-            assert torch.equal(rewards[b], engine.score(z0, emb, t=level, **kw)[b])
+            assert rel_err(rewards[b], engine.score(z0, emb, t=level, **kw)[b]) < 1e-6
     # one latent, one eps, four rows: three levels give three rewards (the comparison can fail)
     same = engine.score(
         z0[:1].expand(4, -1, -1, -1), (emb[0][:1], emb[1][:1]), noise=noise[:1].expand(4, -1, -1, -1), t=t

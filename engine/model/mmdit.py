@@ -147,22 +147,16 @@ class MMDiTReward(nn.Module):
     ) -> torch.Tensor:
         """Eq. 1 for each row of the forward: z0 [B, C, H, W] -> z_t [R, C, H, W]. R = K B (`views` K > 1, an
         ensemble): each latent at K levels, view-major, the K views sharing the latent's eps (fresh noise: one seed
-        for all). Row r of z_t equals a call of the op on its latent alone at its own level with the same noise."""
+        for all). `t`: a float, or float32 [R] on z0's device (each row's own level)."""
         if not isinstance(t, torch.Tensor):
             z_t = ops.near_clean(z0, t, noise=noise, seed=seed, image_offset=offset)
             return z_t if views == 1 else z_t.repeat(views, 1, 1, 1)
+        if views == 1:  # one launch, each image at its own level
+            return ops.near_clean(z0, t, noise=noise, seed=seed, image_offset=offset)
         if noise is None and seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        # Interim, until the near-clean op takes a per-row t in one launch: the op once per distinct level over the
-        # whole batch (same noise, so the same eps per latent), each row taken from its own level's result. A pure
-        # selection, so exactly equal to per-row calls; it costs one elementwise pass per distinct level.
-        levels = t.view(views, -1, 1, 1, 1)
-        z_t = None
-        for level in sorted(set(t.tolist())):
-            at_level = ops.near_clean(z0, level, noise=noise, seed=seed, image_offset=offset).unsqueeze(0)
-            z_t = at_level.expand(views, *z0.shape) if z_t is None else torch.where(levels == level, at_level, z_t)
-        assert z_t is not None
-        return z_t.reshape(-1, *z0.shape[1:])
+        levels = t.view(views, -1)  # one launch per view, the same eps (noise or seed) for every view
+        return torch.cat([ops.near_clean(z0, level, noise=noise, seed=seed, image_offset=offset) for level in levels])
 
     def forward(
         self,
