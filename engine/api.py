@@ -18,29 +18,32 @@ from engine.checks import (
     as_prompt_pair,
     check_conditioning_fits,
     check_latents,
+    check_outputs_finite,
     check_prompts,
+    noise_levels,
+    prompt_rows,
     resolve_device,
     resolve_dtype,
-    select_rows,
 )
 from engine.config import BackboneConfig, RewardConfig
-from engine.head import RewardHead
+from engine.heads import RewardHead, build_head
 from engine.io import hub
 from engine.io.backbone import base_source, load_backbone, random_backbone
-from engine.io.checkpoint import REWARD_CONFIG, load_head, read_reward_config, save_reward_checkpoint
-from engine.io.sources import TensorSource
+from engine.io.checkpoint import save_reward_checkpoint
+from engine.io.formats import open_reward_checkpoint
 from engine.model.conditioning import Conditioning
-from engine.model.mmdit import MMDiTReward, diffusers_state_dict
-from engine.prompt_length import SD3_T5_TOKENS, PromptLength, recorded_t5_tokens
+from engine.model.mmdit import BackboneOutputs, MMDiTReward, diffusers_state_dict
+from engine.prompt_length import SD3_T5_TOKENS, PromptLength
 from engine.reward_noise import CommonNoise, NoiseOption, check_noise_option
 from engine.runtime.backends import Backends, in_engine_dtype
 from kernels.backend import accumulation_dtype
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
+NoiseArg = float | torch.Tensor | Sequence[float] | None  # t: the checkpoint's, one, per latent [B], an ensemble
 
 
 class RewardEngine(nn.Module):
-    """DiT-Reward: an SD3/SD3.5 MMDiT (blocks 0..max(layers)) + an MLP head.
+    """A latent reward: an SD3/SD3.5 MMDiT (the blocks its head reads) + a reward head (`engine.heads`).
 
     Build with `from_pretrained` (a reward checkpoint + a local base model), `from_diffusers` (an in-memory diffusers
     `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default). Serving options,
@@ -69,11 +72,12 @@ class RewardEngine(nn.Module):
         if not fp8 and (fp8_adaln or fp8_fast_accum):
             raise ValueError("fp8_adaln and fp8_fast_accum refine dtype='fp8'; this engine is not fp8")
         reward.check_against(backbone.cfg)
-        if tuple(reward.layers) != backbone.layers:
-            raise ValueError(f"reward layers {reward.layers} differ from the backbone's {backbone.layers}")
+        if head.readout != backbone.readout:
+            raise ValueError(f"the head reads {head.readout}, but the backbone was built for {backbone.readout}")
         if head.outputs != reward.head_outputs:
             raise ValueError(f"the head predicts {head.outputs} outputs, the reward config says {reward.head_outputs}")
         self.backbone, self.reward_config = backbone, reward
+        backbone.schedule = reward.schedule
         if fp8:
             from engine.runtime.fp8 import quantize_fp8
 
@@ -153,20 +157,12 @@ class RewardEngine(nn.Module):
         """From an in-memory diffusers `SD3Transformer2DModel` (its weights are copied; blocks past max(layers) are
         not). `head=None` gives a freshly initialised head."""
         cfg = BackboneConfig.from_diffusers(transformer.config)
-        reward = RewardConfig.for_backbone(
-            cfg, t=t, head_hidden=tuple(head_hidden), **({"layers": tuple(layers)} if layers is not None else {})
-        )
+        reward = RewardConfig.for_backbone(cfg, layers=layers, t=t, head_hidden=tuple(head_hidden))
         param = next(transformer.parameters())
-        backbone = load_backbone(
-            cfg,
-            reward.layers,
-            [transformer.state_dict()],
-            resolve_dtype(dtype, param.dtype),
-            resolve_device(device, default=param.device),
-        )
-        return cls(
-            backbone, head if head is not None else cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends
-        )
+        head = head if head is not None else build_head(reward, cfg)
+        compute, where = resolve_dtype(dtype, param.dtype), resolve_device(device, default=param.device)
+        backbone = load_backbone(cfg, head.readout, [transformer.state_dict()], compute, where)
+        return cls(backbone, head, reward, fp8=dtype == "fp8", **backends)
 
     @classmethod
     def from_base(
@@ -186,16 +182,13 @@ class RewardEngine(nn.Module):
         base = hub.resolve(base, "base model", hub.BASE_FILES)
         cfg, source = base_source(base, config)
         reward = RewardConfig.for_backbone(
-            cfg,
-            t=t,
-            head_hidden=tuple(head_hidden),
-            head_outputs=head_outputs,
-            **({"layers": tuple(layers)} if layers is not None else {}),
+            cfg, layers=layers, t=t, head_hidden=tuple(head_hidden), head_outputs=head_outputs
         )
+        head = build_head(reward, cfg)
         backbone = load_backbone(
-            cfg, reward.layers, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device, allow_meta=True)
+            cfg, head.readout, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device, allow_meta=True)
         )  # (meta: the loaders' shape checks without weights)
-        engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
+        engine = cls(backbone, head, reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
         return engine
 
@@ -208,36 +201,21 @@ class RewardEngine(nn.Module):
         device: torch.device | str = "cpu",
         **backends: Any,
     ) -> RewardEngine:
-        """A reward checkpoint directory (`reward_config.json`, `head.safetensors`, optional fine-tuned
-        `backbone.safetensors`) on top of a local base model (diffusers directory or original single file). `base`
-        may be omitted when the checkpoint carries every backbone weight it needs. Either may be a Hugging Face hub
-        id (`org/name`), resolved through the local cache first (`engine.io.hub`)."""
+        """A reward checkpoint directory (any format of `engine.io.formats`: this engine's, or DiNa-LRM's, whose t is
+        its `u`) on top of a local base model (diffusers directory or original single file; optional when the
+        checkpoint holds every backbone weight). Either may be a hub id (`org/name`, `engine.io.hub`)."""
         checkpoint = hub.resolve(checkpoint, "reward checkpoint")
-        meta, reward, cfg = read_reward_config(checkpoint)
-        recorded = recorded_t5_tokens(meta["metadata"], str(Path(checkpoint) / REWARD_CONFIG))
-        backends.setdefault("max_sequence_length", recorded or SD3_T5_TOKENS)
-        sources = []
         if base is not None:
             base = hub.resolve(base, "base model", hub.BASE_FILES)
-            base_cfg, source = base_source(base, cfg)
-            if base_cfg != cfg and base_cfg != BackboneConfig(**{**cfg.to_dict(), "sample_size": base_cfg.sample_size}):
-                raise ValueError(
-                    f"base model {base} has config {base_cfg}, but the reward checkpoint {checkpoint} was "
-                    f"trained on {cfg}"
-                )
-            sources.append(source)
-        if meta["backbone_weights"] is not None:  # (a path checked to lie inside the checkpoint)
-            sources.append(TensorSource([meta["backbone_weights"]]))
-        if not sources:
-            raise ValueError(
-                f"reward checkpoint {checkpoint} holds no backbone weights: pass base=<SD3.5 diffusers "
-                f"directory or single .safetensors file>"
-            )
+        found = open_reward_checkpoint(checkpoint, base)
+        backends.setdefault("max_sequence_length", found.t5_tokens or SD3_T5_TOKENS)
         device = resolve_device(device)
-        backbone = load_backbone(cfg, reward.layers, sources, resolve_dtype(dtype, torch.bfloat16), device)
-        engine = cls(
-            backbone, load_head(checkpoint, reward, cfg.hidden_size).to(device), reward, fp8=dtype == "fp8", **backends
+        with torch.device("meta"):  # what the head reads (its shapes only): the backbone is checked and loaded first
+            readout = build_head(found.reward, found.backbone).readout
+        backbone = load_backbone(
+            found.backbone, readout, found.sources, resolve_dtype(dtype, torch.bfloat16), device, found.adapter
         )
+        engine = cls(backbone, found.head().to(device), found.reward, fp8=dtype == "fp8", **backends)
         if base is not None:
             engine._attach_pixel(base)
         return engine
@@ -255,17 +233,13 @@ class RewardEngine(nn.Module):
     ) -> RewardEngine:
         """A preset backbone with RANDOM weights (latency/memory do not depend on the values)."""
         cfg = BackboneConfig.from_name(name)
-        reward = RewardConfig.for_backbone(cfg, t=t, **({"layers": tuple(layers)} if layers is not None else {}))
+        reward = RewardConfig.for_backbone(cfg, layers=layers, t=t)
         device = resolve_device(device)
-        backbone = random_backbone(cfg, reward.layers, resolve_dtype(dtype, torch.bfloat16), device, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            head = cls._new_head(reward, cfg)
+            head = build_head(reward, cfg)
+        backbone = random_backbone(cfg, head.readout, resolve_dtype(dtype, torch.bfloat16), device, seed)
         return cls(backbone, head.to(device), reward, fp8=dtype == "fp8", **backends)
-
-    @staticmethod
-    def _new_head(reward: RewardConfig, cfg: BackboneConfig) -> RewardHead:
-        return RewardHead(len(reward.layers), cfg.hidden_size, reward.head_hidden, reward.head_outputs)
 
     def _attach_pixel(self, base: str | os.PathLike) -> None:
         """Remember a full SD3.5 diffusers directory: `score_images` loads its VAE and text encoders on first use."""
@@ -344,17 +318,24 @@ class RewardEngine(nn.Module):
         return self._common_noise.draw(latents)
 
     @in_engine_dtype
-    def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, grad: bool = False) -> Conditioning:
-        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. `grad=True`
-        keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs, unlike
-        inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
+    def condition(
+        self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, t: NoiseArg = None, grad: bool = False
+    ) -> Conditioning:
+        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]; the (prompt, t)
+        part of each t scored is made once and kept (`cond.hits`/`misses`; `t`: a float or list made ahead, e.g. a
+        sampler's timesteps). `grad=True` keeps the graph (training the embedders and adaLN linears); otherwise
+        no_grad, whose outputs, unlike inference-mode tensors, may still feed a differentiable `score(grad=True)`."""
         check_prompts(prompt_embeds, pooled, self.config, self.device, finite=self.check_finite)
         self.prompt_length.check(prompt_embeds.shape[1])
+        schedule, default = self.reward_config.schedule, self.reward_config.t
         with torch.enable_grad() if grad else torch.no_grad():
-            cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
+            cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), schedule.sigma(default))
         if self.check_finite:  # finite inputs can still overflow the adaLN linears (pooled x 1e20)
             cond.check_finite()
-        return replace(cond, origin=(self._identity, self._prompt_weights_version()))
+        cond = replace(cond, origin=(self._identity, self._prompt_weights_version()))
+        for level in dict.fromkeys(noise_levels(t, 1, schedule, default)[0] if t is not None else []):
+            cond.at(level, self.backbone.level_maker(grad, self.check_finite))
+        return cond
 
     def _prompt_weights_version(self) -> int:
         """Changes whenever a weight `condition()` reads is modified in place (optimizer steps, load_state_dict):
@@ -371,36 +352,45 @@ class RewardEngine(nn.Module):
         noise: torch.Tensor | None = None,
         seed: int | None = None,
         *,
+        t: NoiseArg = None,
+        add_noise: bool = True,
         grad: bool = False,
         prompt_index: torch.Tensor | Sequence[int] | None = None,
         image_offset: int = 0,
     ) -> torch.Tensor:
-        """Pooled features [B, n_layers, D] float32 (float64 for a float64 engine) (Eq. 1-4).
+        """Pooled features [B, n_layers, D] float32 (float64 for a float64 engine) (Eq. 1-4) of a mean-pool head
+        ([K B, ...] for an ensemble t, view-major).
 
         latents [B, C, H, W]: transformer-space latents (`(vae_latent - shift) * scale`, what the SD3 pipeline returns
         with output_type="latent"). prompt_emb: `(prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim])` or a
         `Conditioning`; P == B, or P == 1 (one prompt for all), or `prompt_index` [B] picks a prompt per latent.
         noise: explicit eps [B, C, H, W]; seed: reproducible eps (image b uses stream b + image_offset); neither:
-        fresh noise. grad=True keeps the graph so rewards backpropagate to the latents."""
-        feats = self._features(latents, prompt_emb, noise, seed, grad, prompt_index, image_offset)
-        return feats if grad else feats.clone()  # a normal tensor: callers may edit it in place or train a head on it
+        fresh noise. grad=True keeps the graph so rewards backpropagate to the latents.
+        t: None (the checkpoint's), a float, a float tensor [B] (per latent), or a list of K floats (the ensemble:
+        each latent at K levels, one eps); a DiNa-LRM checkpoint's t is its `u` (`engine.schedule`).
+        `add_noise=False`: the latents already are x_t at t (a sampler's state): no noise, seed or noise."""
+        if not self.backbone.readout.pooled:
+            raise ValueError(f"features() gives mean-pooled features: a {self.reward_config.head} head reads none")
+        pooled = self._forward(latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset)[
+            0
+        ].pooled
+        return pooled if grad else pooled.clone()  # a normal tensor: callers may edit it in place or train a head on it
 
-    def _features(self, latents, prompt_emb, noise, seed, grad, prompt_index, image_offset) -> torch.Tensor:
-        """`features` without the final copy: inference-mode tensors when grad=False (`score` reads them under
-        no_grad, which hands back an ordinary tensor)."""
-        cond = self.conditioning_for(latents, prompt_emb, noise, prompt_index, grad=grad)
-        context = torch.enable_grad() if grad else torch.inference_mode()
-        with context:
-            feats = self.backbone(
-                latents, cond.context, cond.modulation, cond.t, self.backends, noise, seed, image_offset
-            )
-        if self.check_finite and not bool(torch.isfinite(feats).all()):
-            raise ValueError(
-                "the features overflowed to NaN/Inf although latents and prompt embeddings are finite: an input is "
-                f"too large for {self.dtype} (largest |latent| {float(latents.abs().max()):.3g}, largest adaLN "
-                f"|modulation| {float(cond.modulation.abs().max()):.3g}); check the latents' and prompts' scale"
-            )
-        return feats
+    def _forward(
+        self, latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset
+    ) -> tuple[BackboneOutputs, int]:
+        """The backbone's outputs for every forward row and the views K (1 unless an ensemble); inference-mode tensors
+        when grad=False (`score` reads them under no_grad, which hands back an ordinary tensor)."""
+        if not add_noise and (noise is not None or seed is not None):
+            raise ValueError("add_noise=False scores the latents as the x_t they are: pass neither noise nor seed")
+        cond = self.conditioning_for(latents, prompt_emb, noise, prompt_index, t=t, add_noise=add_noise, grad=grad)
+        views = cond.context.shape[0] // latents.shape[0]
+        with torch.enable_grad() if grad else torch.inference_mode():
+            rows = (latents, cond.context, cond.modulation, cond.t, self.backends, noise, seed, image_offset)
+            outputs = self.backbone(*rows, add_noise=add_noise, temb=cond.temb)
+        if self.check_finite:
+            check_outputs_finite(outputs, latents, cond.modulation)
+        return outputs, views
 
     def _conditioning(self, prompt_emb: PromptEmb, grad: bool = False) -> Conditioning:
         """A Conditioning as given, or made from the SD3 pair. With host adaLN weights that streams them on every
@@ -426,6 +416,8 @@ class RewardEngine(nn.Module):
         noise: torch.Tensor | None = None,
         seed: int | None = None,
         *,
+        t: NoiseArg = None,
+        add_noise: bool = True,
         grad: bool = False,
         prompt_index: torch.Tensor | Sequence[int] | None = None,
         image_offset: int = 0,
@@ -433,18 +425,19 @@ class RewardEngine(nn.Module):
         return_std: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rewards [B] float32 (float64 for a float64 engine) (Eq. 5) — see `features` for the arguments; for an
-        uncertainty head (`reward_config.head_outputs == 2`) the predicted mean. `normalize=True` returns
-        (r - mean) / std with the statistics the trainer stored (BT rewards are otherwise unbounded).
-        `return_std=True` (uncertainty heads only) returns (rewards, std) [B] each, std = exp(log-std), divided by the
-        stored std too when `normalize`."""
+        uncertainty head (`reward_config.head_outputs == 2`) the predicted mean. An ensemble t=[t1, ..., tK] runs one
+        forward over the K B rows: a mean-pool head averages the K rewards, a query-attention head attends over the
+        K views' tokens at once. `normalize=True` returns (r - mean) / std with the statistics the trainer stored
+        (BT rewards are otherwise unbounded). `return_std=True` (uncertainty heads only) returns (rewards, std) [B]
+        each, std = exp(log-std), divided by the stored std too when `normalize`."""
         if return_std and self.head.outputs != 2:
             raise ValueError(
                 "return_std=True needs an uncertainty head (head_outputs 2, trained with loss='uncertainty'); this "
                 "checkpoint's head predicts a point reward: call score without return_std"
             )
-        feats = self._features(latents, prompt_emb, noise, seed, grad, prompt_index, image_offset)
+        outputs, views = self._forward(latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset)
         with torch.enable_grad() if grad else torch.no_grad():
-            prediction = self.head.predict(feats)  # [B, head_outputs]
+            prediction = self.head.predict(outputs, views)  # [B, head_outputs]
             reward = prediction[:, 0]
             if normalize:
                 reward = (reward - self.reward_config.reward_mean) / self.reward_config.reward_std
@@ -463,25 +456,32 @@ class RewardEngine(nn.Module):
         noise: torch.Tensor | None = None,
         prompt_index: torch.Tensor | Sequence[int] | None = None,
         *,
+        t: NoiseArg = None,
+        add_noise: bool = True,
         grad: bool = False,
     ) -> Conditioning:
-        """Check latents [B, C, H, W] (and noise) and return the Conditioning row of each latent: what every forward
-        of this engine reads (`features`, `score`, `engine.runtime.graphs.GraphedScorer`). Arguments as `features`."""
+        """Check latents [B, C, H, W] (and noise, t) and return the Conditioning row of each forward row (B, or K B
+        for an ensemble t): what every forward of this engine reads (`features`, `score`,
+        `engine.runtime.graphs.GraphedScorer`). Its `t` is the sigma of all rows, or of each row ([R] float32).
+        Arguments as `features`."""
         check_latents(latents, noise, self.config, self.device, finite=self.check_finite)
         if grad and self.fp8:
             raise ValueError(
                 "grad=True needs a bf16/fp32 engine: the FP8 path is inference-only (its quantised GEMMs have no "
                 "backward); build the engine with dtype='bf16' for reward backprop"
             )
+        batch = latents.shape[0]
+        levels, _ = noise_levels(t, batch, self.reward_config.schedule, self.reward_config.t, add_noise)
         cond = self._conditioning(prompt_emb, grad)
         self._check_conditioning(cond)
-        return select_rows(cond, latents.shape[0], prompt_index, self.device, finite=self.check_finite)
+        rows = prompt_rows(batch, cond.num_prompts, prompt_index, self.device, finite=self.check_finite)
+        return cond.rows(rows, levels, self.backbone.level_maker(grad, self.check_finite))
 
     def _check_conditioning(self, cond: Conditioning) -> None:
         """A Conditioning from this engine's `condition()` with its current weights, or one built by hand that fits
         (shapes, dtype, device, t) and is finite (one sync, when `check_finite`)."""
         n_vectors = sum(self.backbone.modulation_sizes)
-        check_conditioning_fits(cond, self.config, n_vectors, self.dtype, self.reward_config.t, self.device)
+        check_conditioning_fits(cond, self.config, n_vectors, self.dtype, self.device)
         if cond.origin is None:
             if self.check_finite:
                 cond.check_finite()

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from engine.config import BackboneConfig
+from engine.schedule import TimeSchedule
 
 if TYPE_CHECKING:  # (engine.model.conditioning imports this module)
     from engine.model.conditioning import Conditioning
+    from engine.model.mmdit import BackboneOutputs
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -112,6 +114,17 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_outputs_finite(outputs: BackboneOutputs, latents: torch.Tensor, modulation: torch.Tensor) -> None:
+    """ValueError when a forward of finite inputs overflowed (its pooled features, or the deepest image tokens read)."""
+    checked = {"features": outputs.pooled} if outputs.pooled is not None else {"tokens": outputs.image[-1]}
+    if first_nonfinite(checked) is not None:
+        raise ValueError(
+            f"the {next(iter(checked))} overflowed to NaN/Inf although latents and prompt embeddings are finite: an "
+            f"input is too large for {modulation.dtype} (largest |latent| {float(latents.abs().max()):.3g}, largest "
+            f"adaLN |modulation| {float(modulation.abs().max()):.3g}); check the latents' and prompts' scale"
+        )
+
+
 # What `engine.score(seed=...)` draws from: a Philox key in [0, 2**63) (kernels.noise.near_clean).
 SEED_RANGE = (0, 2**63)
 
@@ -201,9 +214,9 @@ def check_latents(
 
 
 def check_conditioning_fits(
-    cond: Conditioning, cfg: BackboneConfig, n_vectors: int, dtype: torch.dtype, t: float, device: torch.device
+    cond: Conditioning, cfg: BackboneConfig, n_vectors: int, dtype: torch.dtype, device: torch.device
 ) -> None:
-    """A Conditioning whose shapes, dtype, t and device fit the engine (`n_vectors` adaLN vectors per prompt); where
+    """A Conditioning whose shapes, dtype and device fit the engine (`n_vectors` adaLN vectors per prompt); where
     it came from is the engine's own check."""
     dim = cfg.hidden_size
     context, modulation = cond.context, cond.modulation
@@ -221,8 +234,6 @@ def check_conditioning_fits(
         )
     if context.dtype != dtype or modulation.dtype != dtype:
         raise ValueError(f"Conditioning is {modulation.dtype}, the engine computes in {dtype}: re-condition")
-    if cond.t != t:
-        raise ValueError(f"Conditioning was made at t={cond.t}, the engine scores at t={t}")
     check_device("Conditioning", context, device)
 
 
@@ -257,14 +268,6 @@ def check_prompt_index(
     return index.to(device, torch.long)
 
 
-def select_rows(
-    cond: Conditioning, batch: int, prompt_index: Any, device: torch.device, *, finite: bool
-) -> Conditioning:
-    """The Conditioning row of each of `batch` latents: by `prompt_index`, one prompt per latent, or one for all."""
-    rows = prompt_rows(batch, cond.num_prompts, prompt_index, device, finite=finite)
-    return cond if rows is None else cond.select(rows.to(cond.context.device))
-
-
 def prompt_rows(
     batch: int, num_prompts: int, prompt_index: Any, device: torch.device, *, finite: bool
 ) -> torch.Tensor | None:
@@ -279,3 +282,38 @@ def prompt_rows(
         f"batch sizes disagree: {batch} latents but {num_prompts} prompts; pass one prompt per "
         f"latent, a single prompt, or prompt_index=[...] mapping latents to prompts"
     )
+
+
+def noise_levels(
+    t: Any, batch: int, schedule: TimeSchedule, default: float, add_noise: bool = True
+) -> tuple[list[float], int]:
+    """The sigma of each forward row and the number of views K, from a score call's `t`:
+    None: the checkpoint's t (`default`) for every latent; a float: one t for all; a tensor [batch]: one per latent
+    (row b at t[b]); a list or tuple of K floats: the ensemble, every latent at each of the K levels (K B rows,
+    view-major), not with `add_noise=False`. Each t goes through `schedule` (the model's time convention)."""
+    if t is None:
+        t = default
+    if isinstance(t, torch.Tensor):
+        if t.ndim != 1 or t.shape[0] != batch or not t.is_floating_point():
+            raise ValueError(
+                f"t as a tensor gives one noise level per latent: a float tensor [{batch}], got {t.dtype} "
+                f"{list(t.shape)} "
+                f"(a Python list or tuple of floats is a multi-timestep ensemble)"
+            )
+        values = [float(v) for v in t.tolist()]
+        for b, v in enumerate(values):
+            schedule.check(v, f"t[{b}]", add_noise)
+        return [schedule.sigma(v) for v in values], 1
+    if isinstance(t, (list, tuple)):
+        if not t:
+            raise ValueError("t as a list gives the noise levels of an ensemble: at least one float, got []")
+        if not add_noise:
+            raise ValueError(
+                "an ensemble t=[t1, ..., tK] noises each latent at K levels; add_noise=False (latents already x_t at "
+                "one t) does not combine with it"
+            )
+        for k, v in enumerate(t):
+            schedule.check(v, f"t[{k}]", add_noise)
+        return [schedule.sigma(v) for v in t for _ in range(batch)], len(t)
+    schedule.check(t, "t", add_noise)
+    return [schedule.sigma(t)] * batch, 1

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, Strict, StrictInt, model_validator
 
+from engine.schedule import TimeSchedule
 from engine.schema import Schema, invalid, validate
 
 # SD3/SD3.5 VAE latent normalisation: transformer-space z0 = (vae_latent - shift) * scale.
@@ -156,36 +157,79 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(num_layers - 1, round(f * num_layers) - 1) for f in fractions if f * num_layers >= 1}))
 
 
-class RewardConfig(Schema):
-    """What DiT-Reward adds to the backbone: pooled blocks (0-based), noise level t (Eq. 1), head sizes (Eq. 5)."""
+class QueryAttentionConfig(Schema):
+    """Sizes of the query-attention head (DiNa-LRM's structure, `engine.heads.query_attention`)."""
 
     model_config = ConfigDict(frozen=True)
 
-    layers: Ints = Field((15, 23, 28, 37), min_length=1, max_length=256, description="pooled blocks, 0-based")
-    t: float = Field(0.1, gt=0.0, lt=1.0, description="Eq. 1 noise level the head was trained at")
-    head_hidden: Ints = Field((1024, 256), max_length=8, description="hidden sizes of the head's MLP")
+    width: int | None = Field(None, ge=4, le=65536, description="head width W (None: the backbone's width D)")
+    num_queries: int = Field(4, ge=1, le=1024, description="learned queries Q")
+    num_heads: int = Field(8, ge=1, le=1024, description="attention heads of both cross-attention blocks")
+    proj_in: bool = Field(False, description="a Linear D -> W before each FiLM adapter even when W == D")
+
+
+class RewardConfig(Schema):
+    """What the reward adds to the backbone: its head type and the blocks it reads (0-based), the noise level t
+    (Eq. 1) and its time schedule, the head's sizes (Eq. 5).
+
+    `head="mean_pool"` (DiT-Reward): an MLP over the image tokens of `layers` mean-pooled. `head="query_attention"`
+    (DiNa-LRM): learned queries attending over the full image tokens of `layers` and the text tokens of
+    `text_layers`, FiLM-modulated by temb. Files written before these fields existed load as mean-pool heads with
+    the direct schedule."""
+
+    model_config = ConfigDict(frozen=True)
+
+    layers: Ints = Field(
+        (15, 23, 28, 37), min_length=1, max_length=256, description="blocks whose image tokens the head reads, 0-based"
+    )
+    t: float = Field(0.1, gt=0.0, lt=1.0, description="Eq. 1 noise level the head was trained at (the default t)")
+    head_hidden: Ints = Field((1024, 256), max_length=8, description="hidden sizes of the mean-pool head's MLP")
     head_outputs: int = Field(1, ge=1, le=2, description="1: a point reward; 2: mean and log-std (uncertainty loss)")
     # Reward normalisation stats over validation pairs (set by the trainer; identity by default).
     reward_mean: float = Field(0.0, description="mean reward over validation images")
     reward_std: float = Field(1.0, gt=0.0, description="reward std over validation images")
+    head: Literal["mean_pool", "query_attention"] = Field("mean_pool", description="the head type")
+    text_layers: Ints = Field((), max_length=256, description="blocks whose text tokens the head reads, 0-based")
+    query_attention: QueryAttentionConfig = Field(
+        default_factory=QueryAttentionConfig, description="the query-attention head's sizes"
+    )
+    schedule: TimeSchedule = Field(default_factory=TimeSchedule, description="t -> (sigma, timestep)")
 
     # fields a checkpoint may omit (older checkpoints predate them)
-    OPTIONAL_IN_FILES: ClassVar[frozenset[str]] = frozenset({"head_outputs"})
+    OPTIONAL_IN_FILES: ClassVar[frozenset[str]] = frozenset(
+        {"head_outputs", "head", "text_layers", "query_attention", "schedule"}
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> RewardConfig:
-        if list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
-            raise invalid("layers", list(self.layers), "block indices >= 0, strictly increasing without duplicates")
+        for name in ("layers", "text_layers"):
+            blocks = list(getattr(self, name))
+            if blocks != sorted(set(blocks)) or (blocks and blocks[0] < 0):
+                raise invalid(name, blocks, "block indices >= 0, strictly increasing without duplicates")
         if not all(1 <= h <= 65536 for h in self.head_hidden):
             raise invalid("head_hidden", list(self.head_hidden), "sizes in [1, 65536]")
+        if self.head == "mean_pool" and self.text_layers:
+            raise invalid("text_layers", list(self.text_layers), "none for a mean_pool head (it reads image tokens)")
         return self
 
     def check_against(self, backbone: BackboneConfig) -> None:
-        bad = [i for i in self.layers if not 0 <= i < backbone.num_layers]
-        if bad:
+        last = backbone.num_layers - 1
+        for name, blocks in (("layers", self.layers), ("text_layers", self.text_layers)):
+            bad = [i for i in blocks if not 0 <= i <= last]
+            if bad:
+                raise ValueError(
+                    f"reward {name} {bad} out of range: this backbone has blocks 0..{last} ({backbone.num_layers} "
+                    f"blocks)"
+                )
+        if last in self.text_layers:
             raise ValueError(
-                f"reward layers {bad} out of range: this backbone has blocks 0..{backbone.num_layers - 1} "
-                f"({backbone.num_layers} blocks)"
+                f"reward text_layers include block {last}, the model's final block, which has no text output"
+            )
+        width = self.query_attention.width or backbone.hidden_size
+        if self.head == "query_attention" and width % self.query_attention.num_heads:
+            raise ValueError(
+                f"query_attention.width {width} is not divisible by query_attention.num_heads "
+                f"{self.query_attention.num_heads}"
             )
 
     @classmethod
@@ -201,6 +245,7 @@ __all__ = [
     "SD3_LATENT_SHIFT",
     "BackboneConfig",
     "PRESETS",
+    "QueryAttentionConfig",
     "RewardConfig",
     "default_layers",
 ]

@@ -262,9 +262,11 @@ def dit_latent_reward_fn(
     length warns once per engine (``strict_prompt_length=True``: raises).
 
     Returns:
-        ``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None)`` ->
-        rewards [B] float32 on the engine's device. ``latents [B, C, H, W]`` are transformer-space latents, i.e.
-        the SD3 pipeline's final latents before ``/ scaling_factor + shift_factor`` and the VAE decode;
+        ``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None, t=None,
+        add_noise=True)`` -> rewards [B] float32 on the engine's device; ``t``/``add_noise`` as
+        `RewardEngine.score` (a sampler's intermediate x_t: ``t=sigma, add_noise=False``). ``latents [B, C, H, W]``
+        are transformer-space latents, i.e. the SD3 pipeline's final latents before ``/ scaling_factor +
+        shift_factor`` and the VAE decode;
         ``prompt_embeds [R, L, joint_dim]`` and ``pooled [R, pooled_dim]`` are SD3's (with classifier-free guidance,
         the conditional half only). The rows R and the latents pair up in one of these ways:
 
@@ -289,13 +291,18 @@ def dit_latent_reward_fn(
         *,
         group_index: torch.Tensor | Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
+        t: float | torch.Tensor | Sequence[float] | None = None,
+        add_noise: bool = True,
     ) -> torch.Tensor:
         prompt_embeds, pooled, prompt_index = distinct_prompts(
             latents, prompt_embeds, pooled, prompt_index, group_index, prompts, check_equal=engine.check_finite
         )
         cond = engine.condition(prompt_embeds, pooled)  # once per distinct prompt
-        eps = engine.common_noise(latents) if noise == "common" and seed is None else None
-        return engine.score(latents, cond, eps, seed, grad=grad, prompt_index=prompt_index, normalize=normalize)
+        eps = engine.common_noise(latents) if add_noise and noise == "common" and seed is None else None
+        return engine.score(
+            latents, cond, eps, seed if add_noise else None, t=t, add_noise=add_noise, grad=grad,
+            prompt_index=prompt_index, normalize=normalize,
+        )  # fmt: skip
 
     latent_reward_fn.engine = engine  # type: ignore[attr-defined]
     return latent_reward_fn  # type: ignore[return-value]

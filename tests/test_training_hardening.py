@@ -99,11 +99,17 @@ def test_resume_never_unpickles_a_planted_file(small: dict, tmp_path: Path, caps
 
 
 def test_no_code_outside_tests_can_unpickle() -> None:
+    """Nothing unpickles, except DiNa-LRM's published rm_head.pt, read by torch's restricted unpickler only."""
     repo = Path(__file__).resolve().parents[1]
+    sanctioned = repo / "engine" / "io" / "dina.py"
     hits = []
     for folder in ("engine", "kernels", "bench", "training"):
         for path in (repo / folder).rglob("*.py"):
             text = path.read_text()
+            if path == sanctioned:
+                loads = text.split("torch.load(")[1:]
+                assert len(loads) == 1 and "weights_only=True" in loads[0].split(")")[0], "rm_head.pt: weights_only"
+                text = text.replace("torch.load(", "")
             hits += [
                 f"{path}: {word}" for word in ("weights_only=False", "torch.load(", "import pickle") if word in text
             ]

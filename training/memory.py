@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.config import BackboneConfig, RewardConfig
-from engine.head import RewardHead
+from engine.heads import build_head
 from engine.model.mmdit import MMDiTReward
 from training.lora import DEFAULT_LORA_TARGETS, add_lora
 
@@ -54,7 +54,7 @@ def training_memory(
     reward = RewardConfig.for_backbone(cfg, head_outputs=head_outputs)
     with torch.device("meta"):
         backbone = MMDiTReward(cfg, reward.layers)
-        head = RewardHead(len(reward.layers), cfg.hidden_size, reward.head_hidden, reward.head_outputs)
+        head = build_head(reward, cfg)
         if mode == "lora":
             add_lora(backbone, lora_rank, float(lora_rank), lora_targets)  # alpha does not change the counts
     params = [*backbone.parameters(), *head.parameters()]

@@ -38,7 +38,7 @@ class TrainableReward(nn.Module):
         [B, C, h, w] or (seed, image_offset) as in `engine.features` -> pooled features [B, n_layers, D] float32."""
         dtype = self.backbone.context_embedder.weight.dtype
         context, temb = self.backbone.embed_prompt(prompt_embeds.to(dtype), pooled.to(dtype), self.t)
-        return self.backbone(z0, context, temb, self.t, self.backends, noise, seed, image_offset)
+        return self.backbone(z0, context, temb, self.t, self.backends, noise, seed, image_offset).pooled
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Head predictions [B, head_outputs] float32 (Eq. 5): column 0 is the reward (an uncertainty head's mean),

@@ -14,7 +14,7 @@ import torch
 from engine.config import BackboneConfig
 from engine.io.single_file import single_file_source
 from engine.io.sources import TensorSource, diffusers_dir_source
-from engine.model.mmdit import MMDiTReward, diffusers_state_dict
+from engine.model.mmdit import MMDiTReward, Readout, diffusers_state_dict
 
 if TYPE_CHECKING:
     from engine.io.lora import LoraAdapter
@@ -56,21 +56,22 @@ def full_model_keys(cfg: BackboneConfig, blocks: int | None = None) -> set[str]:
 
 def load_backbone(
     cfg: BackboneConfig,
-    layers: tuple[int, ...],
+    readout: Readout | tuple[int, ...],
     sources: list[Mapping[str, torch.Tensor]],
     dtype: torch.dtype,
     device: torch.device | str,
     adapter: LoraAdapter | None = None,
 ) -> MMDiTReward:
-    """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones). Blocks
-    missing from the sources are refused before any tensor is read; every tensor passes `checked_weights`.
-    `adapter` (`engine.io.lora.read_lora_adapter`) is merged into the weights it adapts as they are read."""
+    """Build the blocks a head's `readout` needs (a tuple: the pooled blocks) on meta and fill them from `sources`
+    (later ones override earlier ones). Blocks missing from the sources are refused before any tensor is read; every
+    tensor passes `checked_weights`. `adapter` (`engine.io.lora.read_lora_adapter`) is merged into the weights it
+    adapts as they are read."""
     if adapter is not None:  # a last source: the adapted weights, each merged from the sources before it
         sources = [*sources, adapter.over(sources)]
-    held = _block_indices(sources)
-    _check_depth(layers, held, sources)
     with torch.device("meta"):
-        model = MMDiTReward(cfg, layers)
+        model = MMDiTReward(cfg, readout)
+    held = _block_indices(sources)
+    _check_depth(model.readout.blocks, held, sources)
     expected = diffusers_state_dict(model)
     allowed = full_model_keys(cfg, max(held, default=-1) + 1)  # as deep as the sources name blocks
     described = [(source, describe_source(source)) for source in sources]  # (a description walks the source's keys)
@@ -155,14 +156,19 @@ def checked_weights(
 
 
 def random_backbone(
-    cfg: BackboneConfig, layers: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, seed: int = 0
+    cfg: BackboneConfig,
+    readout: Readout | tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
 ) -> MMDiTReward:
-    """Blocks 0..max(layers) with random weights, built straight on `device` (an 8B model takes seconds on a GPU).
-    Linear weights ~ N(0, 0.02²), biases 0.01·N(0,1), qk-norm weights ~1; the positional table is SD3's real sincos."""
+    """The blocks `readout` needs (see `load_backbone`) with random weights, built straight on `device` (an 8B model
+    takes seconds on a GPU). Linear weights ~ N(0, 0.02²), biases 0.01·N(0,1), qk-norm weights ~1; the positional
+    table is SD3's real sincos."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
     with torch.device("meta"):
-        model = MMDiTReward(cfg, layers)
+        model = MMDiTReward(cfg, readout)
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

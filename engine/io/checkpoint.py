@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import BackboneConfig, RewardConfig
-from engine.head import RewardHead
+from engine.heads import RewardHead, build_head
 from engine.io.backbone import check_floating, checked_weights
 from engine.io.files import inside, is_regular_file, read_json
 from engine.io.sources import TensorSource
@@ -225,28 +225,37 @@ def read_reward_config(directory: str | os.PathLike) -> tuple[dict, RewardConfig
     return normalised, reward, backbone
 
 
-def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> RewardHead:
+def load_head(directory: str | os.PathLike, reward: RewardConfig, backbone: BackboneConfig) -> RewardHead:
+    """The head of a reward checkpoint, from `head.safetensors`."""
     path = inside(directory, HEAD_FILE, f"the head file {Path(directory) / HEAD_FILE}")
     source = TensorSource([path])
+    return head_from_state(reward, backbone, source, source.describe())
+
+
+def head_from_state(
+    reward: RewardConfig, backbone: BackboneConfig, source: Mapping[str, torch.Tensor], where: str
+) -> RewardHead:
+    """The head `reward` describes, its weights from `source` (`where`: its file, named in errors): every key and
+    shape must match exactly; values are upcast to fp32 and must be finite floating point."""
     with torch.device("meta"):  # shapes first: a config's head sizes allocate nothing until the file agrees
-        head = RewardHead(len(reward.layers), dim, reward.head_hidden, reward.head_outputs)
+        head = build_head(reward, backbone)
     expected = head.state_dict()
     for key in expected:
         if key not in source:
-            raise ValueError(f"missing key {key!r} in {source.describe()}")
+            raise ValueError(f"missing key {key!r} in {where}")
         if tuple(source[key].shape) != tuple(expected[key].shape):
             raise ValueError(
-                f"shape mismatch for {key!r} in {source.describe()}: checkpoint "
-                f"{list(source[key].shape)}, head {list(expected[key].shape)}"
+                f"shape mismatch for {key!r} in {where}: checkpoint {list(source[key].shape)}, head "
+                f"{list(expected[key].shape)}"
             )
     extra = sorted(set(source) - set(expected))
     if extra:
-        raise ValueError(f"unexpected key {extra[0]!r} in {source.describe()}")
+        raise ValueError(f"unexpected key {extra[0]!r} in {where}")
     raw = {k: source[k] for k in expected}
     for key, tensor in raw.items():
-        check_floating(key, tensor, source.describe())  # before the cast would hide an integer tensor
-    state = checked_weights({k: v.to(torch.float32) for k, v in raw.items()}, source.describe(), torch.float32)
+        check_floating(key, tensor, where)  # before the cast would hide an integer tensor
+    state = checked_weights({k: v.to(torch.float32) for k, v in raw.items()}, where, torch.float32)
     # the sizes agree with the file: allocate
-    head = RewardHead(len(reward.layers), dim, reward.head_hidden, reward.head_outputs)
+    head = build_head(reward, backbone)
     head.load_state_dict(state)  # (copied into fresh parameters, not adopted from the file's buffer)
     return head

@@ -42,7 +42,8 @@ class JointBlock(nn.Module):
     """One MMDiT block.
 
     `context_pre_only`: the model's final block, whose text stream has a 2-chunk continuous adaLN and no output.
-    `deepest`: the last block the reward runs; only its image stream is updated."""
+    `deepest`: the last block the reward runs when no head reads its text tokens; only its image stream is
+    updated."""
 
     def __init__(self, cfg: BackboneConfig, index: int, deepest: bool):
         super().__init__()

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,20 +73,10 @@ class ConditioningCache:
             for j, i in enumerate(todo):
                 rows[i] = fresh.select(torch.tensor([j], device=fresh.context.device))
                 self._rows.put(keys[i], rows[i])
-        return concat_conditionings(rows), len(todo)  # type: ignore[arg-type]
+        return Conditioning.concat(rows), len(todo)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self._rows)
-
-
-def concat_conditionings(parts: list[Conditioning]) -> Conditioning:
-    if len(parts) == 1:
-        return parts[0]
-    return replace(
-        parts[0],
-        context=torch.cat([c.context for c in parts]),
-        modulation=torch.cat([c.modulation for c in parts]),
-    )
 
 
 # ------------------------------------------------------------------------------------------- batch scoring
@@ -178,7 +168,7 @@ class BatchScorer:
         latents = torch.cat([item.latents for item in group])  # type: ignore[misc]
         scores = self.engine.score(
             latents,
-            concat_conditionings([item.cond for item in group]),  # type: ignore[misc]
+            Conditioning.concat([item.cond for item in group]),  # type: ignore[misc]
             noise=torch.cat([item.noise for item in group]),  # type: ignore[misc]
             prompt_index=torch.cat([item.prompt_index + off for item, off in zip(group, offsets, strict=True)]),  # type: ignore[operator]
             return_std=self.engine.head.outputs == 2,
