@@ -154,12 +154,16 @@ def _schema_error(err: ValidationError, source: str, model: type[BaseModel], fla
 # ------------------------------------------------------------------------------------------------------ parsing
 
 
-def validate(model: type[S], data: Any, source: str, *, flag: Callable[[str], str] | None = None) -> S:
-    """`model` from a mapping (JSON object, keyword arguments); `source` names it in errors (a file, a flag set)."""
+def validate(
+    model: type[S], data: Any, source: str, *, flag: Callable[[str], str] | None = None, context: Any = None
+) -> S:
+    """`model` from a mapping (JSON object, keyword arguments); `source` names it in errors (a file, a flag set).
+    `context` reaches the schema's validators (`ValidationInfo.context`): what a rule needs beyond the fields, e.g.
+    the sizes of the model the values must fit."""
     if not isinstance(data, Mapping):
         raise SchemaError(f"{source}: got {type(data).__name__} {_shown(data)}, expected a JSON object of fields")
     try:
-        return model.model_validate(dict(data))
+        return model.model_validate(dict(data), context=context)
     except ValidationError as e:
         raise _schema_error(e, source, model, flag) from None
 
