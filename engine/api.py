@@ -24,6 +24,7 @@ from engine.checks import (
 )
 from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
+from engine.io import hub
 from engine.io.backbone import base_source, load_backbone, random_backbone
 from engine.io.checkpoint import load_head, read_reward_config, save_reward_checkpoint
 from engine.io.sources import TensorSource
@@ -173,6 +174,7 @@ class RewardEngine(nn.Module):
     ) -> RewardEngine:
         """A base SD3/SD3.5 model (diffusers dir or single file) with a fresh head: the trainer's starting point.
         `head_outputs=2` gives an uncertainty head (mean, log-std)."""
+        base = hub.resolve(base, "base model", hub.BASE_FILES)
         cfg, source = base_source(base, config)
         reward = RewardConfig.for_backbone(
             cfg,
@@ -199,10 +201,13 @@ class RewardEngine(nn.Module):
     ) -> RewardEngine:
         """A reward checkpoint directory (`reward_config.json`, `head.safetensors`, optional fine-tuned
         `backbone.safetensors`) on top of a local base model (diffusers directory or original single file). `base`
-        may be omitted when the checkpoint carries every backbone weight it needs."""
+        may be omitted when the checkpoint carries every backbone weight it needs. Either may be a Hugging Face hub
+        id (`org/name`), resolved through the local cache first (`engine.io.hub`)."""
+        checkpoint = hub.resolve(checkpoint, "reward checkpoint")
         meta, reward, cfg = read_reward_config(checkpoint)
         sources = []
         if base is not None:
+            base = hub.resolve(base, "base model", hub.BASE_FILES)
             base_cfg, source = base_source(base, cfg)
             if base_cfg != cfg and base_cfg != BackboneConfig(**{**cfg.to_dict(), "sample_size": base_cfg.sample_size}):
                 raise ValueError(

@@ -7,86 +7,59 @@ blocks are pooled, the noise level `t`, and the head's hidden sizes.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, Strict, StrictInt, model_validator
+
+from engine.schema import Schema, invalid, validate
 
 # SD3/SD3.5 VAE latent normalisation: transformer-space z0 = (vae_latent - shift) * scale.
 SD3_LATENT_SHIFT = 0.0609
 SD3_LATENT_SCALE = 1.5305
 
-
-def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
-    """A sequence of integers (numpy ints included; not a string, not bools) as a tuple of ints."""
-    try:
-        if isinstance(value, (str, bytes)) or any(isinstance(i, bool) for i in value):
-            raise TypeError
-        return tuple(operator.index(i) for i in value)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of ints, got {value!r}") from None
+# A sequence of integers (a JSON list or a Python tuple), kept as a tuple: configs are frozen and hashable.
+Ints = Annotated[tuple[StrictInt, ...], Strict(False)]
 
 
-def _positive_int(name: str, value: Any) -> int:
-    """A positive integer (numpy ints included; not a float such as 16.0, not a bool, not a string)."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return number
+def _size(default: int, most: int, what: str) -> Any:
+    """A positive integer field bounded by what a real SD3-family model uses (SD3.5-L: 38 blocks x 38 heads x 64,
+    text width 4096, table 192) with wide margin: a config cannot make the loader build a model of 10**9 blocks."""
+    return Field(default, ge=1, le=most, description=what)
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    num_layers: int = 38
-    num_attention_heads: int = 38
-    attention_head_dim: int = 64
-    patch_size: int = 2
-    in_channels: int = 16
-    joint_attention_dim: int = 4096  # width of prompt_embeds (T5-XXL d_model; CLIP states are zero-padded to it)
-    pooled_projection_dim: int = 2048  # width of pooled (CLIP-L 768 + CLIP-G 1280)
-    caption_projection_dim: int = 2432
-    pos_embed_max_size: int = 192
-    sample_size: int = 128
-    qk_norm: str | None = "rms_norm"
-    dual_attention_layers: tuple[int, ...] = ()
+class BackboneConfig(Schema):
+    """diffusers' `SD3Transformer2DModel` config fields that shape the reward backbone (same names)."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "dual_attention_layers",
-            _int_tuple("BackboneConfig.dual_attention_layers", self.dual_attention_layers),
-        )
-        for name in (
-            "num_layers",
-            "num_attention_heads",
-            "attention_head_dim",
-            "patch_size",
-            "in_channels",
-            "joint_attention_dim",
-            "pooled_projection_dim",
-            "caption_projection_dim",
-            "pos_embed_max_size",
-            "sample_size",
-        ):
-            object.__setattr__(self, name, _positive_int(f"BackboneConfig.{name}", getattr(self, name)))
-        if self.qk_norm not in (None, "rms_norm"):
-            raise ValueError(f"BackboneConfig.qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
+    model_config = ConfigDict(frozen=True)
+
+    num_layers: int = _size(38, 256, "MMDiT blocks")
+    num_attention_heads: int = _size(38, 256, "attention heads")
+    attention_head_dim: int = _size(64, 512, "width of one head")
+    patch_size: int = _size(2, 16, "latent pixels per patch side")
+    in_channels: int = _size(16, 256, "latent channels")
+    joint_attention_dim: int = _size(4096, 65536, "width of prompt_embeds (T5-XXL d_model; CLIP padded to it)")
+    pooled_projection_dim: int = _size(2048, 65536, "width of pooled (CLIP-L 768 + CLIP-G 1280)")
+    caption_projection_dim: int = _size(2432, 131072, "width of the projected text tokens (= heads x head_dim)")
+    pos_embed_max_size: int = _size(192, 4096, "side of the positional-embedding table, in patches")
+    sample_size: int = _size(128, 16384, "default latent side (unused by the reward)")
+    qk_norm: Literal["rms_norm"] | None = Field("rms_norm", description="RMSNorm on q and k, or none (SD3-Medium)")
+    dual_attention_layers: Ints = Field((), description="blocks with a second image-only attention (SD3.5-M)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BackboneConfig:
         if self.caption_projection_dim != self.hidden_size:
-            raise ValueError(
-                f"caption_projection_dim ({self.caption_projection_dim}) must equal num_attention_heads * "
-                f"attention_head_dim ({self.hidden_size}): the joint attention concatenates both streams"
+            raise invalid(
+                "caption_projection_dim",
+                self.caption_projection_dim,
+                f"num_attention_heads * attention_head_dim = {self.hidden_size} (the joint attention concatenates "
+                "both streams)",
             )
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
-            raise ValueError(f"dual_attention_layers {bad} outside [0, {self.num_layers - 1}]")
+            raise invalid("dual_attention_layers", bad, f"block indices in [0, {self.num_layers - 1}]")
+        return self
 
     @property
     def hidden_size(self) -> int:
@@ -99,26 +72,21 @@ class BackboneConfig:
         return PRESETS[name]
 
     @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> BackboneConfig:
-        """Build from a diffusers `SD3Transformer2DModel` config (a dict or `FrozenDict`). A key the config lacks
-        takes diffusers' default, as `SD3Transformer2DModel.from_pretrained` would: SD3-Medium's published
-        config.json has no `qk_norm` (diffusers: None) and no `dual_attention_layers` (diffusers: none)."""
+    def from_diffusers(cls, config: Mapping[str, Any], source: str = "diffusers transformer config") -> BackboneConfig:
+        """Build from a diffusers `SD3Transformer2DModel` config (a dict or `FrozenDict`; `source` names it in
+        errors). A key the config lacks takes diffusers' default, as `SD3Transformer2DModel.from_pretrained` would:
+        SD3-Medium's published config.json has no `qk_norm` (diffusers: None) and no `dual_attention_layers`."""
         if not isinstance(config, Mapping):
             raise TypeError(f"a diffusers transformer config must be a mapping, got {type(config).__name__}")
         kwargs = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in dict(config).items() if k in _DIFFUSERS_DEFAULTS}}
         if kwargs["caption_projection_dim"] is None:
             kwargs["caption_projection_dim"] = kwargs["num_attention_heads"] * kwargs["attention_head_dim"]
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dual_attention_layers"] = list(self.dual_attention_layers)
-        return d
+        return validate(cls, kwargs, source)
 
     def preset_name(self) -> str | None:
         """The preset this config equals, if any (sample_size is irrelevant to the reward)."""
         for name, preset in PRESETS.items():
-            if dataclasses.replace(preset, sample_size=self.sample_size) == self:
+            if preset.model_copy(update={"sample_size": self.sample_size}) == self:
                 return name
         return None
 
@@ -188,40 +156,29 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(num_layers - 1, round(f * num_layers) - 1) for f in fractions if f * num_layers >= 1}))
 
 
-@dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(Schema):
     """What DiT-Reward adds to the backbone: pooled blocks (0-based), noise level t (Eq. 1), head sizes (Eq. 5)."""
 
-    layers: tuple[int, ...] = (15, 23, 28, 37)
-    t: float = 0.1
-    head_hidden: tuple[int, ...] = (1024, 256)
-    head_outputs: int = 1  # 1: a point reward; 2: mean and log-std (HPSv3's uncertainty loss)
-    # Reward normalisation stats over validation pairs (set by the trainer; identity by default).
-    reward_mean: float = 0.0
-    reward_std: float = 1.0
+    model_config = ConfigDict(frozen=True)
 
-    def __post_init__(self) -> None:
-        for name in ("layers", "head_hidden"):
-            object.__setattr__(self, name, _int_tuple(f"RewardConfig.{name}", getattr(self, name)))
-        for name in ("t", "reward_mean", "reward_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"RewardConfig.{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if not self.layers:
-            raise ValueError("RewardConfig.layers must name at least one block")
-        if list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"RewardConfig.layers must be strictly increasing without duplicates, got {self.layers}")
-        if not 0.0 < float(self.t) < 1.0:
-            raise ValueError(f"RewardConfig.t must lie in (0, 1), got {self.t}")
-        if any(h < 1 for h in self.head_hidden):
-            raise ValueError(f"RewardConfig.head_hidden sizes must be positive, got {self.head_hidden}")
-        if isinstance(self.head_outputs, bool) or self.head_outputs not in (1, 2):
-            raise ValueError(
-                f"RewardConfig.head_outputs must be 1 (reward) or 2 (mean, log-std), got {self.head_outputs!r}"
-            )
-        if not self.reward_std > 0:
-            raise ValueError(f"RewardConfig.reward_std must be > 0, got {self.reward_std}")
+    layers: Ints = Field((15, 23, 28, 37), min_length=1, max_length=256, description="pooled blocks, 0-based")
+    t: float = Field(0.1, gt=0.0, lt=1.0, description="Eq. 1 noise level the head was trained at")
+    head_hidden: Ints = Field((1024, 256), max_length=8, description="hidden sizes of the head's MLP")
+    head_outputs: int = Field(1, ge=1, le=2, description="1: a point reward; 2: mean and log-std (uncertainty loss)")
+    # Reward normalisation stats over validation pairs (set by the trainer; identity by default).
+    reward_mean: float = Field(0.0, description="mean reward over validation images")
+    reward_std: float = Field(1.0, gt=0.0, description="reward std over validation images")
+
+    # fields a checkpoint may omit (older checkpoints predate them)
+    OPTIONAL_IN_FILES: ClassVar[frozenset[str]] = frozenset({"head_outputs"})
+
+    @model_validator(mode="after")
+    def _sizes(self) -> RewardConfig:
+        if list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
+            raise invalid("layers", list(self.layers), "block indices >= 0, strictly increasing without duplicates")
+        if not all(1 <= h <= 65536 for h in self.head_hidden):
+            raise invalid("head_hidden", list(self.head_hidden), "sizes in [1, 65536]")
+        return self
 
     def check_against(self, backbone: BackboneConfig) -> None:
         bad = [i for i in self.layers if not 0 <= i < backbone.num_layers]
@@ -237,11 +194,6 @@ class RewardConfig:
         cfg = cls(layers=tuple(layers) if layers is not None else default_layers(backbone.num_layers), **overrides)
         cfg.check_against(backbone)
         return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"], d["head_hidden"] = list(self.layers), list(self.head_hidden)
-        return d
 
 
 __all__ = [

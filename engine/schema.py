@@ -53,6 +53,16 @@ class Schema(BaseModel):
             return data
         return {key: _plain(value) for key, value in data.items()}
 
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise _schema_error(e, type(self).__name__, type(self)) from None
+
+    # pydantic calls a model's own __init__ from model_validate unless it is marked as the base one: `validate`
+    # formats its errors itself
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
@@ -61,6 +71,10 @@ class Schema(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with `changes` applied, validated like a new instance (frozen schemas included)."""
+        return type(self)(**(dict(self) | changes))
 
 
 def _plain(value: Any) -> Any:
@@ -98,6 +112,7 @@ _EXPECTED: dict[str, str | Callable[[dict], str]] = {
     "bool_parsing": "true or false",
     "string_type": "text",
     "list_type": "a list",
+    "tuple_type": "a list",
     "dict_type": "an object",
     "model_type": "an object",
     "model_attributes_type": "an object",

@@ -297,16 +297,25 @@ def _drop(path: tuple[str, ...]):
     return edit
 
 
+def _nested(depth: int) -> list:
+    value: list = [0]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 BROKEN_CONFIGS = {
-    "top_level_list": (lambda m: [], "top level"),
-    "top_level_null": (lambda m: None, "top level"),
+    "top_level_list": (lambda m: [], "got list [], expected a JSON object"),
+    "top_level_null": (lambda m: None, "got NoneType None, expected a JSON object"),
     "num_layers_float": (_set(("backbone", "config", "num_layers"), 4.5), "num_layers"),
     "num_layers_string": (_set(("backbone", "config", "num_layers"), "4"), "num_layers"),
     "num_layers_bool": (_set(("backbone", "config", "num_layers"), True), "num_layers"),
     "head_dim_float": (_set(("backbone", "config", "attention_head_dim"), 16.0), "attention_head_dim"),
     "dual_layers_float": (_set(("backbone", "config", "dual_attention_layers"), [0.5]), "dual_attention_layers"),
     "backbone_weights_int": (_set(("backbone_weights",), 123), "backbone_weights"),
-    "missing_t": (_drop(("reward", "t")), "'t'"),
+    "missing_t": (_drop(("reward", "t")), "reward.t: missing"),
+    "deep_nesting": (_set(("metadata", "x"), _nested(70)), "nested"),
+    "layers_beyond_model": (_set(("reward", "layers"), [1, 300]), "reward.layers"),
     "missing_reward_mean": (_drop(("reward", "reward_mean")), "reward_mean"),
     "missing_reward_std": (_drop(("reward", "reward_std")), "reward_std"),
     "reward_not_a_dict": (_set(("reward",), [1, 2]), "reward"),
@@ -323,6 +332,18 @@ def test_config_errors_name_the_file_and_field(full_checkpoint, case):
     with pytest.raises(ValueError, match="reward_config.json") as info:
         RewardEngine.from_pretrained(full_checkpoint, dtype=torch.float32)
     assert field in str(info.value)
+
+
+def test_huge_numbers_and_fifo_configs_are_named(full_checkpoint):
+    path = full_checkpoint / "reward_config.json"
+    text = path.read_text()
+    path.write_text(text.replace('"reward_mean": 0.0', '"reward_mean": ' + "7" * 5000))
+    with pytest.raises(ValueError, match="reward_config.json: an integer of 5000 digits"):
+        RewardEngine.from_pretrained(full_checkpoint, dtype=torch.float32)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match="reward_config.json: reward config is a FIFO"):
+        RewardEngine.from_pretrained(full_checkpoint, dtype=torch.float32)
 
 
 def test_non_utf8_config_is_named(full_checkpoint):
@@ -458,13 +479,12 @@ def test_sd3_medium_config_without_qk_norm_or_dual_attention_loads(tmp_path):
 def test_absent_key_defaults_are_diffusers_defaults():
     """The literal defaults `BackboneConfig.from_diffusers` fills absent keys with are exactly diffusers' own, for
     every BackboneConfig field."""
-    import dataclasses
     import inspect
 
     diffusers = pytest.importorskip("diffusers")
     from engine.config import _DIFFUSERS_DEFAULTS, BackboneConfig
 
-    fields = {f.name for f in dataclasses.fields(BackboneConfig)}
+    fields = set(BackboneConfig.model_fields)
     parameters = inspect.signature(diffusers.SD3Transformer2DModel.__init__).parameters
     assert set(_DIFFUSERS_DEFAULTS) == fields
     assert dict(_DIFFUSERS_DEFAULTS) == {name: parameters[name].default for name in fields}

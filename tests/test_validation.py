@@ -140,17 +140,20 @@ def test_prompt_index_property(engine, good, prompt_index):
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        (dict(t=0.0), r"t must lie in \(0, 1\)"),
-        (dict(t=1.5), r"t must lie in \(0, 1\)"),
-        (dict(layers=(2, 1)), "strictly increasing without duplicates"),
+        (dict(t=0.0), r"RewardConfig: t: got 0.0, expected a value > 0.0"),
+        (dict(t=1.5), r"RewardConfig: t: got 1.5, expected a value < 1.0"),
+        (dict(layers=(2, 1)), r"layers: got \[2, 1\], expected .*strictly increasing without duplicates"),
         (dict(layers=(1, 1)), "strictly increasing without duplicates"),
-        (dict(layers=()), "at least one block"),
-        (dict(head_hidden=(0,)), "head_hidden sizes must be positive"),
-        (dict(head_hidden="64"), "head_hidden must be a sequence of ints"),
-        (dict(layers=(1.5, 2)), "layers must be a sequence of ints"),
-        (dict(t="0.1"), "t must be a finite number"),
-        (dict(reward_mean=float("nan")), "reward_mean must be a finite number"),
-        (dict(reward_std=float("inf")), "reward_std must be a finite number"),
+        (dict(layers=(-1, 1)), "block indices >= 0"),
+        (dict(layers=()), r"layers: got \[\], expected at least 1 item"),
+        (dict(head_hidden=(0,)), r"head_hidden: got \[0\], expected sizes in \[1, 65536\]"),
+        (dict(head_hidden=(10**8,)), r"head_hidden: got \[100000000\], expected sizes in \[1, 65536\]"),
+        (dict(head_hidden="64"), "head_hidden: got '64', expected a list"),
+        (dict(layers=(1.5, 2)), r"layers\[0\]: got 1.5, expected an integer"),
+        (dict(t="0.1"), "t: got '0.1', expected a number"),
+        (dict(reward_mean=float("nan")), "reward_mean: got nan, expected a finite number"),
+        (dict(reward_std=float("inf")), "reward_std: got inf, expected a finite number"),
+        (dict(head_outputs=True), "head_outputs: got True, expected an integer"),
     ],
 )
 def test_bad_reward_config(kwargs, pattern):
@@ -166,10 +169,12 @@ def test_layers_out_of_range():
 def test_bad_backbone_config_and_preset():
     with pytest.raises(ValueError, match="unknown backbone preset 'sd4'"):
         BackboneConfig.from_name("sd4")
-    with pytest.raises(ValueError, match="qk_norm must be None or 'rms_norm'"):
+    with pytest.raises(ValueError, match="BackboneConfig: qk_norm: got 'layer_norm', expected one of 'rms_norm'"):
         BackboneConfig(qk_norm="layer_norm")
-    with pytest.raises(ValueError, match=r"dual_attention_layers \[40\] outside \[0, 37\]"):
+    with pytest.raises(ValueError, match=r"dual_attention_layers: got \[40\], expected block indices in \[0, 37\]"):
         BackboneConfig(dual_attention_layers=(40,))
+    with pytest.raises(ValueError, match=r"num_layers: got 1000000000, expected a value <= 256"):
+        BackboneConfig(num_layers=10**9)
 
 
 def test_bad_dtype_and_backends():

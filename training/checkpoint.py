@@ -7,7 +7,6 @@ other data unless ``resume_on_changed_data``."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -297,8 +296,8 @@ def export(
                 with reporting_disk_full(adapter, sum(p.numel() * p.element_size() for p in trained)):
                     save_adapter(engine.backbone, adapter, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
             merge_lora(engine.backbone)
-        engine.reward_config = dataclasses.replace(
-            engine.reward_config, reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)
+        engine.reward_config = engine.reward_config.replace(
+            reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)
         )
         engine.save_pretrained(
             target,

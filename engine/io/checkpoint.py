@@ -3,7 +3,6 @@ atomically beside the target and swapped in, recovered after a crash, read back 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -11,7 +10,7 @@ import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -20,7 +19,9 @@ from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
 from engine.io.atomic import reporting_disk_full
 from engine.io.backbone import check_floating, checked_weights
+from engine.io.files import inside, is_regular_file, read_json
 from engine.io.sources import TensorSource
+from engine.schema import Schema, SchemaError, validate
 
 REWARD_FORMAT = "dit-reward/1"
 REWARD_CONFIG = "reward_config.json"
@@ -33,25 +34,10 @@ CHECKPOINT_FILES = frozenset({REWARD_CONFIG, HEAD_FILE, BACKBONE_FILE})
 
 
 CORE_FIELDS = ("format", "reward", "backbone", "backbone_weights")
+MAX_CONFIG_BYTES = 16 * 2**20  # a reward config is a few kB; its metadata (training config, validation) stays small
 METADATA = "metadata"
 # A sibling of checkpoint NAME that an export in process PID is writing (tmp) or has just moved aside (old).
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
-
-
-def checked_path(directory: str | os.PathLike, name: object, field: str) -> Path:
-    """`directory / name` for a file a checkpoint names, refused unless it resolves (symlinks followed) inside
-    `directory`: a checkpoint must not reach `../other/x.safetensors` or `/etc/passwd`. `field` names where the
-    name came from (e.g. "reward_config.json field 'backbone_weights'") for the error."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise ValueError(f"{field} must be a file name inside {directory}, got {name!r}")
-    root = Path(directory).resolve()
-    path = (root / name).resolve()
-    if not path.is_relative_to(root) or path == root:
-        raise ValueError(
-            f"{field} is {name!r}, which resolves to {path}, outside the checkpoint directory {root}: a checkpoint "
-            f"may only name files inside itself"
-        )
-    return path
 
 
 def _process_alive(pid: int) -> bool:
@@ -186,86 +172,65 @@ def save_reward_checkpoint(
     return directory
 
 
-def _require_dict(value: object, field: str, path: Path) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: field {field!r} must be a JSON object, got {type(value).__name__} {value!r:.60}")
-    return value
+class BackboneSection(Schema):
+    preset: str | None = None
+    config: dict[str, Any]
 
 
-def _build(cls: type, fields: dict, field: str, path: Path, required: set[str]):
-    """A config dataclass from a JSON object: every key known, every required key present, values checked by the
-    dataclass; errors name the file and the field."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown field(s) {unknown} in {field!r}; expected {sorted(known)}")
-    missing = sorted(required - set(fields))
-    if missing:
-        raise ValueError(f"{path}: field {field!r} lacks {', '.join(repr(m) for m in missing)} (required)")
-    try:
-        return cls(**fields)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: invalid field {field!r}: {e}") from e
+class RewardFile(Schema):
+    """`reward_config.json`: the format tag, the two configs, the optional fine-tuned backbone file, metadata."""
+
+    format: Literal["dit-reward/1"]
+    reward: dict[str, Any]
+    backbone: BackboneSection
+    backbone_weights: str | None = None
+    metadata: dict[str, Any] = {}
 
 
 def read_reward_config(directory: str | os.PathLike) -> tuple[dict, RewardConfig, BackboneConfig]:
-    """Read and check `reward_config.json` (after `recover_checkpoint`). Returns the document, normalised: every
-    non-core field under "metadata" (older checkpoints kept them at the top level), and "backbone_weights" as the
-    checked absolute `Path` of the file or None; then the reward and backbone configs. Errors name the file and the
-    field."""
+    """Read and check `reward_config.json` (after `recover_checkpoint`) through the safe reader and its schemas.
+    Returns the document, normalised: every non-core field under "metadata" (older checkpoints kept them at the top
+    level), and "backbone_weights" as the checked absolute `Path` of the file or None; then the reward and backbone
+    configs. Errors name the file and the field."""
     directory = Path(directory)
     recover_checkpoint(directory)
-    if not (directory / REWARD_CONFIG).is_file():
+    if not is_regular_file(directory / REWARD_CONFIG, "reward config"):
         raise FileNotFoundError(f"{directory} is not a reward checkpoint: {REWARD_CONFIG} missing")
-    path = checked_path(directory, REWARD_CONFIG, REWARD_CONFIG)
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): a corrupt reward config") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt reward config {path}: {e}") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: the top level must be a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != REWARD_FORMAT:
-        raise ValueError(f"{path}: field 'format' is {meta.get('format')!r}, expected {REWARD_FORMAT!r}")
-    metadata = _require_dict(meta.get(METADATA, {}), METADATA, path)
-    legacy = {k: v for k, v in meta.items() if k not in (*CORE_FIELDS, METADATA)}
-    reward_fields = _require_dict(meta.get("reward"), "reward", path)
-    reward = _build(
-        RewardConfig,
-        reward_fields,
-        "reward",
-        path,
-        # head_outputs is optional: a checkpoint without it has a point-reward head
-        required={f.name for f in dataclasses.fields(RewardConfig)} - {"head_outputs"},
-    )
-    backbone_section = _require_dict(meta.get("backbone"), "backbone", path)
-    backbone = _build(
-        BackboneConfig,
-        _require_dict(backbone_section.get("config"), "backbone.config", path),
-        "backbone.config",
-        path,
-        required={f.name for f in dataclasses.fields(BackboneConfig)},
-    )
+    path = inside(directory, REWARD_CONFIG, REWARD_CONFIG)
+    meta = read_json(path, "reward config", max_bytes=MAX_CONFIG_BYTES)
+    if isinstance(meta, dict):  # fields of older checkpoints, kept at the top level then: metadata now
+        legacy = {k: v for k, v in meta.items() if k not in (*CORE_FIELDS, METADATA)}
+        meta = {k: v for k, v in meta.items() if k not in legacy}
+    else:
+        legacy = {}
+    document = validate(RewardFile, meta, str(path))
+    missing = set(RewardConfig.model_fields) - RewardConfig.OPTIONAL_IN_FILES - set(document.reward)
+    if missing:
+        raise SchemaError(f"{path}: reward.{sorted(missing)[0]}: missing, expected a value (required)")
+    reward = validate(RewardConfig, document.reward, f"{path}: reward")
+    missing = set(BackboneConfig.model_fields) - set(document.backbone.config)
+    if missing:
+        raise SchemaError(f"{path}: backbone.config.{sorted(missing)[0]}: missing, expected a value (required)")
+    backbone = validate(BackboneConfig, document.backbone.config, f"{path}: backbone.config")
     try:
         reward.check_against(backbone)
     except ValueError as e:
-        raise ValueError(f"{path}: field 'reward.layers': {e}") from e
-    weights = meta.get("backbone_weights")
+        raise SchemaError(f"{path}: reward.layers: {e}") from e
+    weights = document.backbone_weights
     if weights is not None:
-        weights = checked_path(directory, weights, f"{path} field 'backbone_weights'")
+        weights = inside(directory, weights, f"{path}: backbone_weights")
     normalised = {
         "format": REWARD_FORMAT,
-        "reward": reward_fields,
-        "backbone": backbone_section,
+        "reward": document.reward,
+        "backbone": document.backbone.to_dict(),
         "backbone_weights": weights,
-        METADATA: {**legacy, **metadata},
+        METADATA: {**legacy, **document.metadata},
     }
     return normalised, reward, backbone
 
 
 def load_head(directory: str | os.PathLike, reward: RewardConfig, dim: int) -> RewardHead:
-    path = checked_path(directory, HEAD_FILE, f"the head file {Path(directory) / HEAD_FILE}")
+    path = inside(directory, HEAD_FILE, f"the head file {Path(directory) / HEAD_FILE}")
     source = TensorSource([path])
     with torch.device("meta"):  # shapes first: a config's head sizes allocate nothing until the file agrees
         head = RewardHead(len(reward.layers), dim, reward.head_hidden, reward.head_outputs)

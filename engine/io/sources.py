@@ -3,15 +3,17 @@ pickle) and the diffusers directory layout (a sharded `transformer/`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
+from pydantic import ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 
 from engine.config import BackboneConfig
+from engine.io.files import inside, is_regular_file, read_json
+from engine.schema import Schema, SchemaError, validate
 
 # ------------------------------------------------------------------------------------------------ tensor sources
 
@@ -32,7 +34,7 @@ class TensorSource(Mapping):
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            if not path.is_file():
+            if not is_regular_file(path, "weights file"):  # (safe_open would block on a FIFO)
                 raise FileNotFoundError(f"weights file {path} does not exist")
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
@@ -72,16 +74,22 @@ class TensorSource(Mapping):
         return files[0] if len(files) == 1 else f"{len(files)} files in {Path(files[0]).parent}"
 
 
+class ShardIndex(Schema):
+    """A diffusers `*.safetensors.index.json`: which shard file holds each tensor."""
+
+    model_config = ConfigDict(extra="allow")  # ("metadata" and tools' own keys)
+    weight_map: dict[str, str] = Field(min_length=1)
+
+
 def _safetensors_in(directory: Path, stem: str) -> list[Path]:
+    """The shard files of `stem` in `directory` (each named by the index and kept inside `directory`), or its one
+    unsharded file."""
     index = directory / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"corrupt shard index {index}: {e}") from e
-        return sorted({directory / name for name in weight_map.values()})
+    if is_regular_file(index, "shard index"):
+        weight_map = validate(ShardIndex, read_json(index, "shard index", max_bytes=64 * 2**20), str(index)).weight_map
+        return sorted({inside(directory, name, f"{index}: weight_map[{key!r}]") for key, name in weight_map.items()})
     single = directory / f"{stem}.safetensors"
-    if single.is_file():
+    if is_regular_file(single, "weights file"):
         return [single]
     raise FileNotFoundError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {directory}")
 
@@ -93,7 +101,7 @@ def transformer_dir(base: str | os.PathLike) -> Path:
     """The `transformer/` folder of an SD3/SD3.5 diffusers directory (or that folder itself)."""
     base = Path(base)
     for candidate in (base / "transformer", base):
-        if (candidate / "config.json").is_file():
+        if is_regular_file(candidate / "config.json", "transformer config"):
             return candidate
     raise FileNotFoundError(
         f"{base} is not an SD3/SD3.5 diffusers directory: expected {base / 'transformer' / 'config.json'}"
@@ -102,16 +110,12 @@ def transformer_dir(base: str | os.PathLike) -> Path:
 
 def diffusers_dir_source(base: str | os.PathLike) -> tuple[BackboneConfig, TensorSource]:
     directory = transformer_dir(base)
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt transformer config {directory / 'config.json'}: {e}") from e
+    path = directory / "config.json"
+    raw = read_json(path, "transformer config", max_bytes=16 * 2**20)
     if not isinstance(raw, dict):
-        raise ValueError(f"transformer config {directory / 'config.json'} must hold a JSON object")
+        raise SchemaError(f"{path}: got {type(raw).__name__}, expected a JSON object (a diffusers model config)")
     if raw.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
-        raise ValueError(f"{directory} holds a {raw['_class_name']}, expected an SD3Transformer2DModel")
-    try:
-        config = BackboneConfig.from_diffusers(raw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"transformer config {directory / 'config.json'}: {e}") from e
-    return config, TensorSource(_safetensors_in(directory, "diffusion_pytorch_model"))
+        raise SchemaError(f"{path}: _class_name: got {raw['_class_name']!r:.80}, expected 'SD3Transformer2DModel'")
+    return BackboneConfig.from_diffusers(raw, str(path)), TensorSource(
+        _safetensors_in(directory, "diffusion_pytorch_model")
+    )

@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+
+from engine.io.files import is_regular_file, open_regular
 
 # One image: a PIL image, an image file, a uint8 HWC/HW array, or a float CHW tensor in [0, 1].
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
@@ -93,10 +94,10 @@ def _from_pil(image: Image.Image) -> torch.Tensor:
 
 
 def _from_path(path: str | os.PathLike) -> torch.Tensor:
-    if not Path(path).is_file():
+    if not is_regular_file(path, "image file"):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
+        with open_regular(path, "image file") as fh, Image.open(fh) as image:
             return _from_pil(image)
     except UnidentifiedImageError as e:
         raise ValueError(f"{path} is not an image file that PIL can read") from e
