@@ -127,6 +127,7 @@ _EXPECTED: dict[str, str | Callable[[dict], str]] = {
     "too_long": lambda c: f"at most {c['max_length']} item(s)",
     "string_too_short": lambda c: f"text of at least {c['min_length']} character(s)",
     "string_too_long": lambda c: f"text of at most {c['max_length']} character(s)",
+    "string_pattern_mismatch": lambda c: f"text matching {c['pattern']}",
 }
 
 
