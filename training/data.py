@@ -174,9 +174,8 @@ def inspect_image(path: Path) -> ImageFile:
         return ImageFile(("unreadable_image", str(e)))
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(
-            io.BytesIO(data)
-        ) as image:  # the header first; PIL raises DecompressionBombError beyond 2x its limit
+        # the header first; PIL raises DecompressionBombError beyond 2x its limit
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
                 return ImageFile(
