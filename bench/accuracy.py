@@ -12,23 +12,24 @@ row per file and the mean over files (test sets are separate files: HPDv3-, HPDv
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
-from bench.harness import positive_int
 from engine.api import RewardEngine
 from engine.io.checkpoint import read_reward_config
+from engine.schema import Schema, Seed, parse_cli
 from training.cache import encode_image_files
-from training.data import PreferencePair, add_path_rule_arguments, read_file
+from training.data import PreferencePair, read_file
 from training.evaluation import PairBatch, accuracy, pair_rewards
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_JSON_FLAG = {"cli": {"flag": "--json"}}
 
 
 def evaluate_file(
@@ -95,7 +96,7 @@ def run(
         base,
         device=device,
         dtype=_DTYPES.get(training.get("cache_dtype", "fp32"), torch.float32),
-        max_sequence_length=int(training.get("max_sequence_length", 256)),
+        max_sequence_length=engine.prompt_length.t5_tokens,  # the checkpoint's, as the engine reads it
     )
     seed = int(training.get("eval_seed", 1234)) if seed is None else seed
     area = training.get("area") if area is None else area
@@ -135,21 +136,29 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--test-json", nargs="+", required=True, help="HPSv3-format test files (path1 preferred)")
-    parser.add_argument("--checkpoint", required=True, help="reward checkpoint directory (training.train's reward/)")
-    parser.add_argument("--base", required=True, help="local SD3/SD3.5 diffusers directory")
-    parser.add_argument("--json", dest="json_out", default=None, help="also write the results here")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="backbone dtype")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="pairs per forward")
-    parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the checkpoint's eval seed)")
-    parser.add_argument(
-        "--area", type=positive_int, default=None, help="bucket pixel area (default: the checkpoint's, as cached)"
+class AccuracyArgs(Schema):
+    """The command line of `python -m bench.accuracy`."""
+
+    test_json: list[str] = Field(min_length=1, description="HPSv3-format test files (path1 preferred)")
+    checkpoint: str = Field(min_length=1, description="reward checkpoint directory (training.train's reward/)")
+    base: str = Field(min_length=1, description="local SD3/SD3.5 diffusers directory")
+    json_out: str | None = Field(
+        None, min_length=1, description="also write the results here", json_schema_extra=_JSON_FLAG
     )
-    add_path_rule_arguments(parser)
-    args = parser.parse_args(argv)
+    device: str | None = Field(None, description="torch device (default: cuda if available)")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="backbone dtype")
+    batch_size: int = Field(32, ge=1, le=65536, description="pairs per forward")
+    seed: Seed | None = Field(None, description="noise seed (default: the checkpoint's eval seed)")
+    area: int | None = Field(None, ge=256, le=4096**2, description="bucket pixel area (default: the checkpoint's)")
+    image_root: str | None = Field(
+        None, description="folder that relative image paths resolve against and that every image must lie in "
+        "(default: each JSON file's folder)"
+    )  # fmt: skip
+    allow_outside_root: bool = Field(False, description="accept image paths that resolve outside the image root")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_cli(AccuracyArgs, argv, "python -m bench.accuracy", __doc__.split("\n\n")[0])
     report = run(
         args.test_json,
         args.checkpoint,
@@ -171,4 +180,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["evaluate_file", "format_table", "run"]
+__all__ = ["AccuracyArgs", "evaluate_file", "format_table", "run"]

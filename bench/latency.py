@@ -23,6 +23,7 @@ from bench.latency_runs import BASELINES, Bench, bench_hpsv3, bench_latent, benc
 from bench.report import row_label
 from bench.targets import COMPILED_BASELINES, EAGER, fastest_baselines
 from bench.workload import dtype_kwargs
+from engine.prompt_length import CLIP_TOKENS, SD3_T5_TOKENS, checkpoint_t5_tokens
 
 
 def _dtype_name(name: str) -> str:
@@ -60,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--text-len",
         type=positive_int,
-        default=333,
-        help="text tokens: 77 CLIP + T5 tokens; 333 = SD3 default, 205 = Flow-GRPO",
+        default=None,
+        help="text tokens: 77 CLIP + T5 tokens; default: the --checkpoint's trained length, else 333 = SD3's default; "
+        "205 = Flow-GRPO",
     )
     p.add_argument(
         "--baselines",
@@ -90,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.text_len is None:
+        args.text_len = CLIP_TOKENS + (checkpoint_t5_tokens(args.checkpoint) if args.checkpoint else SD3_T5_TOKENS)
     if args.baselines == []:
         args.baselines = list(BASELINES)
     if args.no_engine and not args.baselines:

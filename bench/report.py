@@ -11,8 +11,6 @@ kernel micro-benchmarks) are not latency rows and are left out. All numbers come
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -20,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from bench.targets import BASELINE_PATHS
+from engine.io.files import read_json
+from engine.schema import Schema, parse_cli
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_PLOT = RESULTS_DIR / "latency.png"
@@ -86,13 +88,7 @@ def load_runs(paths: Iterable[Path]) -> list[Run]:
     """Runs from results files, oldest first. Files that are not results JSON raise `ValueError` naming the file."""
     runs = []
     for path in sorted(paths):
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path} is not valid JSON ({err}); results files are written by bench.gpu_check or "
-                "`python -m bench.latency --json`"
-            ) from err
+        data = read_json(path, "results file (written by bench.gpu_check or `python -m bench.latency --json`)")
         if not isinstance(data, dict) or not ("rows" in data or "sections" in data):
             raise ValueError(f"{path}: expected an object with 'rows' or 'sections', as bench.latency --json writes")
         env = data.get("env") or {}
@@ -274,29 +270,29 @@ def plot(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of results JSON (default bench/results)")
-    p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown here")
-    p.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG path (default bench/results/latency.png)")
-    p.add_argument("--no-plot", action="store_true", help="table only (no matplotlib needed)")
-    p.add_argument("--latest-only", action="store_true", help="only each device's latest run in the table")
-    return p.parse_args(argv)
+class ReportArgs(Schema):
+    """The command line of `python -m bench.report`."""
+
+    results: str = Field(str(RESULTS_DIR), min_length=1, description="folder of results JSON")
+    markdown: str | None = Field(None, min_length=1, description="also write the Markdown here")
+    plot: str = Field(str(DEFAULT_PLOT), min_length=1, description="PNG path")
+    no_plot: bool = Field(False, description="table only (no matplotlib needed)")
+    latest_only: bool = Field(False, description="only each device's latest run in the table")
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = parse_args(argv)
-    files = sorted(args.results.glob("*.json"))
+    args = parse_cli(ReportArgs, argv, "python -m bench.report", __doc__.split("\n\n")[0])
+    files = sorted(Path(args.results).glob("*.json"))
     if not files:
-        raise SystemExit(f"no *.json results under {args.results}")
+        raise SystemExit(f"--results: no *.json results under {args.results}")
     runs = load_runs(files)
     markdown = render_markdown(runs, latest_only=args.latest_only)
     print(markdown)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown + "\n")
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown + "\n")
     if not args.no_plot:
-        print(f"plot: {plot(runs, args.plot)}", file=sys.stderr)
+        print(f"plot: {plot(runs, Path(args.plot))}", file=sys.stderr)
     return markdown
 
 

@@ -165,18 +165,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     from ray import serve
 
-    from engine.serve.app import EngineSpec, ServeConfig, start
+    from engine.serve.app import start
+    from engine.serve.config import ServeConfig
 
     env = environment_info(device)
     engine = RewardEngine.from_preset(args.preset, dtype=args.dtype, device=device)
     config = ServeConfig(
+        preset=args.preset,
+        dtype=args.dtype,
+        device=device,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
-        max_ongoing_requests=2 * args.max_batch,
-        max_queued_requests=4 * max(args.concurrency),
+        max_queued=4 * max(args.concurrency),
     )
-    spec = EngineSpec(preset=args.preset, dtype=args.dtype, device=device)
-    url = start(spec, config, port=args.port, num_cpus=args.num_cpus)
+    url = start(config, port=args.port, num_cpus=args.num_cpus)
     senders = {"in-process": in_process_sender(engine), "server": server_sender(url)}
     fields = dict(
         preset=args.preset, dtype=args.dtype, resolution=args.resolution, text_len=args.text_len, random_weights=True

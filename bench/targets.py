@@ -12,12 +12,16 @@ regional compile, whole-model compile with CUDA graphs (any mode) and torchao FP
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from pydantic import Field
+
+from engine.io.files import FileInputError, read_json
+from engine.schema import Schema, parse_cli
+
+_POSITIONAL = {"cli": {"positional": True}}
 
 Row = dict[str, Any]
 
@@ -222,11 +226,19 @@ def format_table(lines: list[dict[str, Any]]) -> str:
     return "\n".join(text)
 
 
+class TargetsArgs(Schema):
+    """The command line of `python -m bench.targets`."""
+
+    results: str = Field(min_length=1, description="a bench.gpu_check results JSON", json_schema_extra=_POSITIONAL)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", type=Path, help="a bench.gpu_check results JSON")
-    args = p.parse_args(argv)
-    lines = evaluate(json.loads(args.results.read_text()))
+    args = parse_cli(TargetsArgs, argv, "python -m bench.targets", __doc__.split("\n\n")[0])
+    try:
+        results = read_json(args.results, "bench.gpu_check results file")
+    except FileInputError as e:
+        raise SystemExit(f"python -m bench.targets: RESULTS: {e}") from None
+    lines = evaluate(results)
     print(format_table(lines))
     return lines
 

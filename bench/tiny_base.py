@@ -19,7 +19,6 @@ Same seed, same weights. `default_tiny_base` builds one copy per user cache and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,8 +26,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from engine.config import PRESETS, SD3_LATENT_SCALE, SD3_LATENT_SHIFT
+from engine.schema import Schema, Seed, parse_cli
 
 # Bump when the layout or any config below changes: the cached default copy lives under this name.
 TINY_BASE_VERSION = "tiny-base-v1"
@@ -55,6 +56,8 @@ one two three four five many some several morning night evening sunset sunrise w
 style oil watercolor digital art anime cartoon cinematic lighting studio soft light shadow background
 """
 _WORDS = _WORD_TEXT.split()
+
+_POSITIONAL = {"cli": {"positional": True}}
 
 
 def _byte_symbols() -> list[str]:
@@ -294,14 +297,18 @@ def default_tiny_base() -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.tiny_base", description="Write a tiny random SD3.5 base directory (diffusers layout)."
+class TinyBaseArgs(Schema):
+    """Write a tiny random SD3.5 base directory (diffusers layout)."""
+
+    path: str = Field(
+        min_length=1, description="output directory (must not exist, or be empty)", json_schema_extra=_POSITIONAL
     )
-    parser.add_argument("path", type=Path, help="output directory (must not exist, or be empty)")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    args = parser.parse_args(argv)
-    print(make_tiny_base(args.path, seed=args.seed))
+    seed: Seed = Field(0, description="weights seed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_cli(TinyBaseArgs, argv, "python -m bench.tiny_base", TinyBaseArgs.__doc__)
+    print(make_tiny_base(Path(args.path), seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,11 +27,13 @@ from engine.config import BackboneConfig, RewardConfig
 from engine.head import RewardHead
 from engine.io import hub
 from engine.io.backbone import base_source, load_backbone, random_backbone
-from engine.io.checkpoint import load_head, read_reward_config, save_reward_checkpoint
+from engine.io.checkpoint import REWARD_CONFIG, load_head, read_reward_config, save_reward_checkpoint
 from engine.io.sources import TensorSource
 from engine.model.conditioning import Conditioning
 from engine.model.mmdit import MMDiTReward, diffusers_state_dict
-from engine.runtime.backends import Backends
+from engine.prompt_length import SD3_T5_TOKENS, PromptLength, recorded_t5_tokens
+from engine.reward_noise import CommonNoise, NoiseOption, check_noise_option
+from engine.runtime.backends import Backends, in_engine_dtype
 from kernels.backend import accumulation_dtype
 
 PromptEmb = tuple[torch.Tensor, torch.Tensor] | Conditioning
@@ -43,7 +46,8 @@ class RewardEngine(nn.Module):
     `SD3Transformer2DModel`) or `from_preset` (random weights: benchmarks and the embedded default). Serving options,
     keywords of every constructor: dtype="fp8" (block linears e4m3, inference only), fp8_adaln=True (adaLN weights
     e4m3 too, weight-only), fp8_fast_accum=True (Hopper's fast FP8 accumulation), adaln_on_host=True (adaLN weights
-    in pinned host memory, streamed by `condition()`), kernels_backend, attention, check_finite."""
+    in pinned host memory, streamed by `condition()`), kernels_backend, attention, check_finite; max_sequence_length
+    and strict_prompt_length (`engine.prompt_length`: `from_pretrained` takes the checkpoint's T5 length)."""
 
     def __init__(
         self,
@@ -58,6 +62,8 @@ class RewardEngine(nn.Module):
         fp8_adaln: bool = False,
         fp8_fast_accum: bool = False,
         adaln_on_host: bool = False,
+        max_sequence_length: int | None = None,
+        strict_prompt_length: bool = False,
     ):
         super().__init__()
         if not fp8 and (fp8_adaln or fp8_fast_accum):
@@ -88,6 +94,9 @@ class RewardEngine(nn.Module):
         self._prompt_tensors = [t for m in prompt_path for t in (*m.parameters(), *m.buffers())]
         self.pixel = None  # engine.pixel.PixelFrontEnd, loaded on first score_images
         self.base_path: Path | None = None
+        self._pixel_lock = threading.Lock()  # engines are shared between threads (engine.shared): load it once
+        self.prompt_length = PromptLength(max_sequence_length, strict_prompt_length)
+        self._common_noise = CommonNoise()
         self.backends = Backends.resolve(kernels_backend, attention, self.device, self.dtype, fp8=fp8)
         self.eval().requires_grad_(False)
 
@@ -184,8 +193,8 @@ class RewardEngine(nn.Module):
             **({"layers": tuple(layers)} if layers is not None else {}),
         )
         backbone = load_backbone(
-            cfg, reward.layers, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device)
-        )
+            cfg, reward.layers, [source], resolve_dtype(dtype, torch.bfloat16), resolve_device(device, allow_meta=True)
+        )  # (meta: the loaders' shape checks without weights)
         engine = cls(backbone, cls._new_head(reward, cfg), reward, fp8=dtype == "fp8", **backends)
         engine._attach_pixel(base)
         return engine
@@ -205,6 +214,8 @@ class RewardEngine(nn.Module):
         id (`org/name`), resolved through the local cache first (`engine.io.hub`)."""
         checkpoint = hub.resolve(checkpoint, "reward checkpoint")
         meta, reward, cfg = read_reward_config(checkpoint)
+        recorded = recorded_t5_tokens(meta["metadata"], str(Path(checkpoint) / REWARD_CONFIG))
+        backends.setdefault("max_sequence_length", recorded or SD3_T5_TOKENS)
         sources = []
         if base is not None:
             base = hub.resolve(base, "base model", hub.BASE_FILES)
@@ -261,41 +272,50 @@ class RewardEngine(nn.Module):
         self.base_path = Path(base) if Path(base).is_dir() and (Path(base) / "model_index.json").is_file() else None
 
     def pixel_front_end(self, **kwargs: Any):
-        """The VAE + text encoders of the base directory (`engine.pixel.PixelFrontEnd`), loaded once, on demand."""
-        if self.pixel is None:
-            from engine.pixel import PixelFrontEnd
+        """The VAE + text encoders of the base directory (`engine.pixel.PixelFrontEnd`), loaded once, on demand;
+        prompts encode at the engine's `prompt_length` unless `max_sequence_length=` says otherwise."""
+        with self._pixel_lock:
+            if self.pixel is None:
+                from engine.pixel import PixelFrontEnd
 
-            if getattr(self, "base_path", None) is None:
-                raise ValueError(
-                    "score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
-                    "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)"
-                )
-            kwargs.setdefault("dtype", self.dtype)
-            self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
+                if getattr(self, "base_path", None) is None:
+                    raise ValueError(
+                        "score_images needs the VAE and text encoders of an SD3/SD3.5 diffusers directory: "
+                        "build the engine with from_pretrained(..., base=<diffusers dir>) or from_base(<dir>)"
+                    )
+                kwargs.setdefault("dtype", self.dtype)
+                kwargs.setdefault("max_sequence_length", self.prompt_length.t5_tokens)
+                self.pixel = PixelFrontEnd.from_pretrained(self.base_path, device=self.device, **kwargs)
         return self.pixel
 
+    @in_engine_dtype
     def score_images(
         self,
         images: Any,
         prompts: Sequence[str],
         *,
         seed: int | None = None,
+        noise: NoiseOption = "fresh",
         max_side: int | None = None,
         normalize: bool = False,
         progress: bool | None = None,
     ) -> torch.Tensor:
         """The pixel interface: images (PIL, paths, uint8 HWC arrays or float NCHW in [0, 1]) and one prompt each ->
         rewards [B] float32 in input order. Images are resized to multiples of 16 (see `engine.pixel.load_images`),
-        VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached),
-        and scored on the latent path; images of different sizes are scored in separate groups. With `seed`, image i
-        of the call uses noise stream i whatever the sizes of the others (its reward does not depend on them)."""
+        VAE-encoded (posterior mean, then (z - shift) * scale), the prompts encoded as SD3's pipeline does (cached,
+        at the engine's `prompt_length`), and scored on the latent path; images of different sizes are scored in
+        separate groups. Noise: fresh; with `seed`, image i of the call uses stream i whatever the sizes of the
+        others; `noise="common"`: each size group gets the `common_noise` of its shape (as the RL reward fns)."""
+        check_noise_option(noise, seed, default="fresh")
         groups = self.pixel_front_end().prepare(images, prompts, max_side=max_side, progress=progress, seed=seed)
         rewards = torch.empty(sum(len(g.index) for g in groups), dtype=torch.float32, device=self.device)
         for g in groups:
+            latents = g.latents.to(self.device, self.dtype)
+            eps = self.common_noise(latents) if noise == "common" else g.noise  # (fp32: as the seeded kernel draws)
             rewards[g.index.to(self.device)] = self.score(
-                g.latents.to(self.device, self.dtype),
+                latents,
                 (g.prompt_embeds, g.pooled),
-                noise=None if g.noise is None else g.noise.to(self.device, self.dtype),
+                noise=None if eps is None else eps.to(self.device),
                 prompt_index=g.prompt_index.to(self.device),
                 normalize=normalize,
             )
@@ -311,15 +331,25 @@ class RewardEngine(nn.Module):
                 "e4m3 at load: save the backbone from an engine built with dtype='bf16' (checkpoints stay bf16)"
             )
         state = diffusers_state_dict(self.backbone) if include_backbone else None
+        training = metadata.get("training", {})
+        if self.prompt_length.enforced and isinstance(training, dict):  # a reloaded engine keeps the same length
+            metadata = {**metadata, "training": {"max_sequence_length": self.prompt_length.t5_tokens, **training}}
         return save_reward_checkpoint(directory, self.reward_config, self.config, self.head, state, metadata)
 
     # ---------------------------------------------------------------------------------------------- scoring
 
+    def common_noise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The eps RL rewards use by default (`engine.reward_noise`): one fixed draw per latent shape, expanded over
+        latents [B, C, H, W], on their device, float32; cached per (shape, device, dtype); a read-only view."""
+        return self._common_noise.draw(latents)
+
+    @in_engine_dtype
     def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, grad: bool = False) -> Conditioning:
         """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]. `grad=True`
         keeps the graph (training the embedders and adaLN linears); otherwise no_grad, whose outputs, unlike
         inference-mode tensors, may still feed a differentiable `score(..., grad=True)`."""
         check_prompts(prompt_embeds, pooled, self.config, self.device, finite=self.check_finite)
+        self.prompt_length.check(prompt_embeds.shape[1])
         with torch.enable_grad() if grad else torch.no_grad():
             cond = self.backbone.condition(prompt_embeds.to(self.dtype), pooled.to(self.dtype), self.reward_config.t)
         if self.check_finite:  # finite inputs can still overflow the adaLN linears (pooled x 1e20)
@@ -333,6 +363,7 @@ class RewardEngine(nn.Module):
         assign=True) is not seen."""
         return sum(t._version for t in self._prompt_tensors)
 
+    @in_engine_dtype
     def features(
         self,
         latents: torch.Tensor,
@@ -387,6 +418,7 @@ class RewardEngine(nn.Module):
             )
         return self.condition(*as_prompt_pair(prompt_emb, self.config), grad=grad)
 
+    @in_engine_dtype
     def score(
         self,
         latents: torch.Tensor,
@@ -423,6 +455,7 @@ class RewardEngine(nn.Module):
 
     # ------------------------------------------------------------------------------------------- validation
 
+    @in_engine_dtype
     def conditioning_for(
         self,
         latents: torch.Tensor,

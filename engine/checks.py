@@ -28,6 +28,16 @@ _DTYPES = {
 }
 
 
+# The floating-point dtypes `score` and `condition` take (float8 is a weight format of the fp8 engine, not an input).
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_input_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in INPUT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
+        raise TypeError(f"{name} must be a floating-point tensor ({names}), got {x.dtype}")
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
     """The weights' dtype for a constructor's `dtype=` ("fp8" loads bf16 weights, quantised to e4m3 afterwards by
     engine.runtime.fp8); None means `default`."""
@@ -44,9 +54,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torc
     return dtype
 
 
-def resolve_device(device: torch.device | str | int | None, default: torch.device | str | None = None) -> torch.device:
-    """`device` as a torch.device, refused with a ValueError when it does not parse or names a CUDA device this
-    process cannot use. None means `default`, or CUDA when available else the CPU."""
+def resolve_device(
+    device: torch.device | str | int | None, default: torch.device | str | None = None, *, allow_meta: bool = False
+) -> torch.device:
+    """`device` as a torch.device, refused with a ValueError when it does not parse, names a CUDA device this
+    process cannot use, or is "meta" (shapes without values: only loaders that check shapes pass `allow_meta`).
+    None means `default`, or CUDA when available else the CPU."""
     if device is None:
         device = default if default is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
@@ -56,6 +69,9 @@ def resolve_device(device: torch.device | str | int | None, default: torch.devic
         resolved = torch.device(device)
     except (RuntimeError, ValueError) as err:
         raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if resolved.type == "meta" and not allow_meta:
+        raise ValueError(f"device={str(device)!r} holds shapes but no values, so nothing can be scored or drawn "
+                         "there: pass 'cpu' or 'cuda'")  # fmt: skip
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
@@ -96,9 +112,15 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+# What `engine.score(seed=...)` draws from: a Philox key in [0, 2**63) (kernels.noise.near_clean).
+SEED_RANGE = (0, 2**63)
+
+
 def check_seed(seed: int | None) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
 
 
 def as_prompt_pair(prompt_emb: Any, cfg: BackboneConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +145,7 @@ def check_prompts(
     for name, x in (("prompt_embeds", prompt_embeds), ("pooled", pooled)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        check_input_dtype(name, x)
         check_device(name, x, device)
     if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
         raise ValueError(
@@ -149,8 +170,7 @@ def check_latents(
     """latents [B, C, H, W] that the backbone can patchify and position-embed; noise, if given, of the same shape."""
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor [B, {cfg.in_channels}, H, W], got {type(latents).__name__}")
-    if not latents.is_floating_point():
-        raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
+    check_input_dtype("latents", latents)
     if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
         raise ValueError(
             f"latents must be [B, {cfg.in_channels}, H, W] transformer-space latents, got {list(latents.shape)}"
@@ -172,6 +192,7 @@ def check_latents(
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor like latents, got {type(noise).__name__}")
+        check_input_dtype("noise", noise)
         if noise.shape != latents.shape:
             raise ValueError(f"noise must have the latents' shape {list(latents.shape)}, got {list(noise.shape)}")
         check_device("noise", noise, device)
@@ -240,13 +261,21 @@ def select_rows(
     cond: Conditioning, batch: int, prompt_index: Any, device: torch.device, *, finite: bool
 ) -> Conditioning:
     """The Conditioning row of each of `batch` latents: by `prompt_index`, one prompt per latent, or one for all."""
+    rows = prompt_rows(batch, cond.num_prompts, prompt_index, device, finite=finite)
+    return cond if rows is None else cond.select(rows.to(cond.context.device))
+
+
+def prompt_rows(
+    batch: int, num_prompts: int, prompt_index: Any, device: torch.device, *, finite: bool
+) -> torch.Tensor | None:
+    """The prompt row of each of `batch` latents, [batch] long on `device`; None when latent b uses row b."""
     if prompt_index is not None:
-        return cond.select(check_prompt_index(prompt_index, batch, cond.num_prompts, device, finite=finite))
-    if cond.num_prompts == batch:
-        return cond
-    if cond.num_prompts == 1:
-        return cond.select(torch.zeros(batch, dtype=torch.long, device=cond.context.device))
+        return check_prompt_index(prompt_index, batch, num_prompts, device, finite=finite)
+    if num_prompts == batch:
+        return None
+    if num_prompts == 1:
+        return torch.zeros(batch, dtype=torch.long, device=device)
     raise ValueError(
-        f"batch sizes disagree: {batch} latents but {cond.num_prompts} prompts; pass one prompt per "
+        f"batch sizes disagree: {batch} latents but {num_prompts} prompts; pass one prompt per "
         f"latent, a single prompt, or prompt_index=[...] mapping latents to prompts"
     )

@@ -10,6 +10,13 @@ Three pieces, from the loosest coupling to the tightest:
 - `dit_latent_reward_fn` scores the sampler's own final latents and prompt embeddings, *before* the VAE decode:
   no decode, no re-encode, no text encoders. A GRPO group (16-24 samples of one prompt) shares one conditioning.
 - `group_advantages` is Flow-GRPO's per-prompt normalisation, ``(r - mean_g) / (std_g + eps)``.
+
+Every reward these functions return is deterministic by default: the near-clean noise of Eq. 1 is one fixed draw
+per latent shape shared by every image (common random numbers, `engine.reward_noise`), so an image's reward depends
+on the image and its prompt only. Reward noise would become advantage noise; ``noise="fresh"`` asks for it anyway,
+``seed=`` gives image ``b`` of a call Philox stream ``b``. Reward functions loading a checkpoint share one engine per
+(checkpoint, base, device, dtype, options) in the process (`engine.shared`), and text is encoded at the T5 length
+the checkpoint was trained at.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import numpy as np
 import torch
 
 from engine.api import RewardEngine
-from engine.checks import check_seed, resolve_device, same_device
+from engine.checks import resolve_device, resolve_dtype, same_device
 from engine.pixel import ImageBatch
+from engine.reward_noise import NoiseOption, check_noise_option
+from engine.shared import ENGINE_OPTIONS, shared_engine
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
 ImageRewardFn = Callable[[ImageBatch, Sequence[str], Any], tuple[np.ndarray, dict[str, Any]]]
@@ -58,6 +67,7 @@ def dit_reward_fn(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
     normalize: bool = False,
+    noise: NoiseOption = "common",
     seed: int | None = None,
     max_side: int | None = None,
     **engine_kwargs: Any,
@@ -66,14 +76,20 @@ def dit_reward_fn(
 
     Args:
         engine_or_checkpoint: a built `RewardEngine` (with a base directory attached, see `score_images`), or a
-            reward checkpoint directory loaded with ``RewardEngine.from_pretrained(checkpoint, base=base, ...)``.
+            reward checkpoint directory: ``RewardEngine.from_pretrained(checkpoint, base=base, ...)``, one engine
+            per process shared by every reward fn asking for the same one (`engine.shared.shared_engine`).
         base: the local SD3/SD3.5 diffusers directory (VAE and text encoders); only with a checkpoint path.
         device, dtype, engine_kwargs: for loading a checkpoint (default device: CUDA when available).
         normalize: return ``(r - mean) / std`` with the statistics the trainer stored (BT rewards are unbounded; a
             weighted sum with other rewards in ``multi_score`` wants comparable scales).
-        seed: the near-clean noise eps (image ``b`` of a call uses Philox stream ``b``); None draws fresh noise
-            every call, so the same image scores slightly differently each time.
+        noise: ``"common"`` (default): every image of a size gets the same near-clean eps (`RewardEngine.
+            common_noise`), so an image's score depends only on the image and its prompt, never on the call, the
+            thread or its batch position: reward noise would be advantage noise, and a GRPO group is compared under
+            one perturbation. ``"fresh"``: new noise every call (the same image scores slightly differently).
+        seed: instead of the common draw, image ``b`` of a call uses Philox stream ``b`` of this seed.
         max_side: downscale images whose longer side exceeds this many pixels (see `engine.pixel.load_images`).
+
+    Prompts are encoded at the T5 length the checkpoint was trained at (`RewardEngine.prompt_length`).
 
     Returns:
         ``fn(images, prompts, metadata=None) -> (scores, {})``: images a float NCHW tensor in [0, 1] (Flow-GRPO's
@@ -84,18 +100,19 @@ def dit_reward_fn(
     For Flow-GRPO's ``multi_score`` registry use `dit_reward_factory`: this function itself is not a factory
     ``multi_score`` can call.
     """
-    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, seed, engine_kwargs)
+    _check_reward_args("dit_reward_fn", engine_or_checkpoint, base, dtype, noise, seed, engine_kwargs)
     if isinstance(engine_or_checkpoint, RewardEngine):
         engine = engine_or_checkpoint
     else:
-        engine = RewardEngine.from_pretrained(
-            engine_or_checkpoint, base=base, dtype=dtype, device=resolve_device(device), **engine_kwargs
-        )
+        engine = shared_engine(engine_or_checkpoint, base=base, dtype=dtype, device=device, **engine_kwargs)
     engine.pixel_front_end()  # load the VAE and text encoders now: a missing base fails here, not mid-training
+    pixel_noise = "fresh" if seed is not None else noise  # score_images: "fresh" + seed = seeded streams
 
     def reward_fn(images: ImageBatch, prompts: Sequence[str], metadata: Any = None) -> tuple[np.ndarray, dict]:
         # score_images takes Flow-GRPO's prompt tuples and numpy string arrays as they come.
-        scores = engine.score_images(images, prompts, seed=seed, max_side=max_side, normalize=normalize)
+        scores = engine.score_images(
+            images, prompts, seed=seed, noise=pixel_noise, max_side=max_side, normalize=normalize
+        )
         return scores.cpu().numpy(), {}
 
     reward_fn.engine = engine  # type: ignore[attr-defined]
@@ -103,10 +120,20 @@ def dit_reward_fn(
 
 
 def _check_reward_args(
-    caller: str, engine_or_checkpoint: Any, base: Any, seed: Any, engine_kwargs: dict[str, Any]
+    caller: str, engine_or_checkpoint: Any, base: Any, dtype: Any, noise: Any, seed: Any, engine_kwargs: dict
 ) -> None:
     """The argument checks `dit_reward_fn` and `dit_reward_factory` share (`caller`: the function, for messages)."""
-    check_seed(seed)
+    check_noise_option(noise, seed, default="common")
+    if "device" in engine_kwargs:
+        raise ValueError(
+            f"{caller}: device is not an option here: Flow-GRPO's multi_score calls the factory with its device, "
+            "make(device), and the engine loads there (for a reward on another device, build dit_reward_fn(..., "
+            "device=...) and register a factory that returns it)"
+        )
+    unknown = sorted(set(engine_kwargs) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"{caller}: unexpected keyword {unknown[0]!r}; engine options are {', '.join(ENGINE_OPTIONS)}")
+    resolve_dtype(dtype, torch.bfloat16)  # ("fp8" included)
     if not isinstance(engine_or_checkpoint, (RewardEngine, str, os.PathLike)):
         raise TypeError(
             f"engine_or_checkpoint must be a RewardEngine or a reward checkpoint directory, got "
@@ -130,6 +157,7 @@ def dit_reward_factory(
     base: str | os.PathLike | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
     normalize: bool = False,
+    noise: NoiseOption = "common",
     seed: int | None = None,
     max_side: int | None = None,
     **engine_kwargs: Any,
@@ -139,9 +167,11 @@ def dit_reward_factory(
     ``multi_score`` builds each registered reward as ``factory(device)`` when ``'device' in
     factory.__code__.co_varnames``, else ``factory()``. `dit_reward_fn` itself would be called with the device as
     its first argument, and a ``functools.partial`` has no ``__code__``; the plain function returned here takes
-    exactly ``device``. Arguments are those of `dit_reward_fn`, checked now (a typo fails at registration, not when
-    training starts); nothing is loaded until ``make(device)``. With a built engine, ``device`` must be the
-    engine's (an engine is not moved between devices behind its owner's back).
+    exactly ``device``. Arguments are those of `dit_reward_fn` (but ``device``: multi_score chooses it), checked
+    now (a typo fails at registration, not when training starts); nothing is loaded until ``make(device)``. Rewards
+    are deterministic (common noise, see `dit_reward_fn`), and Flow-GRPO's two ``multi_score`` calls (training and
+    evaluation) share one engine. With a built engine, ``device`` must be the engine's (an engine is not moved
+    between devices behind its owner's back).
 
     In ``flow_grpo/rewards.py``, inside ``multi_score``, add one entry to its local ``score_functions`` dict::
 
@@ -149,8 +179,8 @@ def dit_reward_factory(
 
     (with ``from engine.rl import dit_reward_factory`` at the top), then train with ``score_dict={"dit_reward": 1.0}``.
     """
-    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, seed, engine_kwargs)
-    options = dict(normalize=normalize, seed=seed, max_side=max_side)
+    _check_reward_args("dit_reward_factory", engine_or_checkpoint, base, dtype, noise, seed, engine_kwargs)
+    options = dict(normalize=normalize, noise=noise, seed=seed, max_side=max_side)
 
     def make(device: torch.device | str) -> ImageRewardFn:
         """Flow-GRPO calls this once per process with its accelerator's device."""
@@ -212,6 +242,7 @@ def dit_latent_reward_fn(
     engine: RewardEngine,
     *,
     normalize: bool = False,
+    noise: NoiseOption = "common",
     seed: int | None = None,
     grad: bool = False,
 ) -> LatentRewardFn:
@@ -220,8 +251,15 @@ def dit_latent_reward_fn(
     Args:
         engine: a `RewardEngine` on the sampler's device.
         normalize: ``(r - mean) / std`` with the trainer's statistics.
-        seed: near-clean noise eps (latent ``b`` uses Philox stream ``b``); None: fresh noise each call.
+        noise: ``"common"`` (default): every latent of a shape gets the same eps (`RewardEngine.common_noise`), so
+            a latent's reward depends on the latent and its prompt only (see `dit_reward_fn`); ``"fresh"``: new noise
+            each call.
+        seed: instead of the common draw, latent ``b`` uses Philox stream ``b`` of this seed.
         grad: keep the graph so rewards backpropagate to the latents (reward-gradient methods: ReFL, DRaFT).
+
+    Runs in the engine's dtype under any ambient ``torch.autocast`` (Flow-GRPO samples under fp16 autocast).
+    ``prompt_embeds`` should have the length the checkpoint was trained at (``77 + max_sequence_length``); another
+    length warns once per engine (``strict_prompt_length=True``: raises).
 
     Returns:
         ``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None)`` ->
@@ -241,7 +279,7 @@ def dit_latent_reward_fn(
     """
     if not isinstance(engine, RewardEngine):
         raise TypeError(f"engine must be a RewardEngine, got {type(engine).__name__}")
-    check_seed(seed)
+    check_noise_option(noise, seed, default="common")
 
     def latent_reward_fn(
         latents: torch.Tensor,
@@ -256,7 +294,8 @@ def dit_latent_reward_fn(
             latents, prompt_embeds, pooled, prompt_index, group_index, prompts, check_equal=engine.check_finite
         )
         cond = engine.condition(prompt_embeds, pooled)  # once per distinct prompt
-        return engine.score(latents, cond, seed=seed, grad=grad, prompt_index=prompt_index, normalize=normalize)
+        eps = engine.common_noise(latents) if noise == "common" and seed is None else None
+        return engine.score(latents, cond, eps, seed, grad=grad, prompt_index=prompt_index, normalize=normalize)
 
     latent_reward_fn.engine = engine  # type: ignore[attr-defined]
     return latent_reward_fn  # type: ignore[return-value]

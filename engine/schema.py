@@ -25,12 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.io.files import read_json
 
 S = TypeVar("S", bound="Schema")
+
+Seed = typing.Annotated[int, Field(ge=0, lt=2**63, description="noise seed")]  # the range Philox streams take
 
 
 class SchemaError(ValueError):
@@ -261,7 +263,8 @@ def flag_name(name: str) -> str:
 def build_parser(model: type[Schema], prog: str, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one option per field of `model` (`--field-name`; a field whose
     ``json_schema_extra={"cli": {"positional": True}}`` is positional, ``{"cli": {"short": "-o"}}`` adds a short
-    flag). Values are collected as text; `parse_cli` converts and validates them with the schema."""
+    flag, ``{"cli": {"flag": "--json"}}`` renames the option). Values are collected as text; `parse_cli` converts
+    and validates them with the schema."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, field in model.model_fields.items():
         cli = _cli(field)
@@ -279,7 +282,7 @@ def build_parser(model: type[Schema], prog: str, description: str | None = None)
                 kwargs["default"] = argparse.SUPPRESS
             parser.add_argument(name, metavar=name.upper(), **kwargs)
         else:
-            flags = [flag_name(name)] + ([cli["short"]] if "short" in cli else [])
+            flags = [cli.get("flag", flag_name(name))] + ([cli["short"]] if "short" in cli else [])
             if element is None and field.annotation is not bool:
                 kwargs["metavar"] = cli.get("metavar", name.upper())
             parser.add_argument(*flags, dest=name, **kwargs)
@@ -306,8 +309,8 @@ def parse_cli(model: type[S], argv: Sequence[str] | None, prog: str, description
     schema's message naming the flag (exit status 2)."""
     parser = build_parser(model, prog, description)
     namespace = parser.parse_args(argv)
-    positional = {n for n, f in model.model_fields.items() if _cli(f).get("positional")}
-    flag = lambda name: name.upper() if name in positional else flag_name(name)
+    clis = {name: _cli(field) for name, field in model.model_fields.items()}
+    flag = lambda name: name.upper() if clis[name].get("positional") else clis[name].get("flag", flag_name(name))
     try:
         return validate(model, cli_values(model, namespace), prog, flag=flag)
     except SchemaError as e:
@@ -316,6 +319,7 @@ def parse_cli(model: type[S], argv: Sequence[str] | None, prog: str, description
 
 __all__ = [
     "Schema",
+    "Seed",
     "SchemaError",
     "build_parser",
     "cli_values",

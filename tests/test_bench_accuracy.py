@@ -21,4 +21,4 @@ def test_empty_test_file_is_refused_by_name(tmp_path):
 def test_batch_size_zero_is_refused_at_parsing(capsys):
     with pytest.raises(SystemExit):
         accuracy.main(["--test-json", "t.json", "--checkpoint", "c", "--base", "b", "--batch-size", "0"])
-    assert "integer >= 1" in capsys.readouterr().err
+    assert "--batch-size: got 0, expected a value >= 1" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_inputs
+from flow_grpo import build_score_fns, combine, per_prompt_advantages
 from PIL import Image
 
 from bench.tiny_base import default_tiny_base
@@ -37,21 +38,11 @@ def _images(n: int, height: int = 32, width: int = 32) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ advantages
 
 
-def _flow_grpo_advantages(prompts: list, rewards: np.ndarray) -> np.ndarray:
-    """Flow-GRPO's PerPromptStatTracker.update (type 'grpo', global_std False) on a fresh tracker, restated."""
-    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
-    advantages = np.empty_like(rewards)
-    for prompt in np.unique(prompts):
-        group = rewards[prompts == prompt]
-        advantages[prompts == prompt] = (group - group.mean()) / (group.std() + 1e-4)
-    return advantages
-
-
 def test_group_advantages_match_flow_grpo() -> None:
     rng = np.random.default_rng(0)
     rewards = rng.normal(size=12).astype(np.float32)
     labels = [7, 3, 7, 3, 9, 7, 3, 9, 9, 7, 3, 42]  # interleaved, non-contiguous labels, one group of size 1
-    expected = _flow_grpo_advantages(labels, rewards)
+    expected = per_prompt_advantages(labels, rewards)
     got = group_advantages(torch.from_numpy(rewards), torch.tensor(labels))
     assert got.dtype == torch.float32 and got.shape == (12,)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
@@ -167,23 +158,6 @@ def test_latent_reward_bad_inputs(engine: RewardEngine) -> None:
 # ------------------------------------------------------------------------------------------------- pixel form
 
 
-def _multi_score(score_fns: dict, weights: dict[str, float]):
-    """The combining loop of Flow-GRPO's ``multi_score`` (flow_grpo/rewards.py), restated: per-name scores and a
-    weighted sum under 'avg'."""
-
-    def _fn(images, prompts, metadata):
-        details, total = {}, []
-        for name, weight in weights.items():
-            scores, _ = score_fns[name](images, prompts, metadata)
-            details[name] = scores
-            weighted = [weight * score for score in scores]
-            total = weighted if not total else [t + w for t, w in zip(total, weighted, strict=True)]
-        details["avg"] = total
-        return details, {}
-
-    return _fn
-
-
 def test_flow_grpo_reward_fn_in_multi_score(pixel_engine: RewardEngine) -> None:
     images, prompts = _images(4), [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]]
     fn = dit_reward_fn(pixel_engine, seed=5)
@@ -200,7 +174,7 @@ def test_flow_grpo_reward_fn_in_multi_score(pixel_engine: RewardEngine) -> None:
     def brightness(images, prompts, metadata):
         return images.mean(dim=(1, 2, 3)).numpy(), {}
 
-    combined = _multi_score({"dit_reward": fn, "brightness": brightness}, {"dit_reward": 1.0, "brightness": 0.5})
+    combined = combine({"dit_reward": fn, "brightness": brightness}, {"dit_reward": 1.0, "brightness": 0.5})
     details, _ = combined(images, prompts, {})
     total = np.asarray(details["avg"], dtype=np.float64)  # one float per image, as Flow-GRPO's trainer reads it
     np.testing.assert_allclose(total, scores + 0.5 * images.mean(dim=(1, 2, 3)).numpy(), rtol=1e-6)
@@ -218,17 +192,6 @@ def test_flow_grpo_reward_fn_from_a_checkpoint(pixel_engine: RewardEngine, tmp_p
     np.testing.assert_array_equal(scores, expected.numpy())
 
 
-def _multi_score_registry(score_functions: dict, score_dict: dict[str, float], device):
-    """How Flow-GRPO's ``multi_score`` builds its reward fns from the registry, restated: ``factory(device)`` when
-    ``'device' in factory.__code__.co_varnames``, else ``factory()``."""
-    return {
-        name: score_functions[name](device)
-        if "device" in score_functions[name].__code__.co_varnames
-        else score_functions[name]()
-        for name in score_dict
-    }
-
-
 def test_flow_grpo_factory_registers_in_multi_score(pixel_engine: RewardEngine, tmp_path: Path) -> None:
     checkpoint = pixel_engine.save_pretrained(tmp_path / "reward")
     images, prompts = _images(3), PROMPTS
@@ -240,17 +203,17 @@ def test_flow_grpo_factory_registers_in_multi_score(pixel_engine: RewardEngine, 
         "from_engine": dit_reward_factory(pixel_engine, seed=2, normalize=True),
     }
     score_dict = {"from_checkpoint": 1.0, "from_engine": 0.5}
-    score_fns = _multi_score_registry(registry, score_dict, torch.device("cpu"))
+    score_fns = build_score_fns(registry, score_dict, torch.device("cpu"))
     assert score_fns["from_engine"].engine is pixel_engine and score_fns["from_checkpoint"].engine.device.type == "cpu"
-    details, _ = _multi_score(score_fns, score_dict)(images, prompts, {})
+    details, _ = combine(score_fns, score_dict)(images, prompts, {})
     np.testing.assert_array_equal(details["from_engine"], expected)
     np.testing.assert_allclose(details["from_checkpoint"], expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(details["avg"], 1.5 * expected, rtol=1e-6, atol=1e-6)
     # what the factory replaces: dit_reward_fn is handed the device as its checkpoint, a partial has no __code__
     with pytest.raises(TypeError, match="got device"):
-        _multi_score_registry({"dit": dit_reward_fn}, {"dit": 1.0}, torch.device("cpu"))
+        build_score_fns({"dit": dit_reward_fn}, {"dit": 1.0}, torch.device("cpu"))
     with pytest.raises(AttributeError, match="__code__"):
-        _multi_score_registry({"dit": functools.partial(dit_reward_fn, checkpoint)}, {"dit": 1.0}, "cpu")
+        build_score_fns({"dit": functools.partial(dit_reward_fn, checkpoint)}, {"dit": 1.0}, "cpu")
 
 
 def test_flow_grpo_factory_bad_inputs(pixel_engine: RewardEngine, tmp_path: Path) -> None:
@@ -262,7 +225,7 @@ def test_flow_grpo_factory_bad_inputs(pixel_engine: RewardEngine, tmp_path: Path
         dit_reward_factory(pixel_engine, seed="1")
     with pytest.raises(ValueError, match="already built"):
         dit_reward_factory(pixel_engine, base=default_tiny_base())
-    with pytest.raises(ValueError, match="device is meta but the engine is on cpu"):
+    with pytest.raises(ValueError, match="'meta' holds shapes but no values"):
         dit_reward_factory(pixel_engine)("meta")
 
 

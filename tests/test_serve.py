@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from email.message import Message
 
 import numpy as np
 import pytest
@@ -23,33 +19,40 @@ import torch
 pytest.importorskip("ray.serve", reason="needs the serve extra: pip install -e '.[serve]'")
 
 import ray  # noqa: E402
-from ray import serve  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    TOKEN,
+    TOL,
+    engine_message,
+    in_process,
+    make_request,
+    metric_values,
+    post,
+    post_until_admitted,
+    start_server,
+    stop_server,
+)
 
 from engine import RewardEngine  # noqa: E402
 from engine.rl import dit_latent_reward_fn  # noqa: E402
-from engine.serve import RemoteLatentReward, ScoreClient, encode_request  # noqa: E402
-from engine.serve.app import ConditioningCache, EngineSpec, ServeConfig, start  # noqa: E402
+from engine.serve import RemoteLatentReward, ScoreClient, decode_response, encode_request  # noqa: E402
+from engine.serve.config import ServeConfig  # noqa: E402
+from engine.serve.scorer import ConditioningCache  # noqa: E402
 from engine.serve.wire import RequestError, decode_request  # noqa: E402
 
-TOKEN = "test-token"
-TOL = 1e-5
 CONFIG = ServeConfig(
+    preset="tiny",
+    dtype="fp32",
+    device="cpu",
     max_batch=8,
     batch_wait_ms=50,
     replicas=1,
-    max_ongoing_requests=8,
-    max_queued_requests=8,  # small, so that a burst sees 503s (the retrying clients absorb them)
+    max_ongoing=8,
+    max_queued=8,  # small, so that a burst sees 503s (the retrying clients absorb them)
     retry_after_s=1,
     max_request_mb=1,
     token=TOKEN,
     cache_size=64,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,73 +63,14 @@ def engine() -> RewardEngine:
 
 @pytest.fixture(scope="module")
 def url():
-    base = start(EngineSpec(preset="tiny", dtype="fp32"), CONFIG, port=_free_port(), num_cpus=2)
-    yield base
-    serve.shutdown()
-    ray.shutdown()
-
-
-def make_request(engine: RewardEngine, gen: torch.Generator, batch: int, side: int, prompts: int, kind: str) -> dict:
-    """Random inputs for one request; kind picks how noise is given: "noise" (explicit) or "seed"."""
-    cfg = engine.config
-    x = {
-        "latents": torch.randn(batch, cfg.in_channels, side, side, generator=gen),
-        "prompt_embeds": torch.randn(prompts, 12, cfg.joint_attention_dim, generator=gen),
-        "pooled": torch.randn(prompts, cfg.pooled_projection_dim, generator=gen),
-    }
-    if prompts not in (1, batch):
-        x["prompt_index"] = torch.randint(0, prompts, (batch,), generator=gen)
-    if kind == "noise":
-        x["noise"] = torch.randn(batch, cfg.in_channels, side, side, generator=gen)
-    else:
-        x["seed"] = int(torch.randint(0, 2**31, (1,), generator=gen))
-    return x
-
-
-def in_process(engine: RewardEngine, x: dict) -> torch.Tensor:
-    return engine.score(
-        x["latents"],
-        (x["prompt_embeds"], x["pooled"]),
-        noise=x.get("noise"),
-        seed=x.get("seed"),
-        prompt_index=x.get("prompt_index"),
-    )
-
-
-def post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, Message, bytes]:
-    """One raw POST /score, no retries: (status, headers (case-insensitive), body)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(url + "/score", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as r:
-            return r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
-
-
-def post_until_admitted(url: str, body: bytes, timeout_s: float = 60) -> tuple[int, Message, bytes]:
-    """POST /score, retrying only the busy 503 of Ray Serve's admission control: the router counts every request
-    as queued before assigning it, so a simultaneous burst may be refused below max_queued_requests. Any other
-    503 (a replica died) is returned, not retried."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status, headers, body_out = post(url, body)
-        busy = status == 503 and json.loads(body_out)["error"].startswith("server busy")
-        if not busy or time.monotonic() > deadline:
-            return status, headers, body_out
-        time.sleep(float(headers["Retry-After"]))
-
-
-def metric_total(url: str, name: str) -> float:
-    """A counter's value summed over replicas, from GET /metrics."""
-    text = ScoreClient(url, TOKEN).get("/metrics").decode()
-    return sum(float(v) for v in re.findall(rf"^ray_{name}{{[^}}]*}} ([0-9.e+-]+)$", text, flags=re.M))
+    yield start_server(CONFIG, name="serve-core")
+    stop_server()
 
 
 def batch_totals(url: str) -> tuple[float, float]:
     """(requests scored in batches, batches) so far."""
     prefix = "dit_reward_serve_"
-    return metric_total(url, prefix + "batched_requests_total"), metric_total(url, prefix + "batches_total")
+    return tuple(sum(metric_values(url, prefix + n).values()) for n in ("batched_requests_total", "batches_total"))
 
 
 def run_clients(url: str, requests: list[dict], clients: int) -> list[torch.Tensor]:
@@ -187,12 +131,6 @@ def test_remote_latent_reward_is_a_drop_in(url, engine):
         RemoteLatentReward(url, token=TOKEN)(latents[:, :3], *rows)
 
 
-def _engine_message(engine: RewardEngine, x: dict) -> str:
-    with pytest.raises((ValueError, TypeError)) as info:
-        in_process(engine, x)
-    return str(info.value)
-
-
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(url, engine):
     gen = torch.Generator().manual_seed(2)
     good = make_request(engine, gen, batch=2, side=16, prompts=1, kind="noise")
@@ -205,19 +143,19 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(url, engine):
     for x in (nan_latents, wrong_channels, bad_index, wrong_text_dim):
         status, _, body = post(url, encode_request(**x))
         assert status == 400, body
-        assert json.loads(body)["error"] == _engine_message(engine, x)
+        assert json.loads(body)["error"] == engine_message(engine, x)
     # the envelope, checked by the server
     from safetensors.torch import save
 
     plain = {k: v for k, v in good.items() if k != "noise"}
     cases = {
         b"not a safetensors body": "not a safetensors file",
-        save({k: v for k, v in plain.items() if k != "pooled"}): "missing \\['pooled'\\]",
-        save({**plain, "extra": torch.zeros(1)}): "unexpected \\['extra'\\]",
-        save({**plain, "latents": plain["latents"].long()}): "latents must be a floating-point",
-        save({**plain, "seed": torch.tensor([1, 2])}): "seed must be an int64 scalar",
-        save({**plain, "prompt_index": torch.zeros(2, dtype=torch.int32)}): "prompt_index must be a 1-D int64",
-        save({**plain, "seed": torch.tensor(1), "noise": good["noise"]}): "noise or seed, not both",
+        save({k: v for k, v in plain.items() if k != "pooled"}): "request: pooled: missing",
+        save({**plain, "extra": torch.zeros(1)}): "request: extra: an unknown field",
+        save({**plain, "latents": plain["latents"].long()}): "latents: got int64 tensor .* expected a tensor",
+        save({**plain, "seed": torch.tensor([1, 2])}): "seed: got int64 tensor \\[2\\], expected a scalar",
+        save({**plain, "prompt_index": torch.zeros(2, dtype=torch.int32)}): "prompt_index: got int32 tensor",
+        save({**plain, "seed": torch.tensor(1), "noise": good["noise"]}): "at most one of noise, seed, fresh_noise",
     }
     for body, message in cases.items():
         status, _, answer = post(url, body)
@@ -233,8 +171,6 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(url, engine):
     for x, (status, _, body) in zip(mixed, answers, strict=True):
         if x is good:
             assert status == 200, body
-            from engine.serve import decode_response
-
             torch.testing.assert_close(decode_response(body)["rewards"], in_process(engine, x), rtol=0, atol=TOL)
         else:
             assert status == 400, body
@@ -311,13 +247,41 @@ def test_deployment_handle_skips_http(url, engine):
     from engine.serve.app import scorer_handle
 
     x = make_request(engine, torch.Generator().manual_seed(6), batch=3, side=8, prompts=1, kind="seed")
-    out = scorer_handle().score.remote({**x, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
+    handle = scorer_handle(name="serve-core")
+    out = handle.score.remote({**x, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
     torch.testing.assert_close(out["rewards"], in_process(engine, x), rtol=0, atol=TOL)
     wrong = {**x, "latents": x["latents"][:, :3]}
-    bad = scorer_handle().score.remote({**wrong, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
-    assert bad["error"] == _engine_message(engine, wrong)
-    bad = scorer_handle().score.remote(x).result(timeout_s=60)  # seed as a Python int: the envelope says so
-    assert "dict of torch.Tensors" in bad["error"]
+    bad = handle.score.remote({**wrong, "seed": torch.tensor(x["seed"])}).result(timeout_s=60)
+    assert bad["error"] == engine_message(engine, wrong)
+    bad = handle.score.remote(x).result(timeout_s=60)  # seed as a Python int: the envelope says so
+    assert bad["status"] == 400 and bad["error"].startswith("request: seed: got int"), bad
+
+
+def test_default_noise_is_common_so_a_reward_ignores_its_call_batch_and_position(url, engine):
+    """Without noise or seed the server scores with engine.common_noise: an image's reward is the same alone, in a
+    permuted batch, from several threads batched with other requests, and through RemoteLatentReward; fresh noise
+    (noise="fresh") moves rewards by more than the tolerance."""
+    gen = torch.Generator().manual_seed(8)
+    x = make_request(engine, gen, batch=4, side=16, prompts=1, kind="common")
+    reference = in_process(engine, x)
+    client = ScoreClient(url, TOKEN, retry_timeout_s=60)
+    torch.testing.assert_close(client.score(**x)["rewards"], reference, rtol=0, atol=TOL)
+    order = torch.tensor([2, 0, 3, 1])
+    permuted = client.score(x["latents"][order], x["prompt_embeds"], x["pooled"])["rewards"]
+    torch.testing.assert_close(permuted, reference[order], rtol=0, atol=TOL)
+    alone = [client.score(x["latents"][i : i + 1], x["prompt_embeds"], x["pooled"])["rewards"] for i in range(4)]
+    torch.testing.assert_close(torch.cat(alone), reference, rtol=0, atol=TOL)
+    others = [make_request(engine, gen, batch=1 + i % 3, side=16, prompts=1, kind="common") for i in range(6)]
+    for r in run_clients(url, [x] * 4 + others, clients=10)[:4]:
+        torch.testing.assert_close(r, reference, rtol=0, atol=TOL)
+    rows = x["prompt_embeds"].expand(4, -1, -1), x["pooled"].expand(4, -1)
+    torch.testing.assert_close(RemoteLatentReward(url, TOKEN)(x["latents"], *rows), reference, rtol=0, atol=TOL)
+    fresh = RemoteLatentReward(url, TOKEN, noise="fresh")
+    a, b = fresh(x["latents"], *rows), fresh(x["latents"], *rows)
+    # (near-clean noise moves the tiny preset's rewards by ~1e-4; equal draws would agree to ~1e-7)
+    assert (a - b).abs().max() > 2 * TOL and (a - reference).abs().max() > 2 * TOL
+    with pytest.raises(ValueError, match="seed= fixes the noise per image"):
+        RemoteLatentReward(url, TOKEN, noise="fresh", seed=1)
 
 
 # ------------------------------------------------------------------------------------------- without the server

@@ -284,7 +284,7 @@ def test_grad_accumulation_under_fsdp_two_processes(task: dict, tmp_path: Path) 
 
 def test_serve_returns_std_for_an_uncertainty_head(task: dict) -> None:
     pytest.importorskip("ray")
-    from engine.serve.app import _reward_outputs
+    from engine.serve.scorer import reward_outputs as _reward_outputs
 
     engine = RewardEngine.from_base(task["base"], dtype=torch.float32, head_hidden=[64], head_outputs=2)
     batch = LatentCache(task["cache"]).batch(read_file(task["val"][0], None)[:3])

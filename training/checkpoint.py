@@ -280,7 +280,7 @@ def export(
     (for `score(normalize=True)`), the per-file validation accuracy and what bench.accuracy needs to reproduce the
     validation (`cache_settings`: the training cache's `LatentCache.settings`). A LoRA run's adapters are merged into
     the backbone weights (the checkpoint loads without peft); `save_adapter` also writes them alone to out_dir/adapter
-    in peft's format."""
+    in peft's or diffusers' layout (`save_adapter_format`)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=state_options())  # collective under FSDP
@@ -293,8 +293,9 @@ def export(
             if cfg.save_adapter:
                 adapter = Path(cfg.out_dir) / "adapter"
                 trained = [p for p in engine.backbone.parameters() if p.requires_grad]  # the adapters
+                lora = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
                 with reporting_disk_full(adapter, sum(p.numel() * p.element_size() for p in trained)):
-                    save_adapter(engine.backbone, adapter, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+                    save_adapter(engine.backbone, adapter, *lora, format=cfg.save_adapter_format)
             merge_lora(engine.backbone)
         engine.reward_config = engine.reward_config.replace(
             reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from engine.config import PRESETS, BackboneConfig
 from engine.schema import invalid, parse_assignments, validate
 from training.data import DataRules
-from training.lora import DEFAULT_LORA_TARGETS
+from training.lora import ADAPTER_FORMATS, DEFAULT_LORA_TARGETS
 from training.losses import LOSSES
 
 MODES = ("full", "frozen", "lora")
@@ -66,7 +66,10 @@ class TrainConfig(DataRules):
         default_factory=lambda: list(DEFAULT_LORA_TARGETS), description="attention qkv/out, FFN"
     )
     save_adapter: bool = Field(
-        False, description="lora: also write out_dir/adapter (peft's format) next to the merged reward/"
+        False, description="lora: also write out_dir/adapter (in save_adapter_format) next to the merged reward/"
+    )
+    save_adapter_format: Literal[ADAPTER_FORMATS] = Field(  # type: ignore[valid-type]
+        "peft", description='"peft" loads onto the engine\'s backbone; "diffusers" onto SD3 (q/k/v split)'
     )
     # loss
     loss: Literal[LOSSES] = Field(  # type: ignore[valid-type]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from engine.config import BackboneConfig
 from engine.io.single_file import single_file_source
 from engine.io.sources import TensorSource, diffusers_dir_source
 from engine.model.mmdit import MMDiTReward, diffusers_state_dict
+
+if TYPE_CHECKING:
+    from engine.io.lora import LoraAdapter
 
 
 def base_source(base: str | os.PathLike, config: BackboneConfig | None = None) -> tuple[BackboneConfig, TensorSource]:
@@ -56,16 +60,20 @@ def load_backbone(
     sources: list[Mapping[str, torch.Tensor]],
     dtype: torch.dtype,
     device: torch.device | str,
+    adapter: LoraAdapter | None = None,
 ) -> MMDiTReward:
     """Build blocks 0..max(layers) on meta and fill them from `sources` (later ones override earlier ones). Blocks
-    missing from the sources are refused before any tensor is read; every tensor passes `checked_weights`."""
+    missing from the sources are refused before any tensor is read; every tensor passes `checked_weights`.
+    `adapter` (`engine.io.lora.read_lora_adapter`) is merged into the weights it adapts as they are read."""
+    if adapter is not None:  # a last source: the adapted weights, each merged from the sources before it
+        sources = [*sources, adapter.over(sources)]
     held = _block_indices(sources)
     _check_depth(layers, held, sources)
     with torch.device("meta"):
         model = MMDiTReward(cfg, layers)
     expected = diffusers_state_dict(model)
     allowed = full_model_keys(cfg, max(held, default=-1) + 1)  # as deep as the sources name blocks
-    described = [(source, _describe(source)) for source in sources]  # (a description walks the source's keys)
+    described = [(source, describe_source(source)) for source in sources]  # (a description walks the source's keys)
     for source, description in described:
         unexpected = sorted(set(source) - allowed)
         if unexpected:
@@ -95,8 +103,8 @@ def load_backbone(
     return model.eval().requires_grad_(False)
 
 
-def _describe(source: Mapping) -> str:
-    return source.describe() if isinstance(source, TensorSource) else "the in-memory state dict"
+def describe_source(source: Mapping) -> str:
+    return source.describe() if hasattr(source, "describe") else "the in-memory state dict"
 
 
 def _block_indices(sources: list[Mapping[str, torch.Tensor]]) -> set[int]:
@@ -109,8 +117,9 @@ def _check_depth(layers: tuple[int, ...], held: set[int], sources: list[Mapping[
     depth = next(i for i in range(len(held) + 1) if i not in held)  # blocks 0..depth-1 are all there
     missing = [i for i in layers if i >= depth]
     if missing:
+        held_by = ", ".join(describe_source(s) for s in sources)
         raise ValueError(
-            f"reward layers {missing} need blocks 0..{max(layers)}, but {', '.join(_describe(s) for s in sources)} "
+            f"reward layers {missing} need blocks 0..{max(layers)}, but {held_by} "
             f"holds {depth} blocks (0..{depth - 1}): a truncated or shallower base model?"
         )
 

@@ -13,6 +13,7 @@ from engine.checks import check_seed, resolve_device
 from engine.pixel.images import ImageBatch
 from engine.pixel.prompts import DEFAULT_CACHE_BYTES, PromptEncoder
 from engine.pixel.vae import ImageEncoder
+from engine.prompt_length import SD3_T5_TOKENS
 from kernels.noise import noise_ref
 
 
@@ -45,7 +46,7 @@ class PixelFrontEnd:
         base_dir: str | os.PathLike,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        max_sequence_length: int = 256,
+        max_sequence_length: int = SD3_T5_TOKENS,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         text_encoders_device: torch.device | str | None = None,
         vae_batch_size: int = 8,

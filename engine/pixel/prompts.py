@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from engine.checks import resolve_device
 from engine.lru import LRUCache
 from engine.pixel.common import progress_bar, read_model_json
+from engine.prompt_length import SD3_T5_TOKENS
 
 # ~190 SD3.5 prompts in fp32 (333 x 4096 x 4 B = 5.5 MB each), ~390 in bf16.
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -59,7 +60,7 @@ class PromptEncoder:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        max_sequence_length: int = 256,
+        max_sequence_length: int = SD3_T5_TOKENS,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         encoders_device: torch.device | str | None = None,
         batch_size: int = 32,
@@ -96,7 +97,7 @@ class PromptEncoder:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        max_sequence_length: int = 256,
+        max_sequence_length: int = SD3_T5_TOKENS,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         encoders_device: torch.device | str | None = None,
     ) -> PromptEncoder:

@@ -4,7 +4,10 @@ nothing about it lives in process-global state, so engines with different polici
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -43,3 +46,21 @@ class Backends:
         if dtype == torch.float64:
             chosen = "torch"
         return cls(kernels=chosen, attention=resolve_backend(attention, device), fp8=fp8)
+
+
+Method = TypeVar("Method", bound=Callable)
+
+
+def in_engine_dtype(method: Method) -> Method:
+    """Run an engine method (``self.device``) in the engine's own dtype whatever `torch.autocast` the caller has on:
+    ambient autocast is thread-local state the engine does not take (Flow-GRPO samples under fp16 autocast, which
+    would make Conditionings in its dtype and run the head in reduced precision)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not torch.is_autocast_enabled(self.device.type):  # (entering the context costs ~8 us on a CPU)
+            return method(self, *args, **kwargs)
+        with torch.autocast(self.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

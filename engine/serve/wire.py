@@ -1,9 +1,10 @@
 """The HTTP wire format of the reward server: safetensors bodies both ways.
 
-Request (``POST /score``): ``latents [B, C, H, W]``, ``prompt_embeds [P, L, D]``, ``pooled [P, Dp]`` (floating point),
-optionally ``prompt_index [B]`` (int64) and either ``noise [B, C, H, W]`` (floating point) or ``seed`` (int64 scalar).
-Response: ``rewards [B]`` float32. Only the envelope is checked here (which tensors, their dtype kind and rank); the
-shapes and values are the engine's to judge, so a client sees the engine's own message.
+Request (``POST /score``): ``latents [B, C, H, W]``, ``prompt_embeds [P, L, D]``, ``pooled [P, Dp]`` (float32,
+bfloat16, float16 or float64), optionally ``prompt_index [B]`` (int64) and at most one of ``noise [B, C, H, W]``,
+``seed`` (int64 scalar in [0, 2**63)) or ``fresh_noise`` (bool scalar, true). The schema is
+`engine.serve.request.ScoreRequest`. Response: ``rewards [B]`` float32, and ``std [B]`` float32 for an uncertainty
+head; `decode_response` checks it against the request before anything reads it.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ from safetensors.torch import load as _load
 from safetensors.torch import save as _save
 
 from engine.checks import check_seed
+from engine.serve.request import RequestError, ScoreRequest, check_request
 
-REQUIRED = ("latents", "prompt_embeds", "pooled")
-OPTIONAL = ("prompt_index", "noise", "seed")
-FLOATING = ("latents", "prompt_embeds", "pooled", "noise")
+RESPONSE_KEYS = ({"rewards"}, {"rewards", "std"})
 
 
-class RequestError(ValueError):
-    """A request the server cannot accept; `status` is the HTTP code to answer with (400 unless stated)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+class ServerResponseError(RuntimeError):
+    """A 200 answer that is not what the request asked for (not safetensors, wrong keys, rows or dtype): the server
+    or something between it and the client is wrong, not the request."""
 
 
 def encode_request(
@@ -35,23 +32,27 @@ def encode_request(
     prompt_index: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     seed: int | None = None,
+    fresh_noise: bool = False,
 ) -> bytes:
-    """A ``POST /score`` body (tensors are copied to the CPU; dtypes are kept, bf16 included)."""
-    if noise is not None and seed is not None:
-        raise ValueError("pass noise or seed, not both")
-    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled": pooled}
-    if prompt_index is not None:
-        tensors["prompt_index"] = torch.as_tensor(prompt_index).long()
-    if noise is not None:
-        tensors["noise"] = noise
-    check_seed(seed)
-    if seed is not None:
-        tensors["seed"] = torch.tensor(seed, dtype=torch.int64)
-    return _save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    """A ``POST /score`` body (tensors are copied to the CPU; dtypes are kept, bf16 included), checked against the
+    request schema the server applies (`ScoreRequest`; a `RequestError` names what is wrong). Without noise, seed or
+    fresh_noise the server scores with its engine's common noise."""
+    check_seed(seed)  # a Python int outside int64 cannot become the wire's tensor
+    tensors = {
+        "latents": latents,
+        "prompt_embeds": prompt_embeds,
+        "pooled": pooled,
+        "prompt_index": None if prompt_index is None else torch.as_tensor(prompt_index).long(),
+        "noise": noise,
+        "seed": None if seed is None else torch.tensor(seed, dtype=torch.int64),
+        "fresh_noise": torch.tensor(True) if fresh_noise else None,
+    }
+    request = check_request({k: v for k, v in tensors.items() if v is not None})
+    return _save({k: v.detach().contiguous().cpu() for k, v in request.tensors().items()})
 
 
-def decode_request(body: bytes) -> dict[str, torch.Tensor]:
-    """Parse and check the envelope of a ``POST /score`` body; raises `RequestError` (400) with the reason."""
+def decode_request(body: bytes) -> ScoreRequest:
+    """Parse a ``POST /score`` body and check its envelope; raises `RequestError` (400) with the reason."""
     try:
         tensors = _load(body)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -59,33 +60,37 @@ def decode_request(body: bytes) -> dict[str, torch.Tensor]:
     return check_request(tensors)
 
 
-def check_request(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The envelope check of `decode_request`, for requests that arrive as tensors (the deployment handle)."""
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise RequestError("a request is a dict of torch.Tensors named as in engine.serve.wire (seed: 0-d int64)")
-    missing = [k for k in REQUIRED if k not in tensors]
-    extra = sorted(set(tensors) - set(REQUIRED) - set(OPTIONAL))
-    if missing or extra:
-        raise RequestError(
-            f"expected tensors {list(REQUIRED)} (+ optional {list(OPTIONAL)}); missing {missing}, unexpected {extra}"
-        )
-    if "noise" in tensors and "seed" in tensors:
-        raise RequestError("pass noise or seed, not both")
-    for name in FLOATING:
-        if name in tensors and not tensors[name].is_floating_point():
-            raise RequestError(f"{name} must be a floating-point tensor, got {tensors[name].dtype}")
-    index = tensors.get("prompt_index")
-    if index is not None and (index.dtype != torch.int64 or index.ndim != 1):
-        raise RequestError(f"prompt_index must be a 1-D int64 tensor [B], got {index.dtype} {list(index.shape)}")
-    if "seed" in tensors and (tensors["seed"].dtype != torch.int64 or tensors["seed"].ndim != 0):
-        seed = tensors["seed"]
-        raise RequestError(f"seed must be an int64 scalar (0-d tensor), got {seed.dtype} {list(seed.shape)}")
-    return tensors
-
-
 def encode_response(outputs: dict[str, torch.Tensor]) -> bytes:
     return _save({k: v.detach().float().contiguous().cpu() for k, v in outputs.items()})
 
 
-def decode_response(body: bytes) -> dict[str, torch.Tensor]:
-    return _load(body)
+def decode_response(body: bytes, batch: int | None = None) -> dict[str, torch.Tensor]:
+    """The outputs of a 200 answer: ``rewards`` [B] float32 (and ``std`` [B]), B = ``batch`` when given. Anything
+    else raises `ServerResponseError` naming what was wrong."""
+    try:
+        outputs = _load(body)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        start = bytes(body[:40])
+        raise ServerResponseError(
+            f"the server's 200 answer is not a safetensors body ({e}); it starts {start!r}"
+        ) from None
+    if set(outputs) not in RESPONSE_KEYS:
+        raise ServerResponseError(f"the server's answer holds {sorted(outputs)}, expected ['rewards'] or "
+                                  "['rewards', 'std']")  # fmt: skip
+    rows = (batch,) if batch is not None else (outputs["rewards"].shape[0],) if outputs["rewards"].ndim == 1 else None
+    for name, x in outputs.items():
+        if x.dtype != torch.float32 or rows is None or tuple(x.shape) != rows:
+            expected = f"[{batch if batch is not None else 'B'}] float32 (one per latent)"
+            raise ServerResponseError(f"the server's {name} is {str(x.dtype).removeprefix('torch.')} "
+                                      f"{list(x.shape)}, expected {expected}")  # fmt: skip
+    return outputs
+
+
+__all__ = [
+    "RequestError",
+    "ServerResponseError",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+]
