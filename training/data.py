@@ -19,7 +19,6 @@ image twice, text that is not valid Unicode, a NUL in a path) is a ValueError/Ty
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import math
@@ -377,19 +376,6 @@ def load_pairs(
     return mixed, report
 
 
-def add_path_rule_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--image-root`` and ``--allow-outside-root``: the path rule's flags, as every command line offers them."""
-    parser.add_argument(
-        "--image-root",
-        default=None,
-        help="folder that relative image paths resolve against and that every image must lie in "
-        "(default: each JSON file's folder)",
-    )
-    parser.add_argument(
-        "--allow-outside-root", action="store_true", help="accept image paths that resolve outside the image root"
-    )
-
-
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a regular file's bytes (what a training checkpoint records of each data file)."""
     digest = hashlib.sha256()
@@ -401,15 +387,20 @@ def file_digest(path: str | os.PathLike) -> str:
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
-    "add_path_rule_arguments",
     "HPSV3_CONFIDENCE",
+    "DataRules",
     "FilterReport",
     "ImageCheck",
+    "ImageFile",
+    "PathRule",
     "PreferencePair",
-    "load_pairs",
-    "parse_sources",
+    "PreferenceRecord",
     "file_digest",
     "image_problem",
+    "inspect_image",
+    "load_pairs",
+    "parse_sources",
     "read_file",
+    "read_image",
     "resolve_image_path",
 ]
