@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.losses import LOG_STD_MAX, bt_loss, btt_loss, tied_mask, uncertainty_loss
+from training.losses import bt_loss, btt_loss, tied_mask, uncertainty_loss
 
 
 def test_bt_loss_hand_values():
@@ -89,6 +89,8 @@ def test_uncertainty_loss_and_gradient_stay_finite_at_any_log_std(dtype: torch.d
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(mu.grad).all() and torch.isfinite(log_std.grad).all()
     # above LOG_STD_MAX a log-std counts as LOG_STD_MAX: the loss is that of the cap, not inf
+    from training.losses import LOG_STD_MAX
+
     capped = uncertainty_loss(mu.detach()[:1], torch.tensor([LOG_STD_MAX], dtype=dtype), mu.detach()[:1] * 0,
                               torch.tensor([LOG_STD_MAX], dtype=dtype))  # fmt: skip
     wild = uncertainty_loss(mu.detach()[:1], torch.tensor([1e4], dtype=dtype), mu.detach()[:1] * 0,
