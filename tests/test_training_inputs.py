@@ -260,3 +260,16 @@ def test_cache_index_paths_stay_inside_the_cache(cache_copy: Path, tmp_path: Pat
     index_path.write_text('{"format": ' * 100_000)  # deeply nested: refused by the reader, no RecursionError
     with pytest.raises(ValueError, match=str(index_path)):
         LatentCache(cache_copy)
+
+
+def test_deep_or_huge_json_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    for text, expected in [
+        ("[" * 100_000, "nested too deep"),
+        ('[{"prompt": "p", "path1": "a", "path2": "b", "confidence": ' + "9" * 5000 + "}]", "5000 digits"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"^{path}: .*{expected}"):
+            read_file(path, None)
+        with pytest.raises(ValueError, match=rf"^{path}: .*{expected}"):
+            load_config(path)
