@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.gpu_sections import Setup, free_memory, log
+from bench.gpu_sections import Section, Setup, free_memory, log
 from bench.workload import dtype_kwargs
 
 
@@ -24,22 +24,30 @@ def _emulate_e4m3(weights: bool, activations: bool):
     """Variant transform: a bf16 engine whose block linears (adaLN excluded, as in `dtype="fp8"`) see FP8's rounding —
     weights rounded to rowwise e4m3 once, and/or inputs rounded per token in a pre-hook — while the GEMMs stay bf16.
     Each source alone says which of FP8's two errors costs the fidelity (the fix differs: weight rounding can be
-    calibrated at load, activation rounding cannot); both together check the emulation against the real FP8 engine."""
+    calibrated at load, activation rounding cannot); both together check the emulation against the real FP8 engine.
 
+    The FFN's first linear is hooked through its `GELUProjection`: on CUDA `Ops.linear_gelu` runs the GEMM with its
+    GELU epilogue from `proj`'s weights without calling `proj`, so a hook on `proj` itself would never fire there."""
     import kernels
+    from engine.model.layers import GELUProjection
 
     def rounded(x: torch.Tensor) -> torch.Tensor:
         q, scale = kernels.quantize_rowwise(x.reshape(-1, x.shape[-1]), backend="torch")
         return (q.float() * scale).to(x.dtype).reshape(x.shape)
 
+    def round_input(_, args):
+        return (rounded(args[0]), *args[1:])
+
     def transform(engine) -> None:
-        for name, m in engine.backbone.transformer_blocks.named_modules():
+        blocks = engine.backbone.transformer_blocks
+        for name, m in blocks.named_modules():
             if not isinstance(m, torch.nn.Linear) or ".norm1" in f".{name}":
                 continue
             if weights:
                 m.weight.data = rounded(m.weight.data)
             if activations:
-                m.register_forward_pre_hook(lambda _, args: (rounded(args[0]),))
+                parent = blocks.get_submodule(name.rpartition(".")[0])
+                (parent if isinstance(parent, GELUProjection) else m).register_forward_pre_hook(round_input)
 
     return transform
 
@@ -61,33 +69,44 @@ FIDELITY_VARIANTS = {
 GROUP = 16  # latents per prompt in the grouped fidelity inputs (a GRPO group)
 
 
-def fp8_fidelity() -> dict:
+def fp8_fidelity(sec: Section) -> dict:
     """Rewards of the same random full-size model in bf16 and FP8 variants on n random inputs: Spearman, pair order,
     and the share of the bf16 model's GEMM FLOPs each variant still runs in bf16 GEMMs (a mixed variant's speed cost;
     1 for the emulations). Then n more inputs in prompt groups of `GROUP` latents (one prompt each): the order
-    agreement within groups, which is what GRPO's group-normalised advantages see."""
+    agreement within groups, which is what GRPO's group-normalised advantages see. A variant that fails gets its
+    error in place of its numbers; none starts once the section's budget is spent."""
     from engine import RewardEngine
 
     out = {}
     scores, grouped = {}, {}
     text_len = 205 if Setup.device == "cuda" else None  # Flow-GRPO's T5 length
     for name, (dtype, transform) in {"bf16": ("bf16", None), **FIDELITY_VARIANTS}.items():
-        engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
-        if transform is not None:  # the same bf16 weights, transformed
-            transform(engine)
-        if name != "bf16":
-            out.setdefault("bf16_linear_share", {})[name] = _bf16_linear_share(engine)
-        engine.check_finite = False
-        scores[name] = _rewards(engine, seed=123, batch=8, text_len=text_len)
-        grouped[name] = _rewards(engine, seed=321, batch=GROUP, text_len=text_len, one_prompt=True)
-        del engine
+        if sec.stopped(f"variant {name}", variant=name):
+            break
+        try:
+            engine = RewardEngine.from_preset(Setup.preset, device=Setup.device, seed=0, **dtype_kwargs(dtype))
+            if transform is not None:  # the same bf16 weights, transformed
+                transform(engine)
+            if name != "bf16":
+                out.setdefault("bf16_linear_share", {})[name] = _bf16_linear_share(engine)
+            engine.check_finite = False
+            scores[name] = _rewards(engine, seed=123, batch=8, text_len=text_len)
+            grouped[name] = _rewards(engine, seed=321, batch=GROUP, text_len=text_len, one_prompt=True)
+        except Exception as e:
+            out[name] = {"error": f"error: {type(e).__name__}: {str(e)[:300]}"}
+            log(f"fp8 fidelity, {name}: {out[name]['error']}")
+        engine = None
         free_memory()
+    if "bf16" not in scores:
+        return out
     out["reward_std_bf16"] = float(scores["bf16"].std())
     for name in FIDELITY_VARIANTS:
-        out[name] = _agreement(scores["bf16"], scores[name])
-        out[name]["group_order_agreement"] = _group_order_agreement(grouped["bf16"], grouped[name], GROUP)
+        if name in scores:
+            out[name] = _agreement(scores["bf16"], scores[name])
+            out[name]["group_order_agreement"] = _group_order_agreement(grouped["bf16"], grouped[name], GROUP)
     emulated = "e4m3 weights + activations, bf16 GEMMs"
-    out[f"{emulated} vs the fp8 engine"] = _agreement(scores["fp8"], scores[emulated])
+    if {"fp8", emulated} <= set(scores):
+        out[f"{emulated} vs the fp8 engine"] = _agreement(scores["fp8"], scores[emulated])
     log(f"fp8 fidelity: {out}")
     return out
 

@@ -1,7 +1,8 @@
 """The sections of `python -m bench.gpu_check`, and what they share: the setup they run on (`Setup`: the real
-thing, or the tiny preset on the CPU), timing, memory and the log. Each section returns a JSON-able dict.
+thing, or the tiny preset on the CPU), the running section (`Section`: rows written out as they come, a time budget),
+timing, memory and the log. Each section takes its `Section` and returns a JSON-able summary (or None).
 
-The FP8 fidelity section is in `bench.fp8_fidelity`.
+The FP8 fidelity section is in `bench.fp8_fidelity`, the kernel micro-benchmarks in `bench.kernel_bench`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +30,9 @@ class Setup:
     side = 512  # image side for the model-level sections
     text_len = 333
     kernel_shapes = ((1, 1357), (8, 1357), (1, 4429))  # (batch, tokens) for the kernel micro-benchmarks
-    compile_batches = ("1", "8")  # batch sizes of the whole-model compiled peers (one compile each)
+    kernel_compile_batches = (8,)  # batch sizes whose kernel rows also time torch.compile of the reference
+    kernel_compile_ops: tuple[str, ...] | None = None  # ops whose reference is compiled (None: all)
+    peer_batches = {"peers_512_b8": "8", "peers_512_b1": "1"}  # section -> batch of the whole-model compiled peers
     heads, head_dim, n_text = 38, 64, 333
     fidelity_inputs = 256
 
@@ -41,7 +45,8 @@ class Setup:
         cls.device, cls.preset, cls.side, cls.text_len = "cpu", "tiny", 128, 9
         cls.heads, cls.head_dim, cls.n_text = cfg.num_attention_heads, cfg.attention_head_dim, 5
         cls.kernel_shapes = ((1, 21), (2, 13))
-        cls.compile_batches = ("2",)  # inductor on the CPU: about a minute per compile
+        cls.kernel_compile_batches, cls.kernel_compile_ops = (2,), ("layernorm_modulate",)  # inductor: ~1 min each
+        cls.peer_batches = {"peers_512_b8": "2"}  # inductor on the CPU: about a minute per compile
         cls.fidelity_inputs = 16
         engine.runtime.fp8.fp8_supported = lambda device: True  # torch._scaled_mm's CPU emulation stands in for the GPU
 
@@ -57,6 +62,29 @@ class Setup:
         kw = dict(generator=generator, device=cls.device, dtype=dtype)
         z0, emb, pooled = random_inputs(cls.config(), batch, cls.side, text_len or cls.text_len, **kw)
         return z0, emb, pooled, torch.randn(z0.shape, **kw)
+
+
+class Section:
+    """A running section of `bench.gpu_check`: `row(...)` hands a row to the report at once (it is on disk before the
+    next one starts); `deadline` (a `time.perf_counter()` value) ends the section's budget."""
+
+    def __init__(self, name: str, sink: Callable[[dict], None], deadline: float):
+        self.name, self.sink, self.deadline = name, sink, deadline
+
+    def row(self, row: dict) -> dict:
+        self.sink(row)
+        return row
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def stopped(self, what: str, need_s: float = 0.0, **fields) -> bool:
+        """True, with a "stopped" row for `what`, when less than `need_s` seconds of the budget are left."""
+        if self.left() > need_s:
+            return False
+        self.row({**fields, "skipped": f"stopped: {max(self.left(), 0):.0f} s left of the budget, before {what}"})
+        log(f"{self.name}: budget spent, stopped before {what}")
+        return True
 
 
 def bench_ms(fn) -> float:
@@ -87,7 +115,7 @@ def log(msg: str) -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def kernel_tests() -> dict:
+def kernel_tests(sec: Section) -> dict:
     """The compiled-kernel tests (tests/test_kernels_gpu.py) in a subprocess; a failure, or no test run, is an error."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     test_file = ROOT / "tests" / "test_kernels_gpu.py"
@@ -106,120 +134,25 @@ def kernel_tests() -> dict:
     return {"returncode": r.returncode, "tail": tail}
 
 
-@torch.no_grad()  # inference timings: the references and their torch.compile record no autograd graph
-def kernel_bench(with_compile: bool) -> dict:
-    """Each memory-bound kernel vs its eager torch reference (and torch.compile of it) at SD3.5-L shapes."""
-    import kernels
-    from kernels import adaln, noise, pooling, qknorm, quant
-
-    dev, d, n_txt, heads = Setup.device, Setup.config().hidden_size, Setup.n_text, Setup.heads
-    rows = []
-    for batch, tokens in Setup.kernel_shapes:
-        x = torch.randn(batch, tokens, d, device=dev, dtype=torch.bfloat16)
-        y = torch.randn_like(x)
-        shift, scale, gate = (torch.randn(batch, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        side = int(round((tokens - n_txt) ** 0.5)) * 2  # latent side whose patches are the image tokens
-        z0 = torch.randn(batch, 16, side, side, device=dev, dtype=torch.bfloat16)
-        eps = torch.randn_like(z0)
-        xb = x.numel() * 2
-        cases = {
-            # name: (triton fn, reference fn, bytes moved)
-            "layernorm_modulate": (
-                lambda: kernels.layernorm_modulate(x, shift, scale, backend="triton"),
-                lambda: adaln.layernorm_modulate_ref(x, shift, scale),
-                2 * xb,
-            ),
-            "gated_residual_layernorm_modulate": (
-                lambda: kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton"),
-                lambda: adaln.gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale),
-                4 * xb,
-            ),
-            "mean_pool": (lambda: kernels.mean_pool(x, backend="triton"), lambda: pooling.mean_pool_ref(x), xb),
-            "near_clean(noise)": (
-                lambda: kernels.near_clean(z0, 0.1, noise=eps, backend="triton"),
-                lambda: noise.near_clean_ref(z0, 0.1, eps),
-                3 * z0.numel() * 2,
-            ),
-        }
-        qkv = torch.randn(batch, tokens - n_txt, 3 * d, device=dev, dtype=torch.bfloat16)
-        txt = torch.randn(batch, n_txt, 3 * d, device=dev, dtype=torch.bfloat16)
-        norms = tuple(1 + 0.1 * torch.randn(Setup.head_dim, device=dev, dtype=torch.bfloat16) for _ in range(4))
-        hidden = torch.randn(batch * tokens, 4 * d, device=dev, dtype=torch.bfloat16)
-        cases["joint_qkv"] = (
-            lambda: kernels.joint_qkv(qkv, txt, heads, norms, backend="triton"),
-            lambda: qknorm.joint_qkv_ref(qkv, txt, heads, norms),
-            4 * 3 * x.numel(),
-        )
-        cases["quantize_rowwise+gelu"] = (
-            lambda: kernels.quantize_rowwise(hidden, gelu=True, backend="triton"),
-            lambda: quant.quantize_rowwise_ref(hidden, gelu=True),
-            hidden.numel() * 3 + hidden.shape[0] * 4,
-        )
-        # FP8 producers: fused (one pass, e4m3 out) vs the bf16 op then a separate quantisation pass
-        cases["layernorm_modulate_fp8 (vs LN + quantize)"] = (
-            lambda: kernels.layernorm_modulate_fp8(x, shift, scale, backend="triton"),
-            lambda: kernels.quantize_rowwise(
-                kernels.layernorm_modulate(x, shift, scale, backend="triton"), backend="triton"
-            ),
-            xb + xb // 2,
-        )
-        cases["gated_residual_layernorm_modulate_fp8 (vs unfused)"] = (
-            lambda: kernels.gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale, backend="triton")[1:],
-            lambda: kernels.quantize_rowwise(
-                kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, backend="triton")[1],
-                backend="triton",
-            ),
-            3 * xb + xb // 2,
-        )
-        image_rows = torch.randn(batch, tokens, d, device=dev, dtype=torch.bfloat16)[:, : tokens - n_txt]
-        cases["quantize_rowwise(strided image rows) (vs copy + quantize)"] = (
-            lambda: kernels.quantize_rowwise(image_rows, backend="triton"),
-            lambda: kernels.quantize_rowwise(image_rows.reshape(-1, d), backend="triton"),
-            image_rows.numel() * 3,
-        )
-        for name, (fast, ref, nbytes) in cases.items():
-            got, want = fast(), ref()
-            got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
-            errs = [
-                float((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-30))
-                for g, w in zip(got, want, strict=True)
-            ]
-            row = {"op": name, "batch": batch, "tokens": tokens, "dim": d, "bytes": nbytes, "max_rel_err": max(errs)}
-            for label, fn in (("triton", fast), ("eager", ref)):
-                row[f"{label}_us"] = 1e3 * bench_ms(fn)
-            if with_compile:
-                compiled = torch.compile(ref, dynamic=False)
-                compiled()
-                row["compile_us"] = 1e3 * bench_ms(compiled)
-            row["triton_gb_s"] = nbytes / row["triton_us"] / 1e3
-            rows.append(row)
-            log(
-                f"{name:<36} b{batch} n{tokens}: triton {row['triton_us']:.1f}us ({row['triton_gb_s']:.0f} GB/s) "
-                f"eager {row['eager_us']:.1f}us compile {row.get('compile_us', float('nan')):.1f}us "
-                f"err {row['max_rel_err']:.1e}"
-            )
-    return {"rows": rows}
-
-
-def attention_bench() -> dict:
+def attention_bench(sec: Section) -> None:
     from engine.runtime.attention import attention
 
-    rows = []
     for tokens in sorted({n for _, n in Setup.kernel_shapes}):
         shape = (1, tokens, Setup.heads, Setup.head_dim)
         q, k, v = (torch.randn(shape, device=Setup.device, dtype=torch.bfloat16) for _ in range(3))
         flops = 4 * tokens * tokens * Setup.head_dim * Setup.heads
         for backend in ("sdpa", "cudnn", "flash", "efficient"):
+            if sec.stopped(f"{backend} n{tokens}", backend=backend, tokens=tokens):
+                return
             try:
                 ms = bench_ms(lambda b=backend: attention(q, k, v, b))
-                rows.append({"backend": backend, "tokens": tokens, "ms": ms, "tflop_s": flops / ms / 1e9})
+                sec.row({"backend": backend, "tokens": tokens, "ms": ms, "tflop_s": flops / ms / 1e9})
                 log(f"attention {backend:<9} n{tokens}: {ms * 1e3:.1f}us {flops / ms / 1e9:.0f} TFLOP/s")
             except Exception as e:
-                rows.append({"backend": backend, "tokens": tokens, "error": str(e)[:200]})
-    return {"rows": rows}
+                sec.row({"backend": backend, "tokens": tokens, "error": f"error: {type(e).__name__}: {e}"[:300]})
 
 
-def adaln_on_host() -> dict:
+def adaln_on_host(sec: Section) -> dict:
     """adaln_on_host=True at full size (fp8): device memory freed (counted and measured), condition() cost when the
     adaLN weights stream over PCIe, and the rewards it gives (must equal the on-device engine's)."""
     from engine import RewardEngine
@@ -253,7 +186,7 @@ def adaln_on_host() -> dict:
     return out
 
 
-def engine_parity() -> dict:
+def engine_parity(sec: Section) -> dict:
     """Full-size engine (Triton kernels, auto attention) vs diffusers' SD3Transformer2DModel on the same random
     weights: features of the default layers in bf16 and fp8, all against an fp32 diffusers reference."""
     from bench.baselines import DiffusersHookReward, build_sd3_transformer
@@ -270,11 +203,13 @@ def engine_parity() -> dict:
     hooked.remove()
     out = {}
     for dtype in ("bf16", "fp8", "fp8+adaln"):
-        kw = dtype_kwargs(dtype)
-        engine = RewardEngine.from_diffusers(ref, layers=layers, device=Setup.device, **kw)
-        ours = engine.features(z0, (emb, pooled), noise=eps)
-        out[f"engine_{dtype}_rel_err"] = float((ours - f32).norm() / f32.norm())
-        del engine
+        try:  # each engine alone: one failing costs only its own number
+            engine = RewardEngine.from_diffusers(ref, layers=layers, device=Setup.device, **dtype_kwargs(dtype))
+            ours = engine.features(z0, (emb, pooled), noise=eps)
+            out[f"engine_{dtype}_rel_err"] = float((ours - f32).norm() / f32.norm())
+        except Exception as e:
+            out[f"engine_{dtype}_rel_err"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        engine = None
     ref16 = ref.to(torch.bfloat16)
     hooked = DiffusersHookReward(ref16, layers, 0.1)
     f16 = hooked.features(z0.bfloat16(), emb.bfloat16(), pooled.bfloat16(), eps.bfloat16())
@@ -286,7 +221,8 @@ def engine_parity() -> dict:
     return out
 
 
-def latency(argv: list[str]) -> dict:
+def latency(sec: Section, argv: list[str]) -> dict:
+    """`bench.latency` with `argv`, its rows handed to the report as they come, within the section's budget."""
     from bench import latency as lat
 
     if Setup.device == "cpu":
@@ -296,12 +232,12 @@ def latency(argv: list[str]) -> dict:
                 argv[argv.index(flag) + 1] = value
             elif flag == "--text-len":
                 argv += [flag, value]
-    rows = lat.main(argv)
+    lat.main(argv, sink=sec.row, deadline=sec.deadline)
     free_memory()
-    return {"argv": argv, "rows": rows}
+    return {"argv": argv}
 
 
-def profile(dtype: str, batch: int = 8) -> dict:
+def profile(sec: Section, dtype: str, batch: int = 8) -> dict:
     """Where the time goes: device time per kernel over 3 eager forwards at 512² (prompts conditioned in the call)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

@@ -11,97 +11,104 @@ Latency: CUDA events, warm-up excluded, median of --iters, inputs rotated; per i
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator, Field, model_validator
 
-from bench.harness import positive_int
 from bench.latency_runs import BASELINES, Bench, bench_hpsv3, bench_latent, bench_pixel
 from bench.report import row_label
 from bench.targets import COMPILED_BASELINES, EAGER, fastest_baselines
-from bench.workload import dtype_kwargs
+from bench.workload import BASE_DTYPES, FP8_ONLY, VARIANTS, dtype_kwargs
+from engine.config import PRESETS
 from engine.prompt_length import CLIP_TOKENS, SD3_T5_TOKENS, checkpoint_t5_tokens
+from engine.schema import Schema, invalid, parse_cli
 
 
-def _dtype_name(name: str) -> str:
-    """argparse type: a valid benchmark dtype name."""
+def _checked_dtype(name: str) -> str:
     try:
         dtype_kwargs(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        forms = (
+            f"<{'|'.join(BASE_DTYPES)}>[+{'|+'.join(VARIANTS)}...], each variant once, +{'/+'.join(FP8_ONLY)} on fp8"
+        )
+        raise ValueError(forms) from None
     return name
 
 
-def _side(text: str) -> int:
-    """argparse type: an image side in pixels, a positive multiple of 16 (VAE 8 x patch 2)."""
-    value = positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"image side must be a multiple of 16 pixels (VAE 8 x patch 2), got {value}")
-    return value
+Side = Annotated[int, Field(ge=16, le=8192, multiple_of=16)]  # pixels: VAE 8 x patch 2
+BenchDtype = Annotated[str, AfterValidator(_checked_dtype)]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
-    p.add_argument("--interface", choices=("latent", "pixel", "hpsv3"), default="latent")
-    p.add_argument("--preset", default=None, help="backbone preset (default: sd35-large on GPU, tiny on CPU)")
-    p.add_argument("--resolution", type=_side, nargs="+", default=None, help="image side(s) in pixels (default 512)")
-    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
-    p.add_argument(
-        "--dtype",
-        type=_dtype_name,
-        nargs="+",
-        default=None,
-        help="bf16|fp8|fp32, then optional +variants: +adaln (fp8 adaLN weights, weight-only), +fast-accum (Hopper "
-        "fast FP8 accumulation), +host-adaln (adaLN weights in pinned host memory, streamed by condition(): time "
-        "the cached rows)",
+class LatencyArgs(Schema):
+    """The command line of `python -m bench.latency`."""
+
+    interface: Literal["latent", "pixel", "hpsv3"] = "latent"
+    preset: Literal[tuple(PRESETS)] | None = Field(
+        None, description="backbone preset (default: sd35-large on GPU, tiny on CPU)"
     )
-    p.add_argument(
-        "--text-len",
-        type=positive_int,
-        default=None,
-        help="text tokens: 77 CLIP + T5 tokens; default: the --checkpoint's trained length, else 333 = SD3's default; "
-        "205 = Flow-GRPO",
+    resolution: list[Side] | None = Field(None, min_length=1, description="image side(s) in pixels (default 512)")
+    batch: list[Annotated[int, Field(ge=1, le=4096)]] = Field([1, 8], min_length=1, description="images per call")
+    dtype: list[BenchDtype] | None = Field(
+        None,
+        min_length=1,
+        description="bf16|fp8|fp32, then optional +variants: +adaln (fp8 adaLN weights, weight-only), +fast-accum "
+        "(Hopper fast FP8 accumulation), +host-adaln (adaLN weights in pinned host memory, streamed by condition(): "
+        "time the cached rows)",
     )
-    p.add_argument(
-        "--baselines",
-        nargs="*",
-        choices=tuple(BASELINES),
-        default=None,
-        help="also time these diffusers baselines in the same process (no names: all of them): "
+    text_len: int | None = Field(
+        None,
+        ge=1,
+        le=CLIP_TOKENS + 4096,
+        description="text tokens: 77 CLIP + T5 tokens; default: the --checkpoint's trained length, else 333 = SD3's "
+        "default; 205 = Flow-GRPO",
+    )
+    baselines: list[Literal[tuple(BASELINES)]] | None = Field(
+        None,
+        description="also time these diffusers baselines in the same process (no names: all of them): "
         + ", ".join(f"{k} = '{v}'" for k, v in BASELINES.items()),
+        json_schema_extra={"cli": {"nargs": "*"}},
     )
-    p.add_argument(
-        "--compile-modes",
-        nargs="+",
-        choices=("reduce-overhead", "max-autotune", "default"),
-        default=None,
-        help="torch.compile modes of the whole-model baselines (default: reduce-overhead and max-autotune on a GPU, "
-        "default on the CPU)",
+    compile_modes: list[Literal["reduce-overhead", "max-autotune", "default"]] | None = Field(
+        None,
+        min_length=1,
+        description="torch.compile modes of the whole-model baselines (default: reduce-overhead and max-autotune on a "
+        "GPU, default on the CPU)",
     )
-    p.add_argument("--no-engine", action="store_true", help="time only the baselines (with --baselines)")
-    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph engine path")
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="reward checkpoint dir (real weights; needs --base unless it carries every backbone weight)",
-    )
-    p.add_argument("--base", default=None, help="SD3.5 diffusers dir or single file for --checkpoint")
-    p.add_argument("--iters", type=positive_int, default=10)
-    p.add_argument("--json", default=None, help="write the rows as JSON here")
-    args = p.parse_args(argv)
-    if args.text_len is None:
-        args.text_len = CLIP_TOKENS + (checkpoint_t5_tokens(args.checkpoint) if args.checkpoint else SD3_T5_TOKENS)
+    no_engine: bool = Field(False, description="time only the baselines (with --baselines)")
+    no_graphs: bool = Field(False, description="skip the CUDA-graph engine path")
+    checkpoint: str | None = Field(
+        None, min_length=1, description="reward checkpoint dir (real weights; needs --base unless it carries every "
+        "backbone weight)"
+    )  # fmt: skip
+    base: str | None = Field(None, min_length=1, description="SD3.5 diffusers dir or single file for --checkpoint")
+    iters: int = Field(10, ge=1, le=100_000, description="timed calls per row")
+    json_out: str | None = Field(None, min_length=1, description="write the rows as JSON here",
+                                 json_schema_extra={"cli": {"flag": "--json"}})  # fmt: skip
+    fail_path: str | None = Field(
+        None, description="testing: make the rows of this path (e.g. 'diffusers eager+hooks') raise, to see its error "
+        "rows", json_schema_extra={"cli": {"metavar": "LABEL"}}
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LatencyArgs:
+        if self.no_engine and not self.baselines:
+            raise invalid("no_engine", True, "--baselines beside it (nothing else would be timed)")
+        if self.interface == "pixel" and self.text_len is not None and self.text_len <= CLIP_TOKENS:
+            raise invalid("text_len", self.text_len, f"more than {CLIP_TOKENS} (77 CLIP tokens + at least one T5)")
+        return self
+
+
+def parse_args(argv: list[str] | None = None) -> LatencyArgs:
+    args = parse_cli(LatencyArgs, argv, "python -m bench.latency", __doc__.split("\n\n")[0])
     if args.baselines == []:
         args.baselines = list(BASELINES)
-    if args.no_engine and not args.baselines:
-        p.error("--no-engine needs --baselines")
-    if args.interface == "pixel" and args.text_len <= 77:
-        p.error(
-            f"--text-len must exceed 77 for the pixel interface (77 CLIP tokens + at least one T5), got {args.text_len}"
-        )
+    if args.text_len is None:
+        args.text_len = CLIP_TOKENS + (checkpoint_t5_tokens(args.checkpoint) if args.checkpoint else SD3_T5_TOKENS)
     return args
 
 
@@ -121,7 +128,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         label = row_label(r)
         if "per_image_ms" not in r:
-            print(f"{r.get('interface', '-'):<9} {label:<40} {r.get('dtype', '-'):<15} {r['skipped']}")
+            why = r.get("skipped") or r.get("error")
+            print(f"{r.get('interface', '-'):<9} {label:<40} {r.get('dtype', '-'):<15} {why}")
             continue
         ratios = []
         for base in (eager, compiled):
@@ -134,7 +142,10 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(
+    argv: list[str] | None = None, *, sink: Callable[[dict], None] | None = None, deadline: float | None = None
+) -> list[dict]:
+    """Run the benchmark; `sink` and `deadline` as in `Bench` (rows written as they come; a time budget)."""
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{not args.checkpoint}",
         file=sys.stderr,
     )
-    b = Bench(args, device)
+    b = Bench(args, device, sink=sink, deadline=deadline)
     if args.interface == "latent":
         bench_latent(b, preset, resolutions, dtypes)
     elif args.interface == "pixel":
@@ -160,9 +171,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         bench_hpsv3(b, resolutions)
     print_table(b.rows)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"env": b.env, "rows": b.rows}, indent=1))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps({"env": b.env, "rows": b.rows}, indent=1))
     return b.rows
 
 

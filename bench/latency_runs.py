@@ -7,10 +7,11 @@ the same process as the engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -47,14 +48,59 @@ BASELINES = {"eager": EAGER, "regional": REGIONAL_COMPILE, "cudagraphs": COMPILE
 WHOLE_MODEL_COMPILED = ("cudagraphs", "torchao-fp8")  # --baselines names compiled whole, once per compile mode
 
 
-class Bench:
-    """Collects rows; every row is timed and memory-measured the same way."""
+# whole-model compiles start only with this much of the run's time left (SD3.5-L: 60-150 s each, with CUDA graphs)
+COMPILE_NEED_S = 120.0
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+
+class Bench:
+    """Collects rows; every row is timed and memory-measured the same way.
+
+    `sink(row)` (optional) receives each row the moment it exists, so that a caller can write it out before the next
+    one starts. `deadline` (optional, a `time.perf_counter()` value): no row starts after it, and no whole-model
+    compile with less than `COMPILE_NEED_S` left; each row not started gets a "stopped: ..." row instead. A row
+    whose code raises becomes an "error: ..." row and the run goes on."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        device: torch.device,
+        sink: Callable[[dict], None] | None = None,
+        deadline: float | None = None,
+    ):
         self.args, self.device, self.rows = args, device, []
+        self.sink, self.deadline = sink, deadline
         self.env = environment_info(device)
         self.env["ceilings"] = ceilings(device)  # the FLOP floor's denominator (CPU: sanity numbers only)
         self.start = time.perf_counter()
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        if self.sink is not None:
+            self.sink(row)
+        return row
+
+    def out_of_time(self, label: str, need_s: float = 0.0, **fields: Any) -> bool:
+        """True (and a "stopped" row for `label`) when less than `need_s` seconds are left before the deadline."""
+        if self.deadline is None or self.deadline - time.perf_counter() > need_s:
+            return False
+        left = self.deadline - time.perf_counter()
+        self.skip(label, f"stopped: {max(left, 0):.0f} s left of the section's budget, needs {need_s:.0f} s", **fields)
+        return True
+
+    @contextlib.contextmanager
+    def guarded(self, label: str, **fields: Any) -> Iterator[None]:
+        """Run the block; an exception in it becomes an "error: ..." row for `label` instead of ending the run."""
+        try:
+            yield
+        except Exception as e:
+            message = f"error: {type(e).__name__}: {str(e)[:500]}"
+            self.add({"path": label, "error": message, **fields, "device": self.env["gpu"] or "cpu"})
+            self.progress(f"  {label:<34} {message}")
+
+    def check_injected(self, label: str) -> None:
+        """Raise for the path `--fail-path` names (how a test proves that a failing row costs only itself)."""
+        if label == getattr(self.args, "fail_path", None):
+            raise RuntimeError(f"injected failure of '{label}' (--fail-path)")
 
     def progress(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.start:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -70,11 +116,28 @@ class Bench:
     def skip(self, label: str, reason: str, **fields: Any) -> dict:
         """A row for a path that cannot run here: no timing, the reason instead (reports leave it out)."""
         row = {"path": label, "skipped": reason, **fields, "device": self.env["gpu"] or "cpu"}
-        self.rows.append(row)
+        self.add(row)
         self.progress(f"  {label:<34} {reason}")
         return row
 
-    def run(self, label: str, fn: Callable[[Any], Any], inputs: list, batch: int, **fields: Any) -> dict:
+    def run(
+        self,
+        label: str,
+        fn: Callable[[Any], Any],
+        inputs: list,
+        batch: int,
+        late_fields: Callable[[], dict] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Time `fn` over `inputs` into a row, or an error/stopped row; `late_fields()` adds fields known only after
+        the timing (e.g. a CUDA graph's capture time)."""
+        if self.out_of_time(label, batch=batch, **fields):
+            return
+        with self.guarded(label, batch=batch, **fields):
+            self.check_injected(label)
+            self._timed(label, fn, inputs, batch, late_fields, **fields)
+
+    def _timed(self, label, fn, inputs, batch, late_fields, **fields: Any) -> None:
         timing = time_fn(fn, inputs, warmup=3, iters=self.args.iters, device=self.device).per_image(batch)
         peak = measure_peak(fn, inputs[0], device=self.device)
         row = {
@@ -91,9 +154,10 @@ class Bench:
         if fields.get("flops_per_image"):
             tflop_s, pct = self.floor_pct(fields["flops_per_image"], timing.median_ms, fields.get("dtype", ""))
             row.update(tflop_s=float(f"{tflop_s:.3g}"), floor_pct=round(pct, 1))  # (3 digits: CPU runs are tiny)
-        self.rows.append(row)
+        if late_fields is not None:
+            row.update(late_fields())
         self.progress(f"  {label:<34} b{batch:<3} {row['per_image_ms']:>9.2f} ms/img  peak {row['peak_gib']} GiB")
-        return row
+        self.add(row)
 
 
 def device_weight_bytes(engine: RewardEngine) -> int:
@@ -103,60 +167,70 @@ def device_weight_bytes(engine: RewardEngine) -> int:
 
 
 def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
-    args, device = b.args, b.device
-    for dtype in [] if args.no_engine else dtypes:
-        extra = dtype_kwargs(dtype)
-        b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
-        if args.checkpoint:
-            engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
-        elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
-            engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
-        else:
-            engine = RewardEngine.from_preset(preset, device=device, **extra)
-        engine.check_finite = False  # the RL-loop setting: no host syncs
-        # what was built (a checkpoint brings its own config and layers): shapes, FLOPs and labels follow it
-        cfg, layers = engine.config, engine.reward_config.layers
-        model = cfg.preset_name() or "custom"
-        graphed = None
-        if device.type == "cuda" and not args.no_graphs:
-            from engine.runtime.graphs import GraphedScorer
-
-            graphed = GraphedScorer(engine)
-        for side in resolutions:
-            flops = engine_costs(cfg, side, args.text_len, layers=layers)["flops_per_image"]
-            for batch in args.batch:
-                inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
-                common = dict(
-                    interface="latent",
-                    preset=model,
-                    layers=list(layers),
-                    resolution=side,
-                    dtype=dtype,
-                    flops_per_image=flops,
-                    weights_gib=round(device_weight_bytes(engine) / 2**30, 3),
-                    random_weights=not args.checkpoint,
-                )
-                b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
-                # prompt-only work on its own (per prompt), and scoring against conditioning made beforehand: the
-                # GRPO pattern, one condition() per prompt batch serving its group of latents
-                prompt_only = {k: v for k, v in common.items() if k != "flops_per_image"}  # not the forward's FLOPs
-                b.run("condition() per prompt", lambda x: engine.condition(x[1], x[2]), inputs, batch, **prompt_only)
-                cached = [(x[0], engine.condition(x[1], x[2])) for x in inputs]
-                if graphed is not None:
-                    row = b.run(
-                        "engine cuda-graph", lambda x: graphed.score(x[0], (x[1], x[2])), inputs, batch, **common
-                    )
-                    row["first_call_s"] = round(max(graphed.capture_seconds.values()), 2)
-                    b.run("engine cuda-graph, cond cached", lambda x: graphed.score(*x), cached, batch, **common)
-                else:
-                    b.run("engine eager, cond cached", lambda x: engine.score(*x), cached, batch, **common)
-                cached = None
-        engine = graphed = None  # free before the next dtype's model is built
-        gc.collect()
-        if device.type == "cuda":
+    for dtype in [] if b.args.no_engine else dtypes:
+        with b.guarded("engine", interface="latent", dtype=dtype):  # a build that fails costs only its dtype
+            _bench_engine(b, preset, resolutions, dtype)
+        gc.collect()  # the engine is freed before the next dtype's model is built
+        if b.device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.baselines:
+    if b.args.baselines:
         bench_diffusers(b, preset, resolutions)
+
+
+def _bench_engine(b: Bench, preset: str, resolutions: list[int], dtype: str) -> None:
+    """The engine rows of one dtype at every --resolution and --batch."""
+    args, device = b.args, b.device
+    b.check_injected("engine")
+    extra = dtype_kwargs(dtype)
+    b.progress(f"building the {preset} engine, {dtype} ({'checkpoint' if args.checkpoint else 'random weights'})")
+    if args.checkpoint:
+        engine = RewardEngine.from_pretrained(args.checkpoint, base=args.base, device=device, **extra)
+    elif preset == "tiny":  # the embedded default: the tiny SD3.5 directory, through the real loading code
+        engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
+    else:
+        engine = RewardEngine.from_preset(preset, device=device, **extra)
+    engine.check_finite = False  # the RL-loop setting: no host syncs
+    # what was built (a checkpoint brings its own config and layers): shapes, FLOPs and labels follow it
+    cfg, layers = engine.config, engine.reward_config.layers
+    model = cfg.preset_name() or "custom"
+    graphed = None
+    if device.type == "cuda" and not args.no_graphs:
+        from engine.runtime.graphs import GraphedScorer
+
+        graphed = GraphedScorer(engine)
+    for side in resolutions:
+        flops = engine_costs(cfg, side, args.text_len, layers=layers)["flops_per_image"]
+        for batch in args.batch:
+            inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
+            common = dict(
+                interface="latent",
+                preset=model,
+                layers=list(layers),
+                resolution=side,
+                dtype=dtype,
+                flops_per_image=flops,
+                weights_gib=round(device_weight_bytes(engine) / 2**30, 3),
+                random_weights=not args.checkpoint,
+            )
+            b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
+            # prompt-only work on its own (per prompt), and scoring against conditioning made beforehand: the
+            # GRPO pattern, one condition() per prompt batch serving its group of latents
+            prompt_only = {k: v for k, v in common.items() if k != "flops_per_image"}  # not the forward's FLOPs
+            b.run("condition() per prompt", lambda x: engine.condition(x[1], x[2]), inputs, batch, **prompt_only)
+            cached = [(x[0], engine.condition(x[1], x[2])) for x in inputs]
+            if graphed is not None:
+                b.run(
+                    "engine cuda-graph",
+                    lambda x: graphed.score(x[0], (x[1], x[2])),
+                    inputs,
+                    batch,
+                    late_fields=lambda: {"first_call_s": round(max(graphed.capture_seconds.values()), 2)},
+                    **common,
+                )
+                b.run("engine cuda-graph, cond cached", lambda x: graphed.score(*x), cached, batch, **common)
+            else:
+                b.run("engine eager, cond cached", lambda x: engine.score(*x), cached, batch, **common)
+            cached = None
 
 
 def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
@@ -198,28 +272,47 @@ def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
             )
             if mode is not None:
                 fields["compile_mode"] = mode
+            need_s = COMPILE_NEED_S if name in WHOLE_MODEL_COMPILED else 0.0
+            if b.out_of_time(label, need_s=need_s, **fields):
+                continue
             b.progress(f"building diffusers for '{label}'" + (f", mode {mode}" if mode else ""))
-            torch.manual_seed(0)
-            transformer = build_sd3_transformer(cfg.to_dict(), dtype, device)
-            reward = DiffusersHookReward(transformer, layers, 0.1)
-            try:
-                prepare(name, transformer, mode)
-            except BaselineUnavailable as e:
-                b.skip(label, str(e), **fields)
-            else:
-                fn = lambda x: reward.score(x[0], x[1], x[2])
-                for side in resolutions:
-                    for batch in b.args.batch:
-                        inputs = latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)
-                        first_call_s = first_call_seconds(fn, inputs[0], device)  # compiles (and captures) here
-                        row = b.run(label, fn, inputs, batch, resolution=side, **fields)
-                        row["first_call_s"] = round(first_call_s, 2)
-            reward.remove()
-            reward = transformer = fn = None
+            reward = None
+            with b.guarded(label, **fields):
+                b.check_injected(label)
+                torch.manual_seed(0)
+                transformer = build_sd3_transformer(cfg.to_dict(), dtype, device)
+                reward = DiffusersHookReward(transformer, layers, 0.1)
+                try:
+                    prepare(name, transformer, mode)
+                except BaselineUnavailable as e:
+                    b.skip(label, str(e), **fields)
+                else:
+                    _time_baseline(b, label, reward, cfg, resolutions, need_s, fields)
+            if reward is not None:
+                reward.remove()
+            reward = transformer = None
             torch._dynamo.reset()  # drops compiled graphs and their CUDA-graph pools before the next model
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _time_baseline(b: Bench, label: str, reward, cfg, resolutions: list[int], need_s: float, fields: dict) -> None:
+    """Rows of one prepared baseline at each --resolution and --batch; a static-shape compile recompiles per shape
+    (its first call), so each shape needs `need_s` left to start."""
+    device, dtype = b.device, next(reward.transformer.parameters()).dtype
+    fn = lambda x: reward.score(x[0], x[1], x[2])
+    for side in resolutions:
+        for batch in b.args.batch:
+            shape = dict(resolution=side, batch=batch)
+            if b.out_of_time(label, need_s=need_s, **shape, **fields):
+                continue
+            first: dict = {}
+            with b.guarded(label, **shape, **fields):
+                inputs = latent_inputs(cfg, batch, side, b.args.text_len, device, dtype)
+                first["first_call_s"] = round(first_call_seconds(fn, inputs[0], device), 2)  # compiles, captures
+            if first:
+                b.run(label, fn, inputs, batch, late_fields=lambda f=first: f, resolution=side, **fields)
 
 
 def first_call_seconds(fn: Callable[[Any], Any], x: Any, device: torch.device) -> float:

@@ -192,7 +192,7 @@ def _kernel_lines(sections: dict) -> list[dict[str, Any]]:
     copy_tb_s = (sections.get("ceilings") or {}).get("copy_tb_s")
     out = []
     for r in kernel_rows:
-        if r.get("batch") != KERNEL_BATCH or not copy_tb_s:
+        if r.get("batch") != KERNEL_BATCH or not copy_tb_s or "triton_us" not in r:  # (an error row: no timing)
             continue
         share = r["triton_gb_s"] / (copy_tb_s * 1e3)
         faster = r.get("compile_us") is not None and r["triton_us"] <= r["compile_us"]

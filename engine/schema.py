@@ -124,6 +124,7 @@ _EXPECTED: dict[str, str | Callable[[dict], str]] = {
     "greater_than_equal": lambda c: f"a value >= {c['ge']}",
     "less_than": lambda c: f"a value < {c['lt']}",
     "less_than_equal": lambda c: f"a value <= {c['le']}",
+    "multiple_of": lambda c: f"a multiple of {c['multiple_of']}",
     "literal_error": lambda c: f"one of {c['expected']}",
     "too_short": lambda c: f"at least {c['min_length']} item(s)",
     "too_long": lambda c: f"at most {c['max_length']} item(s)",
@@ -273,8 +274,10 @@ def build_parser(model: type[Schema], prog: str, description: str | None = None)
         element = _list_element(field.annotation)
         if element is not None:
             kwargs["nargs"] = cli.get("nargs", "+")
+        elif field.annotation is bool and name.startswith("no_"):  # `--no-x` is itself the switch: it sets True
+            kwargs |= {"action": "store_const", "const": True}
         elif field.annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = argparse.BooleanOptionalAction  # --x / --no-x
         if cli.get("positional"):
             kwargs.pop("default")
             if not field.is_required():

@@ -17,142 +17,133 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import accumulation_dtype, cdiv, describe, interpreting, resolve, triton_kernel
-from kernels.quant import e4m3_scale, quantize_rowwise_ref, to_e4m3
+from kernels.adaln_backward import adaln_backward
+from kernels.backend import (
+    accumulation_dtype,
+    cdiv,
+    describe,
+    interpreting,
+    needs_grad,
+    resolve,
+    row_num_warps,
+    row_tiles,
+    triton_helper,
+    triton_kernel,
+)
+from kernels.quant import e4m3_scales, quantize_rowwise_ref, to_e4m3
 
 try:
-    import triton
     import triton.language as tl
 except ImportError:  # the torch backend needs no triton
-    triton = tl = None
-
-_BWD_TARGET_PROGRAMS = 256  # ~2 per SM: each program reduces d(shift|scale|gate) over its chunk of rows
+    tl = None
 
 
-def _block_d(dim: int) -> int:
-    return triton.next_power_of_2(dim)
+def _rows_per_program(rows: int) -> int:
+    # Up to 4 rows (tokens of one image) share one load of the modulation vectors; below 2048 rows in all, one row
+    # per program keeps >= 8 programs per SM on 132 SMs (a b1 512² image stream has 1024 rows)
+    return max(1, min(4, rows // 2048))
 
 
-def _num_warps(block_d: int) -> int:
-    return 8 if block_d >= 2048 else 4
+@triton_helper
+def _load_f32(ptrs, mask, EVICTION: tl.constexpr):
+    # a tile in fp32, 0 where masked (mask None: every lane valid, an unpredicated vector load)
+    if mask is None:
+        return tl.load(ptrs, eviction_policy=EVICTION).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
 
 
-@triton_kernel
+@triton_helper
+def _load_mod(ptrs, mask):
+    # a modulation vector's tile, read by every program of its image: kept in L2
+    return _load_f32(ptrs, mask, "evict_last")
+
+
+@triton_helper
+def _load_row(ptrs, mask):
+    # a token row's tile, read once: streamed through L2
+    return _load_f32(ptrs, mask, "evict_first")
+
+
+@triton_helper
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    # Chan et al.'s merge of two disjoint sets' (mean, sum of squared deviations, count): one reduction gives both
+    # statistics, with no cancellation (fp32)
+    n = n_a + n_b
+    w_b = tl.where(n == 0.0, 0.0, n_b / n)
+    delta = mean_b - mean_a
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+
+
+@triton_helper
+def _row_mean_m2(x_a, x_b, mask_b, dim, WELFORD: tl.constexpr):
+    # (mean, sum of squared deviations) of one row held as tile a (all lanes valid) and tile b (mask_b; 0 elsewhere)
+    if WELFORD:  # one pass: a single reduction of (mean, m2, count) per tile, then the two tiles merged
+        mean, m2, n = tl.reduce((x_a, tl.zeros_like(x_a), tl.full(x_a.shape, 1.0, tl.float32)), 0, _welford_combine)
+        mean_b, m2_b, n_b = tl.reduce((x_b, tl.zeros_like(x_b), mask_b.to(tl.float32)), 0, _welford_combine)
+        mean, m2, _ = _welford_combine(mean, m2, n, mean_b, m2_b, n_b)
+    else:  # the interpreter runs a generic tl.reduce one element at a time in Python: there, two sums
+        mean = (tl.sum(x_a, axis=0) + tl.sum(x_b, axis=0)) / dim
+        xc_b = tl.where(mask_b, x_b - mean, 0.0)
+        m2 = tl.sum((x_a - mean) * (x_a - mean), axis=0) + tl.sum(xc_b * xc_b, axis=0)
+    return mean, m2
+
+
+@triton_kernel(do_not_specialize=("rows_per_program",))
 def _adaln_fwd_kernel(
-    x_ptr,
-    y_ptr,
-    gate_ptr,
-    shift_ptr,
-    scale_ptr,
-    x_new_ptr,
-    out_ptr,
-    out_scale_ptr,
-    mean_ptr,
-    rstd_ptr,
-    n_tokens,
-    dim,
-    eps,
-    HAS_RESIDUAL: tl.constexpr,
-    FP8_OUT: tl.constexpr,
-    EXACT_ROUNDING: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, x_new_ptr, out_ptr, out_scale_ptr, mean_ptr, rstd_ptr,
+    n_tokens, dim, rows_per_program, eps,
+    HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, STORE_STATS: tl.constexpr, WELFORD: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
     # [x <- x + gate[b] * y]  (stored to x_new)
     # out = (x - mean) * rstd * (1 + scale[b]) + shift[b],   rstd = 1 / sqrt(var + eps),  biased var, fp32
     # [FP8_OUT: out stored as e4m3(out / s) with the row's scale s = max|out| / 448 stored to out_scale]
-    row = tl.program_id(0)
-    b = row // n_tokens
-    d = tl.arange(0, BLOCK_D)
-    mask = d < dim
-    row_off = row.to(tl.int64) * dim
+    # [STORE_STATS: mean and rstd stored for the backward]
+    # Program (i, b) handles tokens i*R .. i*R + R - 1 of image b, R = rows_per_program (the last program of an image
+    # repeats its last token instead of masking: the same values written twice), the modulation vectors loaded once.
+    # A row is held as two tiles of BLOCK_A (never masked) + BLOCK_B lanes (`row_tiles`); the loop is software
+    # pipelined (the next row's loads are issued before this row's reductions).
+    b = tl.program_id(1)
+    cols_a = tl.arange(0, BLOCK_A)
+    cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+    mask_b = cols_b < dim
     mod_off = b.to(tl.int64) * dim
-    x = tl.load(x_ptr + row_off + d, mask=mask, other=0.0).to(tl.float32)
+    # the modulation vectors are read by every program of the image: keep them in L2
+    shift_a = _load_mod(shift_ptr + mod_off + cols_a, None)
+    shift_b = _load_mod(shift_ptr + mod_off + cols_b, mask_b)
+    scale_a = 1.0 + _load_mod(scale_ptr + mod_off + cols_a, None)
+    scale_b = 1.0 + _load_mod(scale_ptr + mod_off + cols_b, mask_b)
     if HAS_RESIDUAL:
-        y = tl.load(y_ptr + row_off + d, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(gate_ptr + mod_off + d, mask=mask, other=0.0).to(tl.float32)
-        x = x + gate * y
-        tl.store(x_new_ptr + row_off + d, x.to(x_new_ptr.dtype.element_ty), mask=mask)
-    mean = tl.sum(x, axis=0) / dim
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / dim + eps)
-    shift = tl.load(shift_ptr + mod_off + d, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + mod_off + d, mask=mask, other=0.0).to(tl.float32)
-    out = xc * rstd * (1.0 + scale) + shift
-    if FP8_OUT:
-        out_scale = e4m3_scale(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0))
-        tl.store(out_ptr + row_off + d, to_e4m3(out, out_scale, EXACT_ROUNDING), mask=mask)
-        tl.store(out_scale_ptr + row, out_scale)
-    else:
-        tl.store(out_ptr + row_off + d, out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
-
-
-@triton_kernel
-def _adaln_bwd_kernel(
-    grad_out_ptr,
-    grad_x_new_ptr,
-    x_ptr,
-    y_ptr,
-    gate_ptr,
-    scale_ptr,
-    mean_ptr,
-    rstd_ptr,
-    grad_x_ptr,
-    grad_y_ptr,
-    grad_shift_part_ptr,
-    grad_scale_part_ptr,
-    grad_gate_part_ptr,
-    n_tokens,
-    dim,
-    chunk,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_GRAD_X_NEW: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # xhat = (x - mean) * rstd,  g = dout * (1 + scale[b])
-    # dx = rstd * (g - mean_d(g) - xhat * mean_d(g * xhat))  [+ dx_new]        (LayerNorm backward)
-    # dshift[b] = sum_n dout,  dscale[b] = sum_n dout * xhat                      (partials over this row chunk)
-    # residual: dy = gate[b] * dx,  dgate[b] = sum_n dx * y
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
-    mask = d < dim
-    mod_off = b.to(tl.int64) * dim
-    scale = tl.load(scale_ptr + mod_off + d, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        gate = tl.load(gate_ptr + mod_off + d, mask=mask, other=0.0).to(tl.float32)
-    acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = s * chunk
-    stop = tl.minimum(start + chunk, n_tokens)
-    for n in range(start, stop):
-        row = b * n_tokens + n
+        gate_a = _load_mod(gate_ptr + mod_off + cols_a, None)
+        gate_b = _load_mod(gate_ptr + mod_off + cols_b, mask_b)
+    first = tl.program_id(0) * rows_per_program
+    for r in tl.range(0, rows_per_program, num_stages=2):
+        row = b * n_tokens + tl.minimum(first + r, n_tokens - 1)
         row_off = row.to(tl.int64) * dim
-        x = tl.load(x_ptr + row_off + d, mask=mask, other=0.0).to(tl.float32)
+        x_a = _load_row(x_ptr + row_off + cols_a, None)
+        x_b = _load_row(x_ptr + row_off + cols_b, mask_b)
         if HAS_RESIDUAL:
-            y = tl.load(y_ptr + row_off + d, mask=mask, other=0.0).to(tl.float32)
-            x = x + gate * y
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        dout = tl.load(grad_out_ptr + row_off + d, mask=mask, other=0.0).to(tl.float32)
-        acc_shift += dout
-        acc_scale += dout * xhat
-        g = dout * (1.0 + scale)
-        dx = rstd * (g - tl.sum(g, axis=0) / dim - xhat * (tl.sum(g * xhat, axis=0) / dim))
-        if HAS_GRAD_X_NEW:
-            dx += tl.load(grad_x_new_ptr + row_off + d, mask=mask, other=0.0).to(tl.float32)
-        tl.store(grad_x_ptr + row_off + d, dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
-        if HAS_RESIDUAL:
-            acc_gate += dx * y
-            tl.store(grad_y_ptr + row_off + d, (gate * dx).to(grad_y_ptr.dtype.element_ty), mask=mask)
-    part_off = (b * tl.num_programs(1) + s).to(tl.int64) * dim
-    tl.store(grad_shift_part_ptr + part_off + d, acc_shift, mask=mask)
-    tl.store(grad_scale_part_ptr + part_off + d, acc_scale, mask=mask)
-    if HAS_RESIDUAL:
-        tl.store(grad_gate_part_ptr + part_off + d, acc_gate, mask=mask)
+            x_a = x_a + gate_a * _load_row(y_ptr + row_off + cols_a, None)
+            x_b = x_b + gate_b * _load_row(y_ptr + row_off + cols_b, mask_b)
+            tl.store(x_new_ptr + row_off + cols_a, x_a.to(x_new_ptr.dtype.element_ty))
+            tl.store(x_new_ptr + row_off + cols_b, x_b.to(x_new_ptr.dtype.element_ty), mask=mask_b)
+        mean, m2 = _row_mean_m2(x_a, x_b, mask_b, dim, WELFORD)
+        rstd = 1.0 / tl.sqrt(m2 / dim + eps)
+        out_a = (x_a - mean) * rstd * scale_a + shift_a
+        out_b = (x_b - mean) * rstd * scale_b + shift_b
+        if FP8_OUT:
+            amax_b = tl.max(tl.where(mask_b, tl.abs(out_b), 0.0), axis=0)
+            out_scale, inv_scale = e4m3_scales(tl.maximum(tl.max(tl.abs(out_a), axis=0), amax_b))
+            tl.store(out_ptr + row_off + cols_a, to_e4m3(out_a, inv_scale, EXACT_ROUNDING))
+            tl.store(out_ptr + row_off + cols_b, to_e4m3(out_b, inv_scale, EXACT_ROUNDING), mask=mask_b)
+            tl.store(out_scale_ptr + row, out_scale)
+        else:
+            tl.store(out_ptr + row_off + cols_a, out_a.to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + row_off + cols_b, out_b.to(out_ptr.dtype.element_ty), mask=mask_b)
+        if STORE_STATS:
+            tl.store(mean_ptr + row, mean)
+            tl.store(rstd_ptr + row, rstd)
 
 
 @triton_kernel
@@ -173,10 +164,10 @@ def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, n_per_batch, dim, BL
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _adaln_forward(x, y, gate, shift, scale, eps, fp8_out=False):
+def _adaln_forward(x, y, gate, shift, scale, eps, fp8_out=False, store_stats=False):
     """x, y: [B, N, D] contiguous; gate/shift/scale: [B, D] contiguous; y, gate None without the residual.
     Returns (x_new, out, out_scale, mean, rstd): out is [B, N, D] in x's dtype, or with `fp8_out` [B*N, D] e4m3 with
-    out_scale [B*N, 1] fp32 (None otherwise)."""
+    out_scale [B*N, 1] fp32 (None otherwise); mean, rstd [B*N] fp32 with `store_stats` (for a backward), else None."""
     n_batch, n_tokens, dim = x.shape
     has_residual = y is not None
     if fp8_out:
@@ -185,41 +176,23 @@ def _adaln_forward(x, y, gate, shift, scale, eps, fp8_out=False):
     else:
         out, out_scale = torch.empty_like(x), None
     x_new = torch.empty_like(x) if has_residual else None
-    mean = torch.empty(n_batch * n_tokens, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    mean = rstd = None
+    if store_stats:
+        mean = torch.empty(n_batch * n_tokens, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
     if x.numel():
-        block_d = _block_d(dim)
-        _adaln_fwd_kernel[(n_batch * n_tokens,)](
+        block_a, block_b = row_tiles(dim)
+        rows = _rows_per_program(n_batch * n_tokens)
+        # (absent tensors: any pointer of the right kind, never dereferenced)
+        _adaln_fwd_kernel[(cdiv(n_tokens, rows), n_batch)](
             x, y if has_residual else x, gate if has_residual else shift, shift, scale,
-            x_new if has_residual else x, out, out_scale if fp8_out else mean, mean, rstd, n_tokens, dim, eps,
-            HAS_RESIDUAL=has_residual, FP8_OUT=fp8_out, EXACT_ROUNDING=fp8_out and interpreting(),
-            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            x_new if has_residual else x, out, out_scale if fp8_out else shift,
+            mean if store_stats else shift, rstd if store_stats else shift, n_tokens, dim, rows, eps,
+            HAS_RESIDUAL=has_residual, FP8_OUT=fp8_out, STORE_STATS=store_stats, WELFORD=not interpreting(),
+            EXACT_ROUNDING=fp8_out and interpreting(), BLOCK_A=block_a, BLOCK_B=block_b,
+            num_warps=row_num_warps(block_a + block_b),
         )  # fmt: skip
     return x_new, out, out_scale, mean, rstd
-
-
-def _adaln_backward(grad_out, grad_x_new, x, y, gate, scale, mean, rstd):
-    """(grad_x, grad_y, grad_gate, grad_shift, grad_scale); grad_y, grad_gate are None without the residual."""
-    n_batch, n_tokens, dim = x.shape
-    has_residual = y is not None
-    n_chunks = max(1, min(n_tokens, cdiv(_BWD_TARGET_PROGRAMS, n_batch)))
-    chunk = cdiv(n_tokens, n_chunks)
-    n_chunks = cdiv(n_tokens, chunk)
-    grad_x = torch.empty_like(x)
-    grad_y = torch.empty_like(y) if has_residual else None
-    partials = torch.empty(3 if has_residual else 2, n_batch, n_chunks, dim, device=x.device, dtype=torch.float32)
-    block_d = _block_d(dim)
-    _adaln_bwd_kernel[(n_batch, n_chunks)](
-        grad_out.contiguous(), grad_x_new.contiguous() if grad_x_new is not None else grad_out,
-        x, y if has_residual else x, gate if has_residual else scale, scale, mean, rstd,
-        grad_x, grad_y if has_residual else grad_x, partials[0], partials[1], partials[-1],
-        n_tokens, dim, chunk,
-        HAS_RESIDUAL=has_residual, HAS_GRAD_X_NEW=grad_x_new is not None,
-        BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )  # fmt: skip
-    sums = partials.sum(dim=2)  # [2|3, B, D], fixed order: deterministic
-    grad_gate = sums[2] if has_residual else None
-    return grad_x, grad_y, grad_gate, sums[0], sums[1]
 
 
 def _cast(grad, like):
@@ -230,14 +203,14 @@ class _LayerNormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
         x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
-        _, out, _, mean, rstd = _adaln_forward(x, None, None, shift, scale, eps)
+        _, out, _, mean, rstd = _adaln_forward(x, None, None, shift, scale, eps, store_stats=True)
         ctx.save_for_backward(x, shift, scale, mean, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, shift, scale, mean, rstd = ctx.saved_tensors
-        grad_x, _, _, grad_shift, grad_scale = _adaln_backward(grad_out, None, x, None, None, scale, mean, rstd)
+        grad_x, _, _, grad_shift, grad_scale = adaln_backward(grad_out, None, x, None, None, scale, mean, rstd)
         return grad_x, _cast(grad_shift, shift), _cast(grad_scale, scale), None
 
 
@@ -246,7 +219,7 @@ class _GatedResidualLayerNormModulate(torch.autograd.Function):
     def forward(ctx, x, y, gate, shift, scale, eps):
         x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
         shift, scale = shift.contiguous(), scale.contiguous()
-        x_new, out, _, mean, rstd = _adaln_forward(x, y, gate, shift, scale, eps)
+        x_new, out, _, mean, rstd = _adaln_forward(x, y, gate, shift, scale, eps, store_stats=True)
         ctx.save_for_backward(x, y, gate, shift, scale, mean, rstd)
         ctx.set_materialize_grads(False)
         return x_new, out
@@ -256,25 +229,30 @@ class _GatedResidualLayerNormModulate(torch.autograd.Function):
         x, y, gate, shift, scale, mean, rstd = ctx.saved_tensors
         if grad_out is None:  # only x_new was used downstream
             grad_out = torch.zeros_like(x)
-        grads = _adaln_backward(grad_out, grad_x_new, x, y, gate, scale, mean, rstd)
+        grads = adaln_backward(grad_out, grad_x_new, x, y, gate, scale, mean, rstd)
         grad_x, grad_y, grad_gate, grad_shift, grad_scale = grads
         return grad_x, grad_y, _cast(grad_gate, gate), _cast(grad_shift, shift), _cast(grad_scale, scale), None
+
+
+def _gated_residual_forward(x, y, gate):
+    """x + gate[b] * y for x, y [B, N, D] and gate [B, D], all contiguous."""
+    out = torch.empty_like(x)
+    n_per_batch = x[0].numel() if x.shape[0] else 0
+    if out.numel():
+        block = 1024
+        _gated_residual_kernel[(cdiv(n_per_batch, block), x.shape[0])](
+            x, y, gate, out, n_per_batch, x.shape[2], BLOCK=block, num_warps=4
+        )
+    return out
 
 
 class _GatedResidual(torch.autograd.Function):
     # x_new = x + gate[b] * y:  dx = g,  dy = gate[b] * g,  dgate[b] = sum_n g * y   (elementwise; torch backward)
     @staticmethod
     def forward(ctx, x, y, gate):
-        x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
-        out = torch.empty_like(x)
-        n_per_batch = x[0].numel() if x.shape[0] else 0
-        if out.numel():
-            block = 1024
-            _gated_residual_kernel[(cdiv(n_per_batch, block), x.shape[0])](
-                x, y, gate, out, n_per_batch, x.shape[2], BLOCK=block, num_warps=4
-            )
+        y, gate = y.contiguous(), gate.contiguous()
         ctx.save_for_backward(y, gate)
-        return out
+        return _gated_residual_forward(x.contiguous(), y, gate)
 
     @staticmethod
     def backward(ctx, grad):
@@ -307,7 +285,9 @@ def layernorm_modulate(
     _check_modulation(x, shift=shift, scale=scale)
     if resolve(backend, x.device) == "torch":
         return layernorm_modulate_ref(x, shift, scale, eps, upcast=True)
-    return _LayerNormModulate.apply(x, shift, scale, float(eps))
+    if needs_grad(x, shift, scale):
+        return _LayerNormModulate.apply(x, shift, scale, float(eps))
+    return _adaln_forward(x.contiguous(), None, None, shift.contiguous(), scale.contiguous(), float(eps))[1]
 
 
 def gated_residual_layernorm_modulate(
@@ -335,7 +315,12 @@ def gated_residual_layernorm_modulate(
     _check_residual(x, y, gate=gate, shift=shift, scale=scale)
     if resolve(backend, x.device) == "torch":
         return gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps, upcast=True)
-    return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, float(eps))
+    if needs_grad(x, y, gate, shift, scale):
+        return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, float(eps))
+    x_new, out, _, _, _ = _adaln_forward(
+        x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(), scale.contiguous(), float(eps)
+    )
+    return x_new, out
 
 
 def layernorm_modulate_fp8(
@@ -390,7 +375,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, back
     _check_residual(x, y, gate=gate)
     if resolve(backend, x.device) == "torch":
         return gated_residual_ref(x, y, gate, upcast=True)
-    return _GatedResidual.apply(x, y, gate)
+    if needs_grad(x, y, gate):
+        return _GatedResidual.apply(x, y, gate)
+    return _gated_residual_forward(x.contiguous(), y.contiguous(), gate.contiguous())
 
 
 def _check_tokens(name: str, x: torch.Tensor) -> None:
@@ -408,7 +395,7 @@ def _check_residual(x: torch.Tensor, y: torch.Tensor, **modulation: torch.Tensor
 
 
 def _check_no_grad(**tensors: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+    if needs_grad(*tensors.values()):
         names = [name for name, t in tensors.items() if t.requires_grad]
         raise ValueError(
             f"the FP8 output has no gradient, but {', '.join(names)} require grad: use the bf16 op for training "

@@ -24,6 +24,28 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def row_tiles(n: int) -> tuple[int, int]:
+    """Two power-of-two tiles covering a row of ``n`` elements held in registers: ``(a, b)``, ``a`` the largest power of
+    two <= n (never masked) and ``b`` the smallest >= n - a (1 when n is a power of two: one masked lane, so that a
+    kernel has no second code path). SD3.5-L's D = 2432 is 2048 + 512 lanes, 5% masked, where one 4096-lane tile
+    masks 41%; its FFN row 9728 is 8192 + 2048."""
+    if n < 1:
+        raise ValueError(f"a row needs at least one element, got {n}")
+    a = 1 << (n.bit_length() - 1)
+    return a, 1 << max(n - a - 1, 0).bit_length()
+
+
+def row_num_warps(lanes: int) -> int:
+    """Warps for a program that holds a row of `lanes` fp32 values in registers: 8 from 2048 lanes, else 4."""
+    return 8 if lanes >= 2048 else 4
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on `tensors` records an autograd graph here: only then does it go through its
+    `autograd.Function` (an inference call launches the kernel directly, saving nothing for a backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def describe(x: object) -> str:
     """Short description of an argument for error messages."""
     if isinstance(x, torch.Tensor):
@@ -110,8 +132,9 @@ class TritonHelper:
     """A ``@triton.jit`` device function shared by several kernels, decorated lazily (a kernel interpreted on the CPU
     must call interpreted helpers, a compiled one compiled helpers)."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], **jit_options: Any) -> None:
         self.fn = fn
+        self.jit_options = jit_options  # keyword arguments of ``triton.jit``
         self._jitted: dict[bool, Any] = {}
 
     def jitted(self, mode: bool) -> Any:
@@ -119,7 +142,7 @@ class TritonHelper:
         if mode not in self._jitted:
             import triton
 
-            self._jitted[mode] = triton.jit(_bind_helpers(self.fn, mode))
+            self._jitted[mode] = triton.jit(_bind_helpers(self.fn, mode), **self.jit_options)
         return self._jitted[mode]
 
 
@@ -173,8 +196,11 @@ def _bind_helpers(fn: Callable[..., Any], mode: bool) -> Callable[..., Any]:
     return bound
 
 
-def triton_kernel(fn: Callable[..., Any]) -> LazyKernel:
-    """Decorator for this package's Triton kernels (see ``LazyKernel``)."""
+def triton_kernel(fn: Callable[..., Any] | None = None, *, do_not_specialize: tuple[str, ...] = ()) -> Any:
+    """Decorator for this package's Triton kernels (see ``LazyKernel``), bare or with ``triton.jit``'s
+    ``do_not_specialize`` (integer arguments Triton would otherwise compile separately when equal to 1)."""
+    if fn is None:
+        return lambda f: LazyKernel(f, do_not_specialize=do_not_specialize)
     return LazyKernel(fn)
 
 

@@ -1,5 +1,8 @@
 """Near-clean noise injection (Eq. 1): ``z_t = (1 - t) * z0 + t * eps``, eps ~ N(0, I).
 
+``t`` is one noise level for the batch (a Python float) or one per image (a float32 ``[B]`` tensor, read by the
+kernel: the same single launch, and no host sync, so a CUDA graph can capture it with its t as a static buffer).
+
 With ``seed`` the noise is drawn inside the kernel (Philox4x32-10 + Box-Muller, i.e. ``tl.randn``) and never
 materialised. The Philox counter of element ``e`` of image ``b`` is ``(e, b + image_offset, 0, 0)`` and the key is
 ``seed``, so an image's noise depends on (seed, image index, element) only: it is the same whether the image is scored
@@ -16,7 +19,7 @@ import math
 
 import torch
 
-from kernels.backend import accumulation_dtype, cdiv, describe, resolve, triton_kernel
+from kernels.backend import accumulation_dtype, cdiv, describe, needs_grad, resolve, triton_kernel
 
 try:
     import triton.language as tl
@@ -29,21 +32,16 @@ _MAX_COUNTER = 2**32  # element index and image index each fill one 32-bit Philo
 
 @triton_kernel
 def _near_clean_kernel(
-    z0_ptr,
-    noise_ptr,
-    out_ptr,
-    n_per_image,
-    t,
-    seed,
-    image_offset,
-    HAS_NOISE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # z_t[b, e] = (1 - t) * z0[b, e] + t * eps[b, e],  eps = noise[b, e]  or  randn(seed, counter=(e, b + image_offset))
+    z0_ptr, noise_ptr, t_ptr, out_ptr, n_per_image, t, seed, image_offset,
+    HAS_NOISE: tl.constexpr, T_PER_IMAGE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # z_t[b, e] = (1 - t_b) * z0[b, e] + t_b * eps[b, e],  t_b = t_ptr[b] (T_PER_IMAGE) or t,
+    # eps = noise[b, e]  or  randn(seed, counter=(e, b + image_offset))
     b = tl.program_id(1)
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = e < n_per_image
     row = b.to(tl.int64) * n_per_image
+    t_b = tl.load(t_ptr + b).to(tl.float32) if T_PER_IMAGE else t
     z0 = tl.load(z0_ptr + row + e, mask=mask).to(tl.float32)
     if HAS_NOISE:
         eps = tl.load(noise_ptr + row + e, mask=mask).to(tl.float32)
@@ -51,38 +49,40 @@ def _near_clean_kernel(
         # int64 offset: low word -> Philox counter c0 (element), high word -> c1 (image)
         counter = (b + image_offset).to(tl.int64) * 4294967296 + e
         eps = tl.randn(seed, counter)
-    z_t = (1.0 - t) * z0 + t * eps
+    z_t = (1.0 - t_b) * z0 + t_b * eps
     tl.store(out_ptr + row + e, z_t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _near_clean_launch(
-    z0: torch.Tensor, noise: torch.Tensor | None, t: float, seed: int, image_offset: int
+    z0: torch.Tensor, noise: torch.Tensor | None, t: float | torch.Tensor, seed: int, image_offset: int
 ) -> torch.Tensor:
     z0 = z0.contiguous()
     noise = noise.contiguous() if noise is not None else None
+    per_image = isinstance(t, torch.Tensor)
     out = torch.empty_like(z0)
     n_batch = z0.shape[0]
     n_per_image = z0[0].numel() if n_batch else 0
     if out.numel() == 0:
         return out
     grid = (cdiv(n_per_image, _BLOCK), n_batch)
+    # (absent tensors: any pointer of the right kind, never dereferenced)
     _near_clean_kernel[grid](
-        z0,
-        noise if noise is not None else z0,
-        out,
-        n_per_image,
-        float(t),
-        seed,
-        image_offset,
-        HAS_NOISE=noise is not None,
-        BLOCK=_BLOCK,
-        num_warps=4,
-    )
+        z0, noise if noise is not None else z0, t.contiguous() if per_image else z0, out, n_per_image,
+        0.0 if per_image else float(t), seed, image_offset,
+        HAS_NOISE=noise is not None, T_PER_IMAGE=per_image, BLOCK=_BLOCK, num_warps=4,
+    )  # fmt: skip
     return out
 
 
+def _per_image(t: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    # t broadcastable against a [B, ...] tensor: a float as is, a [B] tensor as [B, 1, ...]
+    if isinstance(t, torch.Tensor):
+        return t.reshape(-1, *([1] * (like.dim() - 1)))
+    return t
+
+
 class _NearClean(torch.autograd.Function):
-    # dz_t/dz0 = (1 - t), dz_t/deps = t
+    # dz_t/dz0 = (1 - t), dz_t/deps = t   (t per image: broadcast over its elements)
     @staticmethod
     def forward(ctx, z0, noise, t, seed, image_offset):
         ctx.t = t
@@ -93,16 +93,17 @@ class _NearClean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_z0 = grad_noise = None
+        t = _per_image(ctx.t, grad_out)
         if ctx.needs_input_grad[0]:
-            grad_z0 = (grad_out.float() * (1.0 - ctx.t)).to(ctx.z0_dtype)
+            grad_z0 = (grad_out.float() * (1.0 - t)).to(ctx.z0_dtype)
         if ctx.needs_input_grad[1]:
-            grad_noise = (grad_out.float() * ctx.t).to(ctx.noise_dtype)
+            grad_noise = (grad_out.float() * t).to(ctx.noise_dtype)
         return grad_z0, grad_noise, None, None, None
 
 
 def near_clean(
     z0: torch.Tensor,
-    t: float,
+    t: float | torch.Tensor,
     *,
     noise: torch.Tensor | None = None,
     seed: int | None = None,
@@ -113,7 +114,9 @@ def near_clean(
 
     Args:
         z0: clean latents ``[B, C, H, W]`` in the transformer's space (bf16/fp16/fp32).
-        t: noise level in (0, 1), e.g. 0.1.
+        t: noise level in (0, 1), e.g. 0.1: a float for every image, or a float32 tensor ``[B]`` on z0's device,
+            one per image (no gradient flows to it). A tensor's values are checked with one host sync, except
+            while a CUDA graph is being captured.
         noise: explicit ``eps`` with z0's shape (any float dtype); gets gradient ``t * grad`` if it requires grad.
         seed: draw ``eps`` in-kernel from Philox with this seed in [0, 2**63); image ``b`` uses stream
             ``b + image_offset``. With neither ``noise`` nor ``seed`` a seed is drawn from torch's global generator.
@@ -130,16 +133,19 @@ def near_clean(
         if noise is None:
             noise = noise_ref(z0.shape, seed, image_offset=image_offset, device=z0.device)
         return near_clean_ref(z0, t, noise, upcast=True)
-    return _NearClean.apply(z0, noise, float(t), 0 if seed is None else seed, image_offset)
+    t = t if isinstance(t, torch.Tensor) else float(t)
+    seed = 0 if seed is None else seed
+    if needs_grad(z0, noise):
+        return _NearClean.apply(z0, noise, t, seed, image_offset)
+    return _near_clean_launch(z0, noise, t, seed, image_offset)
 
 
 def _check_near_clean_args(
-    z0: torch.Tensor, t: float, noise: torch.Tensor | None, seed: int | None, image_offset: int
+    z0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor | None, seed: int | None, image_offset: int
 ) -> None:
     if not isinstance(z0, torch.Tensor) or z0.dim() != 4 or not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor [B, C, H, W], got {describe(z0)}")
-    if not 0.0 < float(t) < 1.0:
-        raise ValueError(f"t must lie in (0, 1) (e.g. 0.1), got {t}")
+    _check_t(t, z0)
     if noise is not None and seed is not None:
         raise ValueError("pass either noise (a tensor) or seed (an int), not both")
     if noise is not None:
@@ -162,16 +168,35 @@ def _check_near_clean_args(
         raise ValueError(f"at most 2**32 elements per image are supported, got {math.prod(z0.shape[1:])}")
 
 
+def _check_t(t: float | torch.Tensor, z0: torch.Tensor) -> None:
+    if isinstance(t, torch.Tensor):
+        if t.dtype != torch.float32 or t.shape != (z0.shape[0],) or t.device != z0.device:
+            raise ValueError(
+                f"t as a tensor must be float32 [B] = [{z0.shape[0]}] on z0's device {z0.device} (one noise level "
+                f"per image), got {describe(t)}"
+            )
+        if t.requires_grad:
+            raise ValueError("t must not require grad: near_clean gives no gradient for the noise level")
+        capturing = t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and t.numel() and not bool(((t > 0.0) & (t < 1.0)).all()):
+            raise ValueError(f"every t must lie in (0, 1) (e.g. 0.1), got {t.tolist()}")
+        return
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) < 1.0:
+        raise ValueError(f"t must be a float in (0, 1) (e.g. 0.1) or a float32 tensor [B], got {t!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def near_clean_ref(z0: torch.Tensor, t: float, noise: torch.Tensor, upcast: bool = False) -> torch.Tensor:
-    """``(1 - t) * z0 + t * noise`` in z0's dtype (``upcast=False``) or in at least fp32, cast back to z0's dtype."""
-    if not upcast:
-        return (1.0 - t) * z0 + t * noise.to(z0.dtype)
-    compute = accumulation_dtype(z0.dtype)
+def near_clean_ref(
+    z0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor, upcast: bool = False
+) -> torch.Tensor:
+    """``(1 - t) * z0 + t * noise`` in z0's dtype (``upcast=False``) or in at least fp32, cast back to z0's dtype;
+    ``t`` a float or a ``[B]`` tensor (image ``b`` gets ``t[b]``)."""
+    compute = accumulation_dtype(z0.dtype) if upcast else z0.dtype
+    t = _per_image(t.to(compute), z0) if isinstance(t, torch.Tensor) else t
     return ((1.0 - t) * z0.to(compute) + t * noise.to(compute)).to(z0.dtype)
 
 

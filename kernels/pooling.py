@@ -1,59 +1,60 @@
 """Mean pooling of image-token hidden states (Eq. 3): ``p[b, :] = mean_n h[b, n, :]``, accumulated in fp32.
 
-The Triton path is a deterministic two-stage reduction: stage 1 splits the tokens into ``S`` chunks (enough programs
-to fill the GPU at batch 1, D = 2432, N = 4096) and writes fp32 partial means ``[B, S, D]``; stage 2 sums the ``S``
-partials in a fixed order straight into the destination (``out`` or ``out[:, slot]``). With ``S == 1`` stage 1 writes
-the destination directly. No atomics, so results are bitwise reproducible.
+The Triton path is one launch: each program sums all N tokens of a ``BLOCK_D``-wide column strip of one image, in a
+fixed order, and writes its strip of the destination (``out`` or ``out[:, slot]``) itself: no partial sums, no second
+launch, no atomics, so results are bitwise reproducible. The strip is as wide as keeps at least ``_MIN_PROGRAMS``
+programs (two waves of an H100/H200's 132 SMs) and at least 8 columns (16 bytes of bf16 per token row: one 128-bit
+load per thread): at SD3.5-L's D = 2432, 304 strips of 8 at batch 1, 304 of 64 at batch 8.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.backend import accumulation_dtype, cdiv, describe, resolve, triton_kernel
+from kernels.backend import accumulation_dtype, cdiv, describe, needs_grad, resolve, triton_kernel
 
 try:
     import triton.language as tl
 except ImportError:  # the torch backend needs no triton
     tl = None
 
-_BLOCK_N = 32
-_BLOCK_D = 128
-_TOKENS_PER_PROGRAM = 256  # below this a chunk is too short to amortise its partial write
-_TARGET_PROGRAMS = 1024  # ~8 per SM on an H100/H200
+_TILE = 4096  # elements of x a program loads per iteration: BLOCK_N tokens x BLOCK_D columns (32 fp32 per thread)
+_MIN_PROGRAMS = 2 * 132  # two waves of 132 SMs
+_MIN_BLOCK_D, _MAX_BLOCK_D = 8, 128
 
 
 @triton_kernel
 def _sum_tokens_kernel(
-    x_ptr,
-    out_ptr,
-    n_tokens,
-    dim,
-    chunk,
-    stride_xb,
-    stride_xn,
-    stride_ob,
-    stride_os,
-    scale,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # out[b, s, d] = scale * sum_{n in chunk s} x[b, n, d]   (fp32 accumulation; x's last dim contiguous)
+    x_ptr, out_ptr, n_tokens, dim, stride_xb, stride_xn, stride_ob, scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # out[b, d] = scale * sum_n x[b, n, d]   (fp32 accumulation, tokens in a fixed order; x's last dim contiguous)
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = tl.program_id(2)
     d_mask = d < dim
-    start = s * chunk
-    stop = tl.minimum(start + chunk, n_tokens)
     x_row = x_ptr + b.to(tl.int64) * stride_xb
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for n0 in range(start, stop, BLOCK_N):
+    for n0 in range(0, n_tokens, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        mask = (n < stop)[:, None] & d_mask[None, :]
+        mask = (n < n_tokens)[:, None] & d_mask[None, :]
         ptrs = x_row + n.to(tl.int64)[:, None] * stride_xn + d[None, :]
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     total = tl.sum(acc, axis=0) * scale
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + s * stride_os + d, total, mask=d_mask)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + d, total, mask=d_mask)
+
+
+def _strip_width(n_batch: int, dim: int) -> int:
+    # the widest power-of-two strip in [8, 128] columns that keeps >= _MIN_PROGRAMS programs (8 when none does)
+    block_d = _MAX_BLOCK_D
+    while block_d > _MIN_BLOCK_D and n_batch * cdiv(dim, block_d) < _MIN_PROGRAMS:
+        block_d //= 2
+    return block_d
+
+
+def _mean_pool(h: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(h.shape[0], h.shape[2], device=h.device, dtype=torch.float32)
+    _mean_pool_launch(h, out)
+    return out
 
 
 def _mean_pool_launch(h: torch.Tensor, out: torch.Tensor) -> None:
@@ -63,24 +64,11 @@ def _mean_pool_launch(h: torch.Tensor, out: torch.Tensor) -> None:
         return
     if h.stride(2) != 1:
         h = h.contiguous()  # slices along N (e.g. the image part of [image | text]) keep stride 1 and are not copied
-    d_blocks = cdiv(dim, _BLOCK_D)
-    n_chunks = max(1, min(cdiv(n_tokens, _TOKENS_PER_PROGRAM), _TARGET_PROGRAMS // (n_batch * d_blocks)))
-    chunk = cdiv(n_tokens, n_chunks)
-    n_chunks = cdiv(n_tokens, chunk)  # no empty chunks
-    common = {"BLOCK_N": _BLOCK_N, "BLOCK_D": _BLOCK_D, "num_warps": 4}
-    if n_chunks == 1:
-        _sum_tokens_kernel[(n_batch, d_blocks, 1)](
-            h, out, n_tokens, dim, n_tokens, h.stride(0), h.stride(1), out.stride(0), 0, 1.0 / n_tokens, **common
-        )
-        return
-    partial = torch.empty(n_batch, n_chunks, dim, device=h.device, dtype=torch.float32)
-    _sum_tokens_kernel[(n_batch, d_blocks, n_chunks)](
-        h, partial, n_tokens, dim, chunk, h.stride(0), h.stride(1), partial.stride(0), partial.stride(1),
-        1.0 / n_tokens, **common,
+    block_d = _strip_width(n_batch, dim)
+    _sum_tokens_kernel[(n_batch, cdiv(dim, block_d))](
+        h, out, n_tokens, dim, h.stride(0), h.stride(1), out.stride(0), 1.0 / n_tokens,
+        BLOCK_N=_TILE // block_d, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
-    _sum_tokens_kernel[(n_batch, d_blocks, 1)](
-        partial, out, n_chunks, dim, n_chunks, partial.stride(0), partial.stride(1), out.stride(0), 0, 1.0, **common
-    )
 
 
 class _MeanPool(torch.autograd.Function):
@@ -88,9 +76,7 @@ class _MeanPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
         ctx.n_tokens, ctx.h_dtype = h.shape[1], h.dtype
-        out = torch.empty(h.shape[0], h.shape[2], device=h.device, dtype=torch.float32)
-        _mean_pool_launch(h, out)
-        return out
+        return _mean_pool(h)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -103,7 +89,9 @@ def mean_pool(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     _check_tokens(h)
     if resolve(backend, h.device) == "torch":
         return mean_pool_ref(h, upcast=True)
-    return _MeanPool.apply(h)
+    if needs_grad(h):
+        return _MeanPool.apply(h)
+    return _mean_pool(h)
 
 
 @torch.no_grad()

@@ -66,3 +66,28 @@ def test_report_reads_results_through_the_safe_reader(tmp_path):
 def test_targets_names_a_results_path_that_is_not_a_file(tmp_path):
     with pytest.raises(SystemExit, match="RESULTS: .*expected a regular file"):
         targets.main([str(tmp_path)])
+
+
+def test_a_no_flag_switches_its_field_on():
+    assert report.parse_cli(report.ReportArgs, ["--no-plot"], "report").no_plot is True
+    assert report.parse_cli(report.ReportArgs, [], "report").no_plot is False
+    assert report.parse_cli(report.ReportArgs, ["--latest-only"], "report").latest_only is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "--out: got None, expected an output folder (or --plan)"),
+        (["--out", "o", "--only", "bogus"], "--only[0]: got 'bogus', expected one of 'ceilings'"),
+        (
+            ["--out", "o", "--only", "max_autotune_512"],
+            "--only: got ['max_autotune_512'], expected max_autotune_512 only",
+        ),
+        (["--out", "o", "--deadline-s", "nan"], "--deadline-s: got 'nan', expected a number"),
+        (["--out", "o", "--deadline-s", "-5"], "--deadline-s: got -5, expected a value > 0"),
+    ],
+)
+def test_gpu_check_refuses_bad_flags_before_any_work(capsys, argv, expected):
+    from bench import gpu_check
+
+    assert expected in refusal(capsys, gpu_check.main, argv)

@@ -79,10 +79,13 @@ def test_latent_rows_include_the_cached_path_and_device_weights(tmp_path):
     "argv, message",
     [
         (["--resolution", "100"], "multiple of 16"),
-        (["--resolution", "0"], "integer >= 1"),
-        (["--batch", "0"], "integer >= 1"),
-        (["--iters", "0"], "integer >= 1"),
-        (["--interface", "pixel", "--text-len", "50"], "must exceed 77"),
+        (["--resolution", "0"], "--resolution[0]: got 0, expected a value >= 16"),
+        (["--batch", "0"], "--batch[0]: got 0, expected a value >= 1"),
+        (["--iters", "0"], "--iters: got 0, expected a value >= 1"),
+        (["--iters", "nan"], "--iters: got 'nan', expected an integer"),
+        (["--interface", "pixel", "--text-len", "50"], "--text-len: got 50, expected more than 77"),
+        (["--dtype", "fp16"], "--dtype[0]: got 'fp16', expected <bf16|fp8|fp32>"),
+        (["--preset", "sdxl"], "--preset: got 'sdxl', expected one of"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
@@ -131,5 +134,34 @@ def test_baselines_run_in_the_same_process_and_unavailable_ones_say_why(tmp_path
 def test_no_engine_needs_baselines(capsys):
     with pytest.raises(SystemExit):
         latency.parse_args(["--no-engine"])
-    assert "--no-engine needs --baselines" in capsys.readouterr().err
+    assert "--no-engine: got True, expected --baselines beside it" in capsys.readouterr().err
     assert latency.parse_args(["--baselines"]).baselines == list(latency.BASELINES)  # bare flag: every baseline
+
+
+def test_rows_reach_the_sink_as_they_come_and_a_failing_path_costs_only_its_rows():
+    seen = []
+    argv = ["--batch", "2", "--iters", "1", "--resolution", "128", "--dtype", "fp32", "--baselines", "eager"]
+    rows = latency.main([*argv, "--fail-path", "engine eager"], sink=seen.append)
+    assert seen == rows  # every row, in order, handed over when it was made
+    (failed,) = [r for r in rows if r["path"] == "engine eager"]
+    assert failed["error"] == "error: RuntimeError: injected failure of 'engine eager' (--fail-path)"
+    assert failed["batch"] == 2 and "per_image_ms" not in failed
+    timed = {r["path"] for r in rows if r.get("per_image_ms", 0) > 0}
+    assert {"condition() per prompt", "engine eager, cond cached", "diffusers eager+hooks"} <= timed
+
+
+def test_an_engine_that_fails_to_build_costs_only_its_dtype():
+    argv = ["--batch", "2", "--iters", "1", "--resolution", "128", "--dtype", "fp32", "bf16", "--baselines", "eager"]
+    rows = latency.main([*argv, "--fail-path", "engine"])
+    failed = [r for r in rows if r["path"] == "engine"]
+    assert [r["dtype"] for r in failed] == ["fp32", "bf16"] and all(r["error"].startswith("error:") for r in failed)
+    assert [r["path"] for r in rows if r.get("per_image_ms", 0) > 0] == ["diffusers eager+hooks"]
+
+
+def test_a_spent_deadline_stops_every_row_with_a_reason():
+    import time
+
+    argv = ["--batch", "2", "--iters", "1", "--resolution", "128", "--dtype", "fp32", "--baselines", "eager"]
+    rows = latency.main(argv, deadline=time.perf_counter())
+    assert rows and all(r["skipped"].startswith("stopped: 0 s left") for r in rows)
+    assert {r["path"] for r in rows} >= {"engine eager", "diffusers eager+hooks"}

@@ -142,7 +142,7 @@ def test_adaln_rejects_bad_tokens():
 # Mean pooling
 # ----------------------------------------------------------------------------------------------------------------------
 
-POOL_SHAPES = [*SHAPES, (1, 600, 48)]  # the last one takes the split-N two-stage path
+POOL_SHAPES = [*SHAPES, (1, 600, 48)]  # the last one loops over tokens: 600 > one 512-token tile of 8 columns
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -175,6 +175,20 @@ def test_mean_pool_is_deterministic():
     torch.manual_seed(0)
     h = torch.randn(1, 900, 48)
     assert torch.equal(mean_pool(h, backend="triton"), mean_pool(h, backend="triton"))
+
+
+def test_mean_pool_is_one_launch_of_at_least_two_waves():
+    from kernels import pooling
+
+    # SD3.5-L's D = 2432 at 512² (1024 image tokens): >= 264 programs (2 waves of 132 SMs) at batch 1 and 8
+    for batch, strip in ((1, 8), (8, 64)):
+        assert pooling._strip_width(batch, 2432) == strip and batch * -(-2432 // strip) >= 264
+    launches = []
+    with kernel_backend.observe_launches(lambda kernel, args, kwargs: launches.append(kernel)):
+        with torch.no_grad():
+            out = mean_pool(torch.randn(1, 700, 40), backend="triton")
+        mean_pool_into(torch.randn(2, 700, 40), torch.empty(2, 2, 40), 0, backend="triton")
+    assert len(launches) == 2 and out.grad_fn is None
 
 
 def test_mean_pool_into_rejects_bad_buffers():

@@ -66,11 +66,27 @@ def test_kernels_read_sd35_large_rows_in_128_bit_accesses(compiled):
 
 
 def test_compiled_as_the_gpu_launches_them(compiled):
-    # interpreter-only switches are compiled with their GPU values; SD3.5-L's width gets its own 4096-wide block
-    rounding = [r["constexprs"]["EXACT_ROUNDING"] for r in compiled if "EXACT_ROUNDING" in r["constexprs"]]
-    assert rounding and set(rounding) == {"False"}
-    widths = {r["constexprs"]["BLOCK_D"] for r in compiled if r["kernel"].endswith("_adaln_fwd_kernel")}
-    assert widths == {"4096", "256"}
+    # interpreter-only switches are compiled with their GPU values
+    for switch, gpu_value in (("EXACT_ROUNDING", "False"), ("FAST_TANH", "True"), ("WELFORD", "True")):
+        values = [r["constexprs"][switch] for r in compiled if switch in r["constexprs"]]
+        assert values and set(values) == {gpu_value}, switch
+    # a row in two tiles: SD3.5-L's D = 2432 as 2048 + 512 lanes (5% masked, where one 4096-lane tile masked 41%)
+    adaln = [r["constexprs"] for r in compiled if r["kernel"].endswith("_adaln_fwd_kernel")]
+    assert {(c["BLOCK_A"], c["BLOCK_B"]) for c in adaln} == {("2048", "512"), ("128", "128")}
+    # inference launches store no LayerNorm statistics; only the autograd path (for its backward) does
+    assert {c["STORE_STATS"] for c in adaln if c["FP8_OUT"] == "True"} == {"False"}
+
+
+def test_fp8_gelu_evaluates_tanh_once_per_element(compiled):
+    # one SFU tanh per element (SASS MUFU.TANH; the two-pass kernel spent 2 EX2 + 2 RCP), the scale's reciprocal
+    # once per row, no division per element
+    gelu = [r for r in compiled if r["kernel"].endswith("_quantize_rows_kernel") and r["constexprs"]["APPLY_GELU"]]
+    for r in (r for r in gelu if r["constexprs"]["APPLY_GELU"] == "True" and not r["error"]):
+        lanes = int(r["constexprs"]["BLOCK_A"]) + int(r["constexprs"]["BLOCK_B"])
+        per_thread = lanes // (32 * r["num_warps"])
+        sass = r["sfu"]["SASS"]
+        assert sass.get("TANH") == per_thread and "EX2" not in sass, (r["shapes"], sass)
+        assert sass.get("RCP", 0) <= 4, sass  # the IEEE scale and reciprocal: per row, not per element
     # the joint attention output's image rows are read in place (a strided view, its pointer still aligned)
     assert any("x_ptr" in r["divisible_by_16"] for r in compiled if r["kernel"].endswith("_quantize_rows_kernel"))
 

@@ -164,3 +164,29 @@ def test_joint_qkv_with_a_head_size_that_is_not_a_power_of_two():
 def test_quantize_rowwise_refuses_empty_rows():
     with pytest.raises(ValueError, match="at least one element"):
         quantize_rowwise(torch.ones(3, 0), backend="triton")
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 96), (1, 5, 64), (3, 2, 224)])
+def test_adaln_one_pass_welford_statistics_match_the_reference(monkeypatch, shape, residual, offset):
+    # the GPU computes mean and variance in one reduction (Welford/Chan merges, WELFORD=True), the interpreter by
+    # default two sums: run the GPU's path in the interpreter. Rows of std 1 around `offset`: at 0, STYLE.md's rule
+    # against torch in fp32; at 300, an error of a few fp32 roundings of the mean (4 * 2^-24 * 300 relative to the
+    # std), where the naive one-pass E[x^2] - E[x]^2 would lose 2^-24 * 300^2 of the variance: ~100x more
+    import kernels.adaln as adaln
+
+    monkeypatch.setattr(adaln, "interpreting", lambda: False)  # (the kernel itself still runs interpreted)
+    torch.manual_seed(0)
+    x, y = offset + torch.randn(shape), torch.randn(shape)
+    gate, shift, scale = (torch.randn(shape[0], shape[2]) for _ in range(3))
+    inputs = (x, y, gate, shift, scale) if residual else (x, shift, scale)
+    op = gated_residual_layernorm_modulate if residual else adaln.layernorm_modulate
+    ref = adaln.gated_residual_layernorm_modulate_ref if residual else adaln.layernorm_modulate_ref
+    got = op(*inputs, backend="triton")
+    low = ref(*inputs, upcast=True)  # torch in fp32 (two-pass LayerNorm)
+    truth = ref(*(t.double() for t in inputs), upcast=True)
+    got, low, truth = ((v,) if isinstance(v, torch.Tensor) else v for v in (got, low, truth))
+    for g, lo, w in zip(got, low, truth, strict=True):
+        bound = 2 * rel_err(lo, w) + 1e-6 if offset == 0 else 4 * 2**-24 * offset
+        assert rel_err(g, w) <= bound

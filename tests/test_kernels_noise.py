@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import assert_within_rule, outputs_and_grads, rel_err
 
 from kernels import backend as kernel_backend
 from kernels.noise import near_clean, near_clean_ref, noise_ref, philox_ref
@@ -157,6 +157,13 @@ def test_unseeded_noise_follows_torch_global_rng():
         ({"seed": 1, "image_offset": True}, ValueError, "image_offset must be an int"),
         ({"z0": torch.randn(4, 3, 3)}, TypeError, r"\[B, C, H, W\]"),
         ({"noise": torch.randn(2, 4, 3, 3, device="meta")}, ValueError, "device"),
+        ({"t": "0.1"}, ValueError, "float"),
+        ({"t": torch.tensor([0.1, 0.2], dtype=torch.float64)}, ValueError, r"float32 \[B\] = \[2\]"),
+        ({"t": torch.tensor([0.1, 0.2, 0.3])}, ValueError, r"float32 \[B\] = \[2\]"),
+        ({"t": torch.tensor(0.1)}, ValueError, r"float32 \[B\]"),
+        ({"t": torch.tensor([0.1, 1.0])}, ValueError, r"every t must lie in \(0, 1\)"),
+        ({"t": torch.tensor([float("nan"), 0.1])}, ValueError, r"every t must lie in \(0, 1\)"),
+        ({"t": torch.tensor([0.1, 0.2], requires_grad=True)}, ValueError, "must not require grad"),
     ],
 )
 def test_near_clean_rejects_bad_arguments(kwargs, error, match):
@@ -168,3 +175,58 @@ def test_near_clean_rejects_bad_arguments(kwargs, error, match):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_near_clean_of_an_empty_batch_is_empty(backend):
     assert near_clean(torch.zeros(0, 4, 3, 3), T, seed=1, backend=backend).shape == (0, 4, 3, 3)
+
+
+def per_image_t(n: int) -> torch.Tensor:
+    return torch.empty(n).uniform_(0.02, 0.98)  # float32, one noise level per image
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [*SHAPES, (3, 5, 9, 11)])
+def test_near_clean_per_image_t_matches_reference(shape, dtype):
+    torch.manual_seed(1)
+    t = per_image_t(shape[0])
+    z0, noise = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    cotangent = torch.randn(shape, dtype=torch.float64)
+    kernel = outputs_and_grads(lambda z, n: near_clean(z, t, noise=n, backend="triton"), [z0, noise], [cotangent])
+    low = outputs_and_grads(lambda z, n: near_clean_ref(z, t, n), [z0, noise], [cotangent])
+    t64 = t.double()[:, None, None, None]
+    truth_out = (1 - t64) * z0.double() + t64 * noise.double()  # written out: independent of near_clean_ref
+    truth = [truth_out, (1 - t64) * cotangent, t64 * cotangent]
+    assert kernel[0][0].dtype == dtype and kernel[0][0].shape == shape
+    assert_within_rule([*kernel[0], *kernel[1]], [*low[0], *low[1]], truth, dtype, "near_clean per-image t")
+    torch_out = near_clean(z0, t, noise=noise, backend="torch")
+    assert_within_rule([torch_out], low[0], truth[:1], dtype, "torch backend")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_seeded_near_clean_per_image_t_is_each_image_alone(backend):
+    # image b with t[b] gets exactly what a call for it alone with the float t[b] gets: same noise stream, same
+    # fp32 noise level, same arithmetic (bit-equal by construction)
+    torch.manual_seed(2)
+    z0 = torch.randn(4, 3, 5, 7)
+    t = per_image_t(4)
+    batch = near_clean(z0, t, seed=9, backend=backend)
+    for b in range(4):
+        alone = near_clean(z0[b : b + 1], t[b].item(), seed=9, image_offset=b, backend=backend)
+        assert torch.equal(batch[b : b + 1], alone)
+    eps = noise_ref(z0.shape, 9).double()
+    truth = (1 - t.double()[:, None, None, None]) * z0.double() + t.double()[:, None, None, None] * eps
+    assert (batch.double() - truth).abs().max() < 1e-5  # the Philox reference, written out
+
+
+def test_near_clean_per_image_t_is_one_launch_and_no_autograd_function_without_grad(monkeypatch):
+    from kernels import noise as noise_module
+
+    launches = []
+
+    def refuse(*args):
+        raise AssertionError("an inference call went through the autograd Function")
+
+    monkeypatch.setattr(noise_module._NearClean, "apply", refuse)
+    z0 = torch.randn(3, 2, 4, 5)
+    with kernel_backend.observe_launches(lambda kernel, args, kwargs: launches.append(kwargs)):
+        with torch.no_grad():
+            near_clean(z0.requires_grad_(True), per_image_t(3), noise=torch.randn(3, 2, 4, 5), backend="triton")
+        near_clean(z0.detach(), per_image_t(3), seed=1, backend="triton")
+    assert [launch["T_PER_IMAGE"] for launch in launches] == [True, True]

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from kernels import adaln, noise, pooling, qknorm, quant
+from kernels import adaln, adaln_backward, noise, pooling, qknorm, quant
 from kernels.backend import ENV_VAR, LazyKernel, interpreting, observe_launches
 
-KERNEL_MODULES = (adaln, noise, pooling, qknorm, quant)
+KERNEL_MODULES = (adaln, adaln_backward, noise, pooling, qknorm, quant)
 
 # constexprs the launchers set from `interpreting()` (a CPU-interpreter workaround): the GPU launches them like this
-GPU_LAUNCH_VALUES = {"EXACT_ROUNDING": False}
+GPU_LAUNCH_VALUES = {"EXACT_ROUNDING": False, "FAST_TANH": True, "WELFORD": True}
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ SHAPES = (
     Shapes("sd3.5-large", dim=2432, heads=38, ffn=9728, tokens=(16, 21), text=5),
     Shapes("odd", dim=224, heads=7, ffn=808, tokens=(7,), text=3),
 )
-POOL_TOKENS = 300  # enough for mean_pool's chunked two-pass launch (more than 256 tokens) at both widths
+POOL_TOKENS = 300  # more tokens than one BLOCK_N tile at every strip width
 
 
 @dataclass
@@ -105,6 +105,7 @@ class Compiled:
     seconds: float = 0.0
     # REG, SHARED, LOCAL, STACK from cuobjdump (LOCAL > 0: spills); LD_BITS, ST_BITS: widest global access in the PTX
     resources: dict = field(default_factory=dict)
+    sfu: dict = field(default_factory=dict)  # special-function instructions: see `_sfu_counts`
     error: str | None = None
 
 
@@ -233,14 +234,56 @@ def compile_launch(launch: Launch, kernel: LazyKernel, arch: int) -> Compiled:
     finally:
         result.seconds = time.perf_counter() - start
     result.resources = _resources(compiled.asm["cubin"]) | _access_widths(compiled.asm["ptx"])
+    result.sfu = _sfu_counts(compiled.asm["cubin"], compiled.asm["ptx"])
     return result
+
+
+# PTX instructions the special-function unit executes (or, for the IEEE division and square root, starts with a
+# MUFU.RCP / MUFU.RSQ and refines in FMAs)
+_PTX_SFU = (
+    r"\b((?:ex2|lg2|rcp|rsqrt|sqrt|sin|cos|tanh)\.approx|div\.(?:rn|full|approx)|sqrt\.rn|rcp\.rn)(?:\.ftz)?\.f32\b"
+)
+
+
+def _sfu_counts(cubin: bytes, ptx: str) -> dict:
+    """Special-function instructions in the kernel, counted statically (each occurrence once, loops not unrolled):
+    SASS `MUFU.<op>` by op from the bundled cuobjdump (key `SASS`), and the PTX instructions that lower to them (key
+    `PTX`). Per element = count x threads per program / elements a program handles per pass (the caller knows those)."""
+    counts: dict = {"PTX": {}}
+    for op in re.findall(_PTX_SFU, ptx):
+        counts["PTX"][op] = counts["PTX"].get(op, 0) + 1
+    sass = _sass(cubin)
+    if sass is not None:
+        counts["SASS"] = {}
+        for op in re.findall(r"\bMUFU\.([A-Z0-9_]+)", sass):
+            counts["SASS"][op] = counts["SASS"].get(op, 0) + 1
+    return counts
+
+
+def _sass(cubin: bytes) -> str | None:
+    """The cubin's SASS from the cuobjdump bundled with triton (None without it)."""
+    tool = _nvidia_tool("cuobjdump")
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run([str(tool), "--dump-sass", f.name], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
+
+
+def _nvidia_tool(name: str) -> Path | None:
+    import triton.backends.nvidia as nvidia
+
+    tool = Path(nvidia.__file__).parent / "bin" / name
+    return tool if tool.exists() else None
 
 
 def _access_widths(ptx: str) -> dict:
     """Widest global load and store in the PTX, in bits (128: fully vectorised; 16 for a bf16 kernel: one element per
     instruction, a memory-bound kernel running far below bandwidth)."""
     widths = {"LD_BITS": 0, "ST_BITS": 0}
-    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
         key = "LD_BITS" if op == "ld" else "ST_BITS"
         widths[key] = max(widths[key], int(vec or 1) * int(bits))
     return widths
@@ -248,10 +291,8 @@ def _access_widths(ptx: str) -> dict:
 
 def _resources(cubin: bytes) -> dict:
     """REG/SHARED/LOCAL/STACK of the cubin's function, from the cuobjdump bundled with triton ({} without it)."""
-    import triton.backends.nvidia as nvidia
-
-    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
-    if not tool.exists():
+    tool = _nvidia_tool("cuobjdump")
+    if tool is None:
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -288,6 +329,13 @@ def cross_compile(arches: tuple[int, ...] = (90,), launches: list[Launch] | None
     return [compile_launch(launch, by_name[launch.kernel], arch) for arch in arches for launch in unique.values()]
 
 
+def _mufu(sfu: dict) -> str:
+    """`EX2:32 RCP:48`: the kernel's static SASS MUFU instructions by op ('-' without them, '?' without SASS)."""
+    if "SASS" not in sfu:
+        return "?"
+    return " ".join(f"{op}:{n}" for op, n in sorted(sfu["SASS"].items())) or "-"
+
+
 def main(argv: list[str] | None = None) -> list[Compiled]:
     parser = argparse.ArgumentParser(prog="python -m tools.cross_compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (90: H100/H200)")
@@ -308,14 +356,15 @@ def main(argv: list[str] | None = None) -> list[Compiled]:
     head = (
         f"{'kernel':22} {'shapes':12} {'sm':>3} {'warps':>5} {'REG':>4} {'LOCAL':>5} {'SHARED':>6} {'LD/ST bits':>10}"
     )
-    print(f"{head}  constexprs")
+    print(f"{head}  {'SASS MUFU':24} constexprs")
     for r in results:
         res = r.resources
         consts = ", ".join(f"{k}={v}" for k, v in r.constexprs.items())
         print(
             f"{r.kernel.rsplit('.', 1)[1]:22} {r.shapes:12} {r.arch:3} {r.num_warps:5} {res.get('REG', '-'):>4} "
             f"{res.get('LOCAL', '-'):>5} {res.get('SHARED', '-'):>6} "
-            f"{res.get('LD_BITS', '-'):>5}/{res.get('ST_BITS', '-'):<4}  {f'ERROR {r.error}' if r.error else consts}"
+            f"{res.get('LD_BITS', '-'):>5}/{res.get('ST_BITS', '-'):<4}  {_mufu(r.sfu):24} "
+            f"{f'ERROR {r.error}' if r.error else consts}"
         )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1, default=str))

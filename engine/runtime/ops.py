@@ -32,8 +32,9 @@ class Ops:
         """The ops a forward starting now runs: `backends`, and autograd on or off as torch says at this point."""
         return cls(backends.kernels, backends.attention, torch.is_grad_enabled())
 
-    def near_clean(self, z0: torch.Tensor, t: float, **kw) -> torch.Tensor:
-        """Eq. 1: (1 - t) z0 + t eps; `kw`: noise | seed, image_offset (see `kernels.near_clean`)."""
+    def near_clean(self, z0: torch.Tensor, t: float | torch.Tensor, **kw) -> torch.Tensor:
+        """Eq. 1: (1 - t) z0 + t eps, t a float or a float32 [B] tensor (one per image); `kw`: noise | seed,
+        image_offset (see `kernels.near_clean`)."""
         return kernels.near_clean(z0, t, backend=self.kernels, **kw)
 
     def layernorm_modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
