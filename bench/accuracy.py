@@ -1,13 +1,15 @@
 """Pairwise preference accuracy of a reward checkpoint on HPSv3-format test files.
 
-    python -m bench.accuracy --test-json A.json [B.json ...] --checkpoint DIR --base SD35_DIR [--json OUT]
+    python -m bench.accuracy --test-json A.json [B.json ...] --checkpoint DIR --base SD35_DIR [--t 0.1 0.4 ...]
+        [--json OUT]
 
 A pair counts as correct when r(path1) > r(path2); a tie counts as wrong, as HPSv3 counts. Images go through the
 same encoding as `training.cache` (each image resized to its aspect bucket at the area recorded in the checkpoint, so
 the latents equal the cache's), batches of mixed sizes run one forward per latent shape (`training.batching`), and
 the reward's noise uses the checkpoint's validation seed with the trainer's stream layout (image 2i / 2i+1 of a file
 = pair i's path1 / path2), so on a file the trainer validated on this reports the trainer's logged accuracy. Prints one
-row per file and the mean over files (test sets are separate files: HPDv3-, HPDv2-, ImageReward-style).
+row per file and the mean over files (test sets are separate files: HPDv3-, HPDv2-, ImageReward-style); with
+``--t``, a row per file and noise level (the same noise at every level) and the mean over files per level.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -41,10 +43,11 @@ def evaluate_file(
     area: int | None = None,
     image_root: str | Path | None = None,
     allow_outside_root: bool = False,
+    t: float | None = None,
 ) -> dict[str, Any]:
     """Accuracy and reward statistics of every pair in one file (no confidence filter: a benchmark counts all).
     `area`: the pixel area of the aspect buckets the checkpoint was trained at (its cache's). `image_root` /
-    `allow_outside_root`: the path rule of `training.data`."""
+    `allow_outside_root`: the path rule of `training.data`. `t`: the noise level (None: the checkpoint's)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pairs = read_file(path, None, on_bad_image="error", image_root=image_root, allow_outside_root=allow_outside_root)
@@ -52,7 +55,7 @@ def evaluate_file(
         raise ValueError(f"test file {path} holds no preference pairs")
     if area is None:
         raise ValueError("area is required: the bucket area the checkpoint's cache was built at (settings 'area')")
-    score = lambda z0, embeds, pooled, noise: engine.score(z0, (embeds, pooled), noise=noise)
+    score = lambda z0, embeds, pooled, noise: engine.score(z0, (embeds, pooled), noise=noise, t=t)
 
     def encode(chunk: list[PreferencePair]) -> PairBatch:
         names = {image: f"{p.source} record {p.index}" for p in chunk for image in (p.winner, p.loser)}
@@ -63,6 +66,7 @@ def evaluate_file(
     r = pair_rewards(score, pairs, encode, batch_size, seed, engine.device)  # [n, 2]
     return {
         "file": str(Path(path).resolve()),
+        "t": engine.reward_config.t if t is None else t,
         "pairs": len(pairs),
         "accuracy": accuracy(r),
         "ties": int((r[:, 0] == r[:, 1]).sum()),
@@ -81,9 +85,11 @@ def run(
     image_root: str | Path | None = None,
     allow_outside_root: bool = False,
     area: int | None = None,
+    t: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Score every file; returns {"checkpoint", "results": [per-file dicts], "mean": the mean over files of each
-    figure, "seconds"}. `area` defaults to the one the checkpoint records (`training.area`)."""
+    """Score every file at every level of `t` (None: the checkpoint's t); returns {"checkpoint", "results": [a dict
+    per file and t, levels outermost], "mean": the mean over files of each figure at the first level, "mean_per_t":
+    [the same per level], "seconds"}. `area` defaults to the one the checkpoint records (`training.area`)."""
     from engine.pixel import PixelFrontEnd
 
     if dtype not in _DTYPES:
@@ -107,30 +113,39 @@ def run(
         )
     start = time.perf_counter()
     roots = {"image_root": image_root, "allow_outside_root": allow_outside_root}
-    results = [evaluate_file(engine, front, f, seed, batch_size, area, **roots) for f in test_json]
+    levels = [None] if t is None else list(t)
+    results = [evaluate_file(engine, front, f, seed, batch_size, area, **roots, t=v) for v in levels for f in test_json]
     figures = ("accuracy", "ties", "mean_margin")
+    per_level = [results[k : k + len(test_json)] for k in range(0, len(results), len(test_json))]
+    means = [
+        {"t": rows[0]["t"], **{k: sum(r[k] for r in rows) / len(rows) for k in ("pairs", *figures)}}
+        for rows in per_level
+    ]
     return {
         "checkpoint": str(checkpoint),
         "base": str(base),
         "seed": seed,
         "area": area,
         "results": results,
-        "mean": {k: sum(r[k] for r in results) / len(results) for k in ("pairs", *figures)},
+        "mean": means[0],
+        "mean_per_t": means,
         "seconds": time.perf_counter() - start,
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = [("benchmark", "pairs", "accuracy", "ties", "mean margin")]
+    """A row per file and t, then the mean over files per t."""
+    rows = [("benchmark", "t", "pairs", "accuracy", "ties", "mean margin")]
     rows += [
         (
             Path(r["file"]).name,
+            f"{r['t']:g}",
             f"{r['pairs']:g}",
             f"{100 * r['accuracy']:.2f}%",
             f"{r['ties']:g}",
             f"{r['mean_margin']:.4f}",
         )
-        for r in [*report["results"], {"file": "mean", **report["mean"]}]
+        for r in [*report["results"], *({"file": "mean", **m} for m in report.get("mean_per_t", [report["mean"]]))]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
@@ -150,6 +165,12 @@ class AccuracyArgs(PathRule):
     batch_size: int = Field(32, ge=1, le=65536, description="pairs per forward")
     seed: Seed | None = Field(None, description="noise seed (default: the checkpoint's eval seed)")
     area: int | None = Field(None, ge=256, le=4096**2, description="bucket pixel area (default: the checkpoint's)")
+    t: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="noise levels, a row per file and t (default: the checkpoint's t; DiNa-LRM: its u)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         image_root=args.image_root,
         allow_outside_root=args.allow_outside_root,
         area=args.area,
+        t=args.t,
     )
     print(format_table(report))
     if args.json_out:

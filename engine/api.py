@@ -175,14 +175,16 @@ class RewardEngine(nn.Module):
         head_hidden: Sequence[int] = (1024, 256),
         config: BackboneConfig | None = None,
         head_outputs: int = 1,
+        reward: dict[str, Any] | None = None,
         **backends: Any,
     ) -> RewardEngine:
         """A base SD3/SD3.5 model (diffusers dir or single file) with a fresh head: the trainer's starting point.
-        `head_outputs=2` gives an uncertainty head (mean, log-std)."""
+        `head_outputs=2` gives an uncertainty head (mean, log-std). `reward`: further `RewardConfig` fields (the head
+        type, its text_layers and query_attention sizes)."""
         base = hub.resolve(base, "base model", hub.BASE_FILES)
         cfg, source = base_source(base, config)
         reward = RewardConfig.for_backbone(
-            cfg, layers=layers, t=t, head_hidden=tuple(head_hidden), head_outputs=head_outputs
+            cfg, layers=layers, t=t, head_hidden=tuple(head_hidden), head_outputs=head_outputs, **(reward or {})
         )
         head = build_head(reward, cfg)
         backbone = load_backbone(

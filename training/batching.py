@@ -8,7 +8,8 @@ frozen-feature paths), `training.probe` and `bench.accuracy` all go through it.
 
 Seeded noise follows the engine's stream layout (`kernels.noise.noise_ref`): image i of a call uses stream
 `streams[i]`, whatever the shapes of the other images, so an image's reward does not depend on how its batch was
-grouped.
+grouped. A per-image noise level `t` ([N] float32, the trainer's noise-aware pairs) follows its images into their
+group and reaches `forward` as its keyword `t`.
 
 FSDP2: every rank must run the same sequence of block forwards in a step (each block's all-gather is a collective).
 `rank_positions` deals a global batch's pairs to the ranks so each gets the same number, and the same ordered shapes
@@ -44,19 +45,23 @@ def grouped_forward(
     streams: Sequence[int] | None = None,
     schedule: Sequence[Shape] | None = None,
     device: torch.device | str | None = None,
+    t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One `forward` per latent shape; outputs [N, ...] in input order.
 
     latents: N tensors [C, h_i, w_i]; prompt_embeds [N, L, D] and pooled [N, P]: one row per image. With `seed`,
     image i gets the noise of stream `streams[i]` (default i) of that seed; without, `forward` gets noise=None.
     `schedule`: the shapes to run, in order (default `shape_schedule(latents)`); it must hold every shape of
-    `latents`, and a shape of it without images here runs on an empty slice (FSDP2 ranks share one schedule)."""
+    `latents`, and a shape of it without images here runs on an empty slice (FSDP2 ranks share one schedule).
+    `t`: [N] float32 noise levels, image i's passed to `forward` as ``t=`` with its group's rows."""
     n = len(latents)
     if prompt_embeds.shape[0] != n or pooled.shape[0] != n:
         raise ValueError(
             f"one prompt row per image expected: {n} latents, prompt_embeds {list(prompt_embeds.shape)}, "
             f"pooled {list(pooled.shape)}"
         )
+    if t is not None and t.shape != (n,):
+        raise ValueError(f"t must give one noise level per image ({n}), got {list(t.shape)}")
     if streams is not None and len(streams) != n:
         raise ValueError(f"streams must give one stream per image ({n}), got {len(streams)}")
     device = torch.device(device) if device is not None else (latents[0].device if n else torch.device("cpu"))
@@ -83,7 +88,8 @@ def grouped_forward(
             chosen = torch.tensor([stream_of[i] for i in index], dtype=torch.long, device=device)
             noise = noise_ref(z0.shape, seed, streams=chosen, device=device).to(z0.dtype)
         embeds = prompt_embeds[select.to(prompt_embeds.device)].to(device)
-        outputs.append(forward(z0, embeds, pooled[select.to(pooled.device)].to(device), noise))
+        levels = {} if t is None else {"t": t[select.to(t.device)].to(device)}
+        outputs.append(forward(z0, embeds, pooled[select.to(pooled.device)].to(device), noise, **levels))
         positions += index
     out = torch.cat(outputs)
     inverse = torch.empty(n, dtype=torch.long)
@@ -102,10 +108,12 @@ def pair_forward(
     streams: Sequence[int] | None = None,
     schedule: Sequence[Shape] | None = None,
     device: torch.device | str | None = None,
+    t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Outputs [B, 2 (winner, loser), ...] of B pairs: winners/losers B latents [C, h, w] each (sizes may differ),
     prompt_embeds [B, L, D], pooled [B, P] (one prompt per pair). The images run interleaved (w0, l0, w1, l1, ...):
-    `streams` (2B) numbers them in that order, default 0 .. 2B-1. Other arguments as `grouped_forward`."""
+    `streams` (2B) numbers them in that order, default 0 .. 2B-1. `t` [B]: each pair's noise level, its winner's and
+    loser's. Other arguments as `grouped_forward`."""
     if len(winners) != len(losers):
         raise ValueError(f"{len(winners)} winners but {len(losers)} losers")
     images = [x for pair in zip(winners, losers, strict=True) for x in pair]
@@ -118,6 +126,7 @@ def pair_forward(
         streams=streams,
         schedule=schedule,
         device=device,
+        t=None if t is None else t.repeat_interleave(2),
     )
     return out.view(len(winners), 2, *out.shape[1:])
 

@@ -25,6 +25,7 @@ from training.cache import LatentCache
 from training.config import TrainConfig, defaults
 from training.data import PreferencePair, file_digest, parse_sources
 from training.distributed import Dist
+from training.ema import EMA
 from training.files import open_safetensors
 from training.lora import merge_lora, save_adapter
 from training.model import TrainableReward, build_engine
@@ -97,11 +98,17 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, d: Dist, fingerprint: dict
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    cfg: TrainConfig,
+    d: Dist,
+    fingerprint: dict,
+    ema: EMA | None = None,
 ) -> None:
-    """Trainable weights, optimizer state, step/data position, RNG states and the data fingerprint, gathered to rank 0
-    and written atomically (`write_checkpoint_file`): a crash mid-write leaves only a temp file, which resume
-    ignores."""
+    """Trainable weights, optimizer state, the EMA of the weights (with ema_decay), step/data position, RNG states and
+    the data fingerprint, gathered to rank 0 and written atomically (`write_checkpoint_file`): a crash mid-write leaves
+    only a temp file, which resume ignores."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     # Frozen parameters (the backbone in lora and frozen mode) are never gathered; buffers still are (the backbone's
@@ -119,6 +126,7 @@ def save_checkpoint(
             "fingerprint": fingerprint,
             "model": {k: v for k, v in state.items() if k in trainable},
             "optimizer": optim_state,
+            "ema": None if ema is None else ema.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -192,6 +200,7 @@ _RESUME_FREE = {
     "eval_batch_size",
     "resume_on_changed_data",
     "save_adapter",
+    "val_t",
 }
 # The data fields: a run told to resume on changed data (resume_on_changed_data) may change them.
 _DATA_FIELDS = {
@@ -257,11 +266,13 @@ def check_same_data(saved: dict[str, str], current: dict[str, str], cfg: TrainCo
     )
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict) -> int:
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, payload: dict, ema: EMA | None = None) -> int:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     set_model_state_dict(model, payload["model"], options=state_options(strict=False))
     set_optimizer_state_dict(model, optimizer, payload["optimizer"], options=state_options())
+    if ema is not None:  # (check_resumable: the checkpoint was written with the same ema_decay, so it holds one)
+        ema.load_state_dict(payload.get("ema"), "the EMA of the checkpoint being resumed")
     torch.set_rng_state(payload["rng"]["torch"])
     if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
@@ -306,6 +317,10 @@ def export(
             training={
                 "mode": cfg.mode,
                 "loss": cfg.loss,
+                "head": cfg.head,
+                "t_sampling": cfg.t_sampling,
+                **({"t_min": cfg.t_min, "t_max": cfg.t_max} if cfg.t_sampling != "fixed" else {}),
+                "ema_decay": cfg.ema_decay,
                 **({"tied_threshold": cfg.tied_threshold} if cfg.loss == "btt" else {}),
                 **(
                     {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets}

@@ -13,11 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from engine.config import PRESETS, BackboneConfig
+from engine.config import PRESETS, BackboneConfig, QueryAttentionConfig
 from engine.schema import invalid, parse_assignments, validate
 from training.data import DataRules
 from training.lora import ADAPTER_FORMATS, DEFAULT_LORA_TARGETS
 from training.losses import LOSSES
+from training.noise_levels import T_SAMPLINGS
 
 MODES = ("full", "frozen", "lora")
 # The widest and deepest backbone of the supported presets: the static bounds of `lora_rank` and `layers`; the run's
@@ -48,7 +49,30 @@ class TrainConfig(DataRules):
     layers: Annotated[list[Annotated[int, Field(ge=0, lt=DEEPEST)]], Field(min_length=1)] | None = Field(
         None, description="pooled blocks; None = the engine's default for this depth (paper: 15,23,28,37)"
     )
-    t: float = Field(0.1, gt=0.0, lt=1.0, description="Eq. 1 noise level (paper); stored with the head")
+    t: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Eq. 1 noise level (paper): t_sampling='fixed' trains at it; the stored t"
+    )
+    t_sampling: Literal[T_SAMPLINGS] = Field(  # type: ignore[valid-type]
+        "fixed",
+        description='"fixed": every pair at t; "uniform", "logit_normal", "beta": a t per pair in [t_min, t_max] '
+        "(noise-aware, DiNa-LRM; training.noise_levels)",
+    )
+    t_min: float = Field(0.01, gt=0.0, lt=1.0, description="lowest sampled t: sigma 0 is outside Eq. 1's (0, 1)")
+    t_max: float = Field(0.99, gt=0.0, lt=1.0, description="highest sampled t: pure noise (sigma 1) shows nothing")
+    t_logit_mean: float = Field(0.0, ge=-10.0, le=10.0, description="logit_normal: mean of logit(u) (SD3: 0)")
+    t_logit_std: float = Field(1.0, gt=0.0, le=10.0, description="logit_normal: std of logit(u) (SD3: 1)")
+    t_beta_a: float = Field(1.0, gt=0.0, le=1000.0, description="beta: Beta(a, b)'s a (1, 1: uniform)")
+    t_beta_b: float = Field(1.0, gt=0.0, le=1000.0, description="beta: Beta(a, b)'s b")
+    head: Literal["mean_pool", "query_attention"] = Field(
+        "mean_pool",
+        description='"mean_pool": the paper\'s MLP over pooled image tokens; "query_attention": DiNa-LRM\'s head',
+    )
+    text_layers: list[Annotated[int, Field(ge=0, lt=DEEPEST)]] = Field(
+        default_factory=list, description="query_attention: blocks whose text tokens it reads (none: image only)"
+    )
+    query_attention: QueryAttentionConfig = Field(
+        default_factory=QueryAttentionConfig, description="query_attention: its sizes (width None: the base's D)"
+    )
     head_hidden: Annotated[list[Annotated[int, Field(ge=1, le=MAX_HEAD_WIDTH)]], Field(min_length=1)] = Field(
         default_factory=lambda: [1024, 256], description="the paper's MLP head"
     )
@@ -114,6 +138,12 @@ class TrainConfig(DataRules):
     seed: int = Field(
         0, ge=0, lt=2**32, description="head init, data order and training noise (per-epoch and per-step seeds)"
     )
+    val_t: list[Annotated[float, Field(gt=0.0, lt=1.0)]] | None = Field(
+        None, min_length=1, max_length=64, description="also validate at these t (a row per file and t); None: t only"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="EMA of the trainable weights (validation and export read it); None: off"
+    )
     eval_seed: int = Field(
         1234, ge=0, lt=2**63, description="validation noise: image k of a file uses stream k (as bench.accuracy)"
     )
@@ -139,7 +169,7 @@ class TrainConfig(DataRules):
         """One path for a list of paths: ``train_json=/data/train.json`` on a command line, as for a single file."""
         return [os.fspath(value)] if isinstance(value, (str, os.PathLike)) else value
 
-    @field_validator("layers")
+    @field_validator("layers", "text_layers")
     @classmethod
     def _increasing(cls, layers: list[int] | None) -> list[int] | None:
         if layers is not None and layers != sorted(set(layers)):
@@ -167,6 +197,19 @@ class TrainConfig(DataRules):
             )  # fmt: skip
         if self.mode == "lora" and importlib.util.find_spec("peft") is None:
             raise invalid("mode", self.mode, "'full' or 'frozen': 'lora' needs peft (pip install dit-reward[train])")
+        if self.t_min >= self.t_max:
+            raise invalid("t_max", self.t_max, f"a value above t_min {self.t_min}")
+        if self.text_layers and self.head != "query_attention":
+            raise invalid("text_layers", self.text_layers, "[] unless head is 'query_attention' (the MLP reads none)")
+        width = self.query_attention.width
+        if (
+            self.head == "query_attention"
+            and width is not None
+            and (width % self.query_attention.num_heads or width % 4)
+        ):
+            raise invalid(
+                "query_attention", self.query_attention.to_dict(), "a width divisible by num_heads and by 4"
+            )  # fmt: skip
         if self.save_adapter and self.mode != "lora":
             raise invalid("save_adapter", True, "false unless mode is 'lora' (it writes the LoRA adapters)")
         for name in ("lr_backbone", "lr_head"):
@@ -182,6 +225,17 @@ class TrainConfig(DataRules):
 
     def _fits(self, backbone: BackboneConfig) -> None:
         """The rules of the base: its blocks, and its width (a rank-r update of a D-wide linear has rank <= D)."""
+        if self.text_layers and self.text_layers[-1] >= backbone.num_layers - 1:
+            raise invalid(
+                "text_layers", self.text_layers, f"block indices below {backbone.num_layers - 1} (the base's last "
+                "block has no text output)"
+            )  # fmt: skip
+        width = self.query_attention.width or backbone.hidden_size
+        if self.head == "query_attention" and (width % self.query_attention.num_heads or width % 4):
+            raise invalid(
+                "query_attention", self.query_attention.to_dict(), f"a width (None: the base's {width}) divisible by "
+                "num_heads and by 4"
+            )  # fmt: skip
         if self.layers is not None and self.layers[-1] >= backbone.num_layers:
             raise invalid(
                 "layers", self.layers, f"block indices below {backbone.num_layers} (the base has "

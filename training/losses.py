@@ -12,6 +12,11 @@ pairs and returns the mean over pairs, in fp32:
 - ``btt``: Bradley-Terry with ties (Rao-Kupper, as HPSv3's ``btt``): with k = 5, a decided pair costs
   -log sigmoid(d - log k) and a tie -log sigmoid(d - log k) - log sigmoid(-d - log k) - log(k^2 - 1), d = r_w - r_l.
   A pair is a tie when the annotators' choice distribution is balanced: |c1 - c2| / (c1 + c2) <= tied_threshold.
+- ``thurstone`` and ``thurstone_nll``: DiNa-LRM's noise-aware Thurstone model. Each image's reward is read as a
+  Gaussian whose variance grows with the pair's noise level sigma (v = 2 sigma^2 + 0.05), so the margin
+  d = r_w - r_l has variance 2v and P(w beats l) = Phi(z), z = d / sqrt(2 v + 1e-6). ``thurstone`` is their fidelity
+  loss 1 - sqrt(Phi(z) + 1e-6) (the one their training uses), ``thurstone_nll`` its likelihood form
+  -log(Phi(z) + 1e-6); both exactly as their code writes them, the 1e-6 terms included.
 """
 
 from __future__ import annotations
@@ -23,8 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("bt", "uncertainty", "btt")
-HEAD_OUTPUTS = {"bt": 1, "btt": 1, "uncertainty": 2}  # per image: reward, or (mean, log-std)
+LOSSES = ("bt", "uncertainty", "btt", "thurstone", "thurstone_nll")
+HEAD_OUTPUTS = {
+    "bt": 1,
+    "btt": 1,
+    "uncertainty": 2,
+    "thurstone": 1,
+    "thurstone_nll": 1,
+}  # per image: reward, or (mean, log-std)
 BTT_K = 5.0  # HPSv3's tie strength: P(tie | d = 0) = (k - 1) / (k + 1) = 2/3
 
 
@@ -119,6 +130,21 @@ def btt_loss(r_w: torch.Tensor, r_l: torch.Tensor, tie: torch.Tensor, k: float =
     return torch.where(tie, tied, decided).mean()
 
 
+def thurstone_probability(r_w: torch.Tensor, r_l: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """P(w beats l) = Phi(d / sqrt(2 (2 sigma^2 + 0.05) + 1e-6)), d = r_w - r_l: r_w, r_l, sigma [B] (sigma: each
+    pair's noise level). Phi through erfc, accurate in the lower tail too."""
+    variance = 2 * sigma.to(r_w.dtype) ** 2 + 0.05
+    z = (r_w - r_l) / torch.sqrt(variance + variance + 1e-6)
+    return 0.5 * torch.erfc(-z / math.sqrt(2))
+
+
+def thurstone_loss(r_w: torch.Tensor, r_l: torch.Tensor, sigma: torch.Tensor, nll: bool = False) -> torch.Tensor:
+    """DiNa-LRM's Thurstone loss, mean over pairs: 1 - sqrt(p + 1e-6) (fidelity), or -log(p + 1e-6) with `nll`;
+    p = `thurstone_probability(r_w, r_l, sigma)`."""
+    p = thurstone_probability(r_w, r_l, sigma)
+    return (-torch.log(p + 1e-6) if nll else 1 - torch.sqrt(p + 1e-6)).mean()
+
+
 __all__ = [
     "BTT_K",
     "HEAD_OUTPUTS",
@@ -127,6 +153,8 @@ __all__ = [
     "bt_loss",
     "btt_loss",
     "expected_softplus",
+    "thurstone_loss",
+    "thurstone_probability",
     "tied_mask",
     "uncertainty_loss",
 ]

@@ -54,10 +54,12 @@ from training.checkpoint import (
 from training.config import TrainConfig, load_config
 from training.data import PreferencePair, load_pairs, read_file
 from training.distributed import Dist, all_mean, setup_distributed, shard
+from training.ema import EMA
 from training.evaluation import accuracy, pair_rewards
 from training.files import exclusive_lock
-from training.losses import HEAD_OUTPUTS, bt_loss, btt_loss, tied_mask, uncertainty_loss
+from training.losses import HEAD_OUTPUTS, bt_loss, btt_loss, thurstone_loss, tied_mask, uncertainty_loss
 from training.model import TrainableReward, build_engine
+from training.noise_levels import pair_levels
 
 # ----------------------------------------------------------------------------------------------------- schedule
 
@@ -100,9 +102,15 @@ def non_finite_pairs(micro_batches: list[tuple[list[int], torch.Tensor]], step_p
     return found or list(step_pairs)
 
 
-def preference_loss(loss: str, winners: torch.Tensor, losers: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
+def preference_loss(
+    loss: str, winners: torch.Tensor, losers: torch.Tensor, ties: torch.Tensor, sigma: torch.Tensor | None = None
+) -> torch.Tensor:
     """The mean `loss` over pairs: winners, losers [b, head_outputs] head predictions (reward, or mean and log-std);
-    ties [b] bool (read by ``btt`` only)."""
+    ties [b] bool (read by ``btt`` only); sigma [b] each pair's noise level (read by the Thurstone losses)."""
+    if loss in ("thurstone", "thurstone_nll"):
+        if sigma is None:
+            raise ValueError(f"loss {loss!r} reads each pair's noise level: pass sigma [b]")
+        return thurstone_loss(winners[:, 0], losers[:, 0], sigma, nll=loss == "thurstone_nll")
     if loss == "uncertainty":
         return uncertainty_loss(winners[:, 0], winners[:, 1], losers[:, 0], losers[:, 1])
     if loss == "btt":
@@ -211,6 +219,8 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
     # rank and a pure function of the step (exact on resume). Built before the model: too few
     # pairs for one batch is refused without loading it.
+    # Validation noise levels: the stored t (val_accuracy, the reward statistics) first, then val_t's others.
+    val_levels = list(dict.fromkeys([cfg.t, *(cfg.val_t or [])]))
     pair_keys = [cache.pair_key(p) for p in pairs]
     sampler = BucketSampler(pair_keys, cfg.batch_size, cfg.seed)
     slots = d.world * cfg.grad_accum_steps  # forwards per step over all ranks
@@ -222,6 +232,10 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     model = TrainableReward(engine, cfg.grad_checkpointing)
     model.train()
     backbone_trains = cfg.mode != "frozen"
+    # A frozen backbone's features are computed once when no step changes them (a mean-pool head at the one t);
+    # otherwise the frozen backbone runs in every step and only the head trains.
+    cached_features = not backbone_trains and cfg.head == "mean_pool" and cfg.t_sampling == "fixed"
+    fixed_t = cfg.t_sampling == "fixed"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
 
     def load_batch(step: int, micro_step: int) -> dict[str, Any]:
@@ -231,18 +245,21 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         # ranks' m-th forwards hold the same number of pairs and share one shape schedule (FSDP2).
         positions = rank_positions(keys, micro_step * d.world + d.rank, slots)
         indices = [chosen[k] for k in positions]
-        batch = {"indices": indices, "ties": ties[indices].to(d.device)}
-        if not backbone_trains:
+        levels = pair_levels(cfg, step)  # [batch_size] per global pair, or None: every pair at cfg.t
+        t = torch.full((len(indices),), cfg.t) if levels is None else levels[torch.tensor(positions, dtype=torch.long)]
+        batch = {"indices": indices, "ties": ties[indices].to(d.device), "t": t.to(d.device)}
+        if cached_features:
             return batch
         together = [k for r in range(d.world) for k in rank_positions(keys, micro_step * d.world + r, slots)]
         images = [image for k in together for image in (pairs[chosen[k]].winner, pairs[chosen[k]].loser)]
         return batch | {
             **cache.batch([pairs[i] for i in indices]),
-            "streams": [2 * k + side for k in positions for side in (0, 1)],  # global image numbers, interleaved
+            # global image numbers, interleaved; a noise-aware pair's two images share one stream (one eps draw)
+            "streams": [2 * k + (side if fixed_t else 0) for k in positions for side in (0, 1)],
             "schedule": sorted({cache.latent_shape(image) for image in images}),
         }
 
-    if backbone_trains:
+    if not cached_features:
 
         def step_predictions(step: int, batch: dict[str, Any]) -> torch.Tensor:
             """Head predictions [2, b, head_outputs] (winners, losers) of one micro-batch, fresh noise at t; one
@@ -258,22 +275,23 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
                     streams=batch["streams"],
                     schedule=batch["schedule"],
                     device=d.device,
+                    t=None if fixed_t else batch["t"],
                 )  # [b, 2, head_outputs]
             return p.transpose(0, 1)
 
-        def validation_rewards(name: str) -> torch.Tensor:
+        def validation_rewards(name: str, t: float) -> torch.Tensor:
             model.eval()
             with autocast:
-                reward = lambda *a, **k: model(*a, **k)[:, 0]  # the mean of an uncertainty head
+                reward = lambda *a, **k: model(*a, t=t, **k)[:, 0]  # the mean of an uncertainty head
                 r = pair_rewards(reward, val_sets[name], cache, cfg.eval_batch_size, cfg.eval_seed, d.device)
             model.train()
             return r
     else:
         # Frozen backbone: one forward per pair, fixed noise (train: seed, val: eval_seed as bench.accuracy does).
-        def features(file_pairs: list[PreferencePair], seed: int) -> torch.Tensor:  # [n, 2, n_layers, D]
+        def features(file_pairs: list[PreferencePair], seed: int, t: float) -> torch.Tensor:  # [n, 2, n_layers, D]
             with autocast:
                 f = pair_rewards(
-                    lambda z0, embeds, pooled, noise: model.features(z0, embeds, pooled, noise=noise).flatten(1),
+                    lambda z0, embeds, pooled, noise: model.features(z0, embeds, pooled, noise=noise, t=t).flatten(1),
                     file_pairs,
                     cache,
                     cfg.eval_batch_size,
@@ -282,22 +300,28 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
                 )
             return f.view(len(file_pairs), 2, len(model.layers), -1)
 
-        train_features = features(pairs, cfg.seed)
-        val_features = {name: features(v, cfg.eval_seed) for name, v in val_sets.items()}
+        train_features = features(pairs, cfg.seed, cfg.t)
+        val_features = {(name, t): features(v, cfg.eval_seed, t) for name, v in val_sets.items() for t in val_levels}
 
         def step_predictions(step: int, batch: dict[str, Any]) -> torch.Tensor:
             f = train_features[torch.tensor(batch["indices"])].to(d.device)  # [b, 2, L, D]
             return model.head.predict(f.transpose(0, 1).flatten(0, 1)).view(2, f.shape[0], -1)
 
-        def validation_rewards(name: str) -> torch.Tensor:
+        def validation_rewards(name: str, t: float) -> torch.Tensor:
             with torch.no_grad():
-                return model.head(val_features[name].flatten(0, 1).to(d.device)).view(-1, 2).cpu()
+                return model.head.predict(val_features[name, t].flatten(0, 1).to(d.device))[:, 0].view(-1, 2).cpu()
 
     # Model FLOPs per step, measured once before sharding: 3x the forward (backward ~ 2x forward), the MFU convention.
     from torch.utils.flop_counter import FlopCounterMode
 
+    # With no parameter requiring grad during the count: FlopCounterMode's module tracker fails on a parameter's view
+    # made under no_grad (the query-attention head's expanded queries), which requires grad but has no grad_fn.
+    trains = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         step_predictions(0, load_batch(0, 0))
+    for p in trains:
+        p.requires_grad_(True)
     step_flops = 3 * counter.get_total_flops() * cfg.grad_accum_steps
     peak = cfg.peak_flops or detect_peak_flops(d.device)
 
@@ -311,35 +335,48 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     trainable = sum(p.numel() for g in groups for p in g["params"])
     log(f"trainable parameters: {trainable / 1e6:.3f} M ({cfg.mode}, head outputs {HEAD_OUTPUTS[cfg.loss]})")
 
+    if cfg.ema_decay is not None and d.world > 1:
+        raise ValueError("ema_decay averages unsharded weights: run it in one process (without torchrun) or unset it")
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     step = 0
     if found is not None:
         path, payload = found
-        step = restore(model, optimizer, payload)
+        step = restore(model, optimizer, payload, ema)
         log(f"resumed from {path} (step {step}, data position {payload['data_position']})")
         found = payload = None  # the restored state lives in the model and optimizer now
 
     def evaluate() -> dict[str, Any]:
-        rewards = {name: validation_rewards(name) for name in val_sets}
-        per_file = {name: accuracy(r) for name, r in rewards.items()}
-        everything = torch.cat(list(rewards.values()))
-        return {
+        """Validation at every level of val_levels (with the EMA weights when ema_decay is set); the headline figures
+        at cfg.t, and with val_t a row per (file, t) in val_accuracy_per_t."""
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            rewards = {(name, t): validation_rewards(name, t) for t in val_levels for name in val_sets}
+        per_file = {name: accuracy(rewards[name, cfg.t]) for name in val_sets}
+        everything = torch.cat([rewards[name, cfg.t] for name in val_sets])
+        metrics = {
             "val_accuracy": accuracy(everything),  # over all validation pairs
             "val_accuracy_mean": sum(per_file.values()) / len(per_file),  # over files, each file counting once
             "val_accuracy_per_file": per_file,
             "reward_mean": float(everything.mean()),
             "reward_std": float(everything.std()),
         }
+        if cfg.val_t is not None:
+            metrics["val_accuracy_per_t"] = [
+                {"file": name, "t": t, "accuracy": accuracy(rewards[name, t])} for t in val_levels for name in val_sets
+            ]
+        return metrics
 
     def log_line(metrics: dict[str, Any]) -> None:
         log(
             " ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in metrics.items()
-                if k != "val_accuracy_per_file"
+                if k not in ("val_accuracy_per_file", "val_accuracy_per_t")
             )
         )
         for name, value in metrics.get("val_accuracy_per_file", {}).items():
             log(f"  val_accuracy {value:.4f}  {name}")
+        for row in metrics.get("val_accuracy_per_t", []):
+            log(f"  val_accuracy {row['accuracy']:.4f}  t {row['t']:g}  {row['file']}")
         if log_file is not None:
             line = json.dumps(metrics) + "\n"
             with reporting_disk_full(log_path, len(line)):
@@ -369,7 +406,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
             batch = load_batch(step, micro_step)
             p = step_predictions(step, batch)  # [2, b, head_outputs]
             # each micro-batch's mean loss / k: the k micro-steps sum to the mean over the whole batch
-            loss = preference_loss(cfg.loss, p[0], p[1], batch["ties"]) / cfg.grad_accum_steps
+            loss = preference_loss(cfg.loss, p[0], p[1], batch["ties"], batch["t"]) / cfg.grad_accum_steps
             loss.backward()
             step_loss += loss.detach()
             window["loss"] += loss.detach()
@@ -384,6 +421,8 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
             grad_norm = grad_norm.full_tensor()
         check_finite(step, step_loss, grad_norm, lambda: non_finite_pairs(predicted, sampler.batch(step)), pairs, d)
         optimizer.step()
+        if ema is not None:
+            ema.update()
         step += 1
         window["steps"] += 1
 
@@ -403,13 +442,14 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         if len(metrics) > 1:
             log_line(metrics)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-            save_checkpoint(model, optimizer, step, cfg, d, fingerprint)
+            save_checkpoint(model, optimizer, step, cfg, d, fingerprint, ema)
         if on_step is not None:
             on_step(step, metrics)
 
     if "val_accuracy" not in metrics:  # resumed at the last step: nothing ran, evaluate for the export
         metrics |= evaluate()
-    export(engine, model, cfg, metrics, d, cache.settings)
+    with ema.applied() if ema is not None else contextlib.nullcontext():  # the exported reward is the average
+        export(engine, model, cfg, metrics, d, cache.settings)
     if log_file is not None:
         log_file.close()
     return metrics
