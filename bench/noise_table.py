@@ -3,11 +3,11 @@
     python -m bench.noise_table [--json bench/results/noise_table_cpu.json] [--n-train 512] [--steps 300]
 
 Builds the mixed-size demo set (`training.make_demo_set`) and its cache on the tiny base (`bench.tiny_base`, random
-weights), then trains four heads on the frozen backbone, {fixed t = 0.1, uniform t} x {mean_pool, query_attention},
-with the same loss, steps and data, and validates each at every --t (the same validation noise at every level). Prints
-one row per head with its accuracy per t (the mean over the two validation files) and writes every figure, per file
-too, with the machine, versions, commit and date to --json. The backbone is random and frozen: the figures compare
-training rules on one task, not a trained reward's quality.
+weights), then trains four heads, {fixed t = 0.1, uniform t} x {mean_pool, query_attention}, on the frozen backbone
+(--mode lora or full: the backbone trains too) with the same loss, steps and data, and validates each at every --t
+(the same validation noise at every level). Prints one row per head with its accuracy per t (the mean over the two
+validation files) and writes every figure, per file too, with the machine, versions, commit and date to --json. The
+backbone is random: the figures compare training rules on one task, not a trained reward's quality.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ class NoiseTableArgs(Schema):
     )
     n_train: int = Field(512, ge=8, le=100000, description="training pairs of the demo set")
     n_val: int = Field(96, ge=2, le=100000, description="pairs of each of the two validation files")
+    mode: Literal["frozen", "lora", "full"] = Field(
+        "frozen", description='"frozen": heads on the random backbone; "lora"/"full": the backbone trains too'
+    )
+    lr_backbone: float = Field(1e-3, ge=0.0, le=1.0, description="lora/full: the backbone's (the README's demo run)")
     steps: int = Field(300, ge=1, le=1000000, description="optimizer steps per head")
     batch_size: int = Field(16, ge=2, le=4096, description="pairs per step")
     lr_head: float = Field(3e-3, gt=0.0, le=1.0, description="the heads start from random init")
@@ -72,10 +76,10 @@ def run(args: NoiseTableArgs) -> dict[str, Any]:
         data_seconds = time.perf_counter() - start
         common = {
             "cache": str(cache), "train_json": [demo["train"]], "val_json": demo["val"], "base": str(base),
-            "image_root": demo["image_root"], "mode": "frozen", "loss": args.loss, "steps": args.steps,
-            "batch_size": args.batch_size, "lr_head": args.lr_head, "t": args.fixed_t, "t_min": args.t_min,
-            "t_max": args.t_max, "val_t": args.t, "seed": args.seed, "log_every": max(1, args.steps // 5),
-            "checkpoint_every": 0, "eval_batch_size": 64,
+            "image_root": demo["image_root"], "mode": args.mode, "lr_backbone": args.lr_backbone,
+            "loss": args.loss, "steps": args.steps, "batch_size": args.batch_size, "lr_head": args.lr_head,
+            "t": args.fixed_t, "t_min": args.t_min, "t_max": args.t_max, "val_t": args.t, "seed": args.seed,
+            "log_every": max(1, args.steps // 5), "checkpoint_every": 0, "eval_batch_size": 64,
         }  # fmt: skip
         runs = []
         for sampling, head in RUNS:
@@ -96,7 +100,7 @@ def run(args: NoiseTableArgs) -> dict[str, Any]:
                 }
             )
     return {
-        "what": "pairwise accuracy per noise level t of heads on a frozen random tiny base (mixed-size demo set)",
+        "what": "pairwise accuracy per noise level t of heads on the random tiny base (mixed-size demo set)",
         "environment": environment_info("cpu"),
         "settings": args.to_dict() | {"work_dir": None, "area": AREA, "heads": HEADS},
         "data_seconds": data_seconds,
