@@ -204,7 +204,7 @@ class RewardEngine(nn.Module):
         """A reward checkpoint directory (any format of `engine.io.formats`: this engine's, or DiNa-LRM's, whose t is
         its `u`) on top of a local base model (diffusers directory or original single file; optional when the
         checkpoint holds every backbone weight). Either may be a hub id (`org/name`, `engine.io.hub`)."""
-        checkpoint = hub.resolve(checkpoint, "reward checkpoint")
+        checkpoint = hub.resolve(checkpoint, "reward checkpoint", hub.REWARD_FILES)
         if base is not None:
             base = hub.resolve(base, "base model", hub.BASE_FILES)
         found = open_reward_checkpoint(checkpoint, base)
