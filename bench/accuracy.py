@@ -23,9 +23,9 @@ from pydantic import Field
 
 from engine.api import RewardEngine
 from engine.io.checkpoint import read_reward_config
-from engine.schema import Schema, Seed, parse_cli
+from engine.schema import Seed, parse_cli
 from training.cache import encode_image_files
-from training.data import PreferencePair, read_file
+from training.data import PathRule, PreferencePair, read_file
 from training.evaluation import PairBatch, accuracy, pair_rewards
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -136,8 +136,8 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
-class AccuracyArgs(Schema):
-    """The command line of `python -m bench.accuracy`."""
+class AccuracyArgs(PathRule):
+    """The command line of `python -m bench.accuracy` (and `PathRule`'s: --image-root, --allow-outside-root)."""
 
     test_json: list[str] = Field(min_length=1, description="HPSv3-format test files (path1 preferred)")
     checkpoint: str = Field(min_length=1, description="reward checkpoint directory (training.train's reward/)")
@@ -150,11 +150,6 @@ class AccuracyArgs(Schema):
     batch_size: int = Field(32, ge=1, le=65536, description="pairs per forward")
     seed: Seed | None = Field(None, description="noise seed (default: the checkpoint's eval seed)")
     area: int | None = Field(None, ge=256, le=4096**2, description="bucket pixel area (default: the checkpoint's)")
-    image_root: str | None = Field(
-        None, description="folder that relative image paths resolve against and that every image must lie in "
-        "(default: each JSON file's folder)"
-    )  # fmt: skip
-    allow_outside_root: bool = Field(False, description="accept image paths that resolve outside the image root")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import importlib.metadata
@@ -311,17 +310,6 @@ def ceilings(device: str | torch.device) -> dict[str, Any]:
     return out
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (batch sizes, iteration counts, token counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 __all__ = [
     "MemoryPeak",
     "Timing",
@@ -329,7 +317,6 @@ __all__ = [
     "cpu_name",
     "environment_info",
     "measure_peak",
-    "positive_int",
     "provenance",
     "time_fn",
 ]

@@ -14,37 +14,61 @@ one thread, so the two paths get the same compute.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from bench.harness import environment_info, positive_int, provenance
+from bench.harness import environment_info, provenance
 from engine import RewardEngine
+from engine.config import PRESETS
+from engine.schema import Schema, parse_cli
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    on_gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="sd35-large" if on_gpu else "tiny")
-    p.add_argument("--dtype", default="bf16" if on_gpu else "fp32")
-    p.add_argument("--resolution", type=positive_int, default=512 if on_gpu else 128, help="image side (pixels)")
-    p.add_argument("--text-len", type=positive_int, default=333 if on_gpu else 32)
-    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 4, 16, 64] if on_gpu else [1, 2, 4, 8])
-    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8] if on_gpu else [1, 4])
-    p.add_argument("--requests", type=positive_int, default=32 if on_gpu else 24, help="requests per setting")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="server: requests per @serve.batch")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--port", type=positive_int, default=8123, help="HTTP port of the local server")
-    p.add_argument("--num-cpus", type=positive_int, default=None if on_gpu else 2, help="CPUs of the local Ray")
-    p.add_argument("--json", default=None, help="write {env, summary, rows} here")
-    p.add_argument("--plot", default=None, help="write a PNG: throughput and latency against concurrency")
-    return p.parse_args(argv)
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+Count = Annotated[int, Field(ge=1, le=65536)]
+
+
+class ServeLoadArgs(Schema):
+    """The command line of `python -m bench.serve_load`; defaults: SD3.5-L shape at 512² on a GPU, tiny on the CPU."""
+
+    preset: Literal[tuple(PRESETS)] = Field(default_factory=lambda: "sd35-large" if _on_gpu() else "tiny")
+    dtype: Literal["fp32", "bf16", "fp8"] = Field(default_factory=lambda: "bf16" if _on_gpu() else "fp32")
+    resolution: int = Field(
+        default_factory=lambda: 512 if _on_gpu() else 128, ge=16, le=8192, multiple_of=16, description="image side (px)"
+    )
+    text_len: Count = Field(default_factory=lambda: 333 if _on_gpu() else 32, description="text tokens per prompt")
+    concurrency: list[Count] = Field(
+        default_factory=lambda: [1, 4, 16, 64] if _on_gpu() else [1, 2, 4, 8],
+        min_length=1,
+        description="client threads",
+    )
+    batch: list[Count] = Field(
+        default_factory=lambda: [1, 8] if _on_gpu() else [1, 4], min_length=1, description="latents per request"
+    )
+    requests: Count = Field(default_factory=lambda: 32 if _on_gpu() else 24, description="requests per setting")
+    max_batch: Count = Field(16, description="server: requests per @serve.batch")
+    batch_wait_ms: float = Field(5.0, ge=0, le=60_000, description="server: how long a batch waits to fill")
+    port: int = Field(8123, ge=1, le=65535, description="HTTP port of the local server")
+    num_cpus: Count | None = Field(
+        default_factory=lambda: None if _on_gpu() else 2, description="CPUs of the local Ray"
+    )
+    json_out: str | None = Field(None, min_length=1, description="write {env, summary, rows} here",
+                                 json_schema_extra={"cli": {"flag": "--json"}})  # fmt: skip
+    plot: str | None = Field(None, min_length=1, description="write a PNG: throughput and latency against concurrency")
+
+
+def parse_args(argv: list[str] | None = None) -> ServeLoadArgs:
+    return parse_cli(ServeLoadArgs, argv, "python -m bench.serve_load", __doc__.split("\n")[0])
 
 
 def make_requests(engine: RewardEngine, n: int, batch: int, side: int, text_len: int) -> list[dict]:
@@ -208,9 +232,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary = {"server_overhead_ms_c1": overhead}
     print(f"server overhead per request at concurrency 1 (p50 server - in-process), by batch: {overhead} ms")
     print_table(rows)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"env": env, "summary": summary, "rows": rows}, indent=1))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps({"env": env, "summary": summary, "rows": rows}, indent=1))
     if args.plot:
         where = env["gpu"] or f"{env['cpu'] or 'CPU'}, {env['cpu_count']} cores"
         plot(rows, f"{args.preset} (random weights), {args.dtype}, {args.resolution}², {where}", args.plot)

@@ -130,6 +130,7 @@ _EXPECTED: dict[str, str | Callable[[dict], str]] = {
     "too_long": lambda c: f"at most {c['max_length']} item(s)",
     "string_too_short": lambda c: f"text of at least {c['min_length']} character(s)",
     "string_too_long": lambda c: f"text of at most {c['max_length']} character(s)",
+    "string_pattern_mismatch": lambda c: f"text matching {c['pattern']}",
 }
 
 
@@ -172,12 +173,16 @@ def _schema_error(err: ValidationError, source: str, model: type[BaseModel], fla
 # ------------------------------------------------------------------------------------------------------ parsing
 
 
-def validate(model: type[S], data: Any, source: str, *, flag: Callable[[str], str] | None = None) -> S:
-    """`model` from a mapping (JSON object, keyword arguments); `source` names it in errors (a file, a flag set)."""
+def validate(
+    model: type[S], data: Any, source: str, *, flag: Callable[[str], str] | None = None, context: Any = None
+) -> S:
+    """`model` from a mapping (JSON object, keyword arguments); `source` names it in errors (a file, a flag set).
+    `context` reaches the schema's validators (`ValidationInfo.context`): what a rule needs beyond the fields, e.g.
+    the sizes of the model the values must fit."""
     if not isinstance(data, Mapping):
         raise SchemaError(f"{source}: got {type(data).__name__} {_shown(data)}, expected a JSON object of fields")
     try:
-        return model.model_validate(dict(data))
+        return model.model_validate(dict(data), context=context)
     except ValidationError as e:
         raise _schema_error(e, source, model, flag) from None
 

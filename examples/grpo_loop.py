@@ -12,18 +12,19 @@ meaning; the loop shows that it rises under optimisation and that every piece fi
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 from engine import RewardEngine  # noqa: E402
 from engine.rl import dit_latent_reward_fn, group_advantages  # noqa: E402
+from engine.schema import Schema, parse_cli  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red car on a street at night", "two dogs running on the beach"]
 LATENT_HW = (8, 8)  # 64x64 images: the loop is about the plumbing, not resolution
@@ -50,23 +51,24 @@ class GaussianPolicy(torch.nn.Module):
         return -((z - self.mean[group]) ** 2).flatten(1).mean(1) / (2 * self.std**2)
 
 
+class LoopArgs(Schema):
+    """The command line of this example."""
+
+    steps: int = Field(12, ge=1, le=100_000, description="GRPO steps")
+    group_size: int = Field(8, ge=2, le=4096, description="samples per prompt (Flow-GRPO: 16-24)")
+    base: str | None = Field(None, min_length=1, description="SD3/SD3.5 diffusers dir (default: the tiny random base)")
+    device: str = Field("cpu", min_length=1, description="torch device")
+
+
 def main(argv: list[str] | None = None) -> list[float]:
     """Run the loop; returns the mean reward of each step."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt (Flow-GRPO: 16-24)")
-    parser.add_argument("--base", default=None, help="SD3/SD3.5 diffusers dir (default: the tiny random base)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    for name in ("steps", "group_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args = parse_cli(LoopArgs, argv, "python examples/grpo_loop.py", __doc__.split("\n\n")[0])
     torch.manual_seed(0)
 
     if args.base is None:
         from bench.tiny_base import default_tiny_base
 
-        args.base = default_tiny_base()
+        args.base = str(default_tiny_base())
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     engine = RewardEngine.from_base(args.base, dtype=dtype, device=args.device)  # kernels: $DITREWARD_KERNELS
     # Prompts once per run: the sampler needs these embeddings anyway, and the reward reuses them.

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from training.data import image_problem, load_pairs, read_file
+from training.data import inspect_image, load_pairs, read_file
 
 # ---------------------------------------------------------------------------------------------------- bad images
 
@@ -116,9 +116,9 @@ def test_the_cache_decodes_each_image_once(tmp_path: Path, bad_images: dict[str,
 
     def counted(image: Path):
         decoded.append(image.name)
-        return image_problem(image)
+        return inspect_image(image)
 
-    monkeypatch.setattr(training.cache, "image_problem", counted)
+    monkeypatch.setattr(training.cache, "inspect_image", counted)
     cache = training.cache.build_cache(
         [path], default_tiny_base(), tmp_path / "cache", max_sequence_length=16, area=64 * 64, progress=False,
         confidence_threshold=None, on_bad_image="skip",
@@ -186,13 +186,14 @@ def test_image_root_resolves_relative_paths_and_names_the_flag(dataset: Path, mo
 
 def test_every_tool_applies_the_path_rule(dataset: Path) -> None:
     from bench.accuracy import evaluate_file
+    from bench.tiny_base import default_tiny_base
     from training.cache import build_cache
     from training.probe import run_probe
 
     path = write_json(dataset / "data" / "p.json", {"path1": "a.png", "path2": "../outside.png"})
     outside = r"outside the image root"
     with pytest.raises(ValueError, match=outside):
-        build_cache([path], "no-base", dataset / "cache", progress=False)
+        build_cache([path], default_tiny_base(), dataset / "cache", progress=False)
     with pytest.raises(ValueError, match=outside):
         evaluate_file(None, None, path, seed=0)
     with pytest.raises(ValueError, match=outside):
@@ -224,15 +225,15 @@ def test_record_values_and_encodings_are_refused_by_record(dataset: Path) -> Non
     good = {"path1": "a.png", "path2": "b.png"}
     path = data / "f.json"
     cases = [
-        ({**good, "confidence": 5.0}, "confidence must lie in \\[0, 1\\]"),
-        ({**good, "confidence": 1e308}, "confidence must lie in \\[0, 1\\]"),
-        ({**good, "confidence": -0.1}, "confidence must lie in \\[0, 1\\]"),
+        ({**good, "confidence": 5.0}, "confidence: got 5.0, expected a value <= 1.0"),
+        ({**good, "confidence": 1e308}, "confidence: got 1e\\+308, expected a value <= 1.0"),
+        ({**good, "confidence": -0.1}, "confidence: got -0.1, expected a value >= 0.0"),
         ({"path1": "a.png", "path2": "a.png"}, "path1 and path2 are the same image"),
         ({"path1": "a.png", "path2": "./a.png"}, "path1 and path2 are the same image"),
-        ({**good, "prompt": "bad \udcff text"}, "prompt holds an unpaired surrogate"),
-        ({"path1": "a\0.png", "path2": "b.png"}, "path1 .* contains a NUL"),
-        ({"path1": "", "path2": "b.png"}, "path1 is empty"),
-        ({**good, "model1": 3}, "model1 must be a string"),
+        ({**good, "prompt": "bad \udcff text"}, "prompt: got .*, expected valid Unicode text \\(an unpaired surrogate"),
+        ({"path1": "a\0.png", "path2": "b.png"}, "path1: got .*, expected an image path without NUL characters"),
+        ({"path1": "", "path2": "b.png"}, "path1: got '', expected text of at least 1 character"),
+        ({**good, "model1": 3}, "model1: got 3, expected text"),
     ]
     for record, match in cases:
         # json.dumps writes lone surrogates as \udcff escapes, as a file on disk would hold them.
@@ -242,10 +243,10 @@ def test_record_values_and_encodings_are_refused_by_record(dataset: Path) -> Non
 
     text = json.dumps([{"prompt": "café", **good}], ensure_ascii=False)
     path.write_bytes(text.encode("latin-1"))
-    with pytest.raises(ValueError, match=rf"{path} is not UTF-8: byte 0xe9 at offset \d+ \(line 1\)"):
+    with pytest.raises(ValueError, match=rf"{path}: byte 0xe9 at offset \d+ \(line 1\) is not UTF-8"):
         read_file(path, None)
     path.write_bytes(text.encode("utf-16"))
-    with pytest.raises(ValueError, match=rf"{path} is UTF-16"):
+    with pytest.raises(ValueError, match=rf"{path}: UTF-16"):
         read_file(path, None)
     path.write_bytes(text.encode("utf-8-sig"))  # a UTF-8 byte-order mark is harmless
     assert read_file(path, None)[0].prompt == "café"

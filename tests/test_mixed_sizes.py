@@ -77,7 +77,7 @@ def test_cache_records_each_images_bucket_and_encodes_at_it(demo: dict) -> None:
 
 
 def test_a_cache_of_another_area_is_another_cache(demo: dict, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="holds a cache of other inputs or settings"):
+    with pytest.raises(ValueError, match="holds a cache of other inputs, settings or image contents"):
         build_cache(
             [demo["train"]],
             demo["base"],

@@ -141,7 +141,7 @@ def test_a_full_disk_is_reported_with_the_bytes_needed(
     small: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import training.checkpoint
-    from training.files import DiskFullError
+    from engine.io.atomic import DiskFullError
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -172,9 +172,9 @@ def tiny_disk(tmp_path: Path):
 
 
 def test_a_real_full_disk_keeps_the_old_file(tiny_disk: Path) -> None:
+    from engine.io.atomic import DiskFullError, atomic_write_text
     from training.cache import _save_shard
     from training.checkpoint import read_checkpoint_file, write_checkpoint_file
-    from training.files import DiskFullError, atomic_write_text
 
     target = tiny_disk / "step_00000001.safetensors"
     write_checkpoint_file(target, {"step": 1, "w": torch.zeros(1000)})

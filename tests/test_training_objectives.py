@@ -101,9 +101,15 @@ def test_ties_come_from_choice_dist(task: dict, tmp_path: Path) -> None:
     no_votes.write_text(json.dumps([{**json.loads(task["train"].read_text())[0], "choice_dist": None}]))
     plain = read_file(no_votes, None, image_root=task["train"].parent)
     assert plain[0].choice_dist is None and not pair_ties(plain, 0.5).any()  # no votes: a decided pair
-    for bad in ([1], [1, -1], [0, 0], ["a", 1], 3):
+    for bad, expected in [
+        ([1], r"choice_dist: got \[1\], expected at least 2 item"),
+        ([1, -1], r"choice_dist\[1\]: got -1, expected a value >= 0"),
+        ([0, 0], r"choice_dist: got \[0, 0\], expected votes for path1 and path2 with a positive sum"),
+        (["a", 1], r"choice_dist\[0\]: got 'a', expected a number"),
+        (3, r"choice_dist: got 3, expected a list"),
+    ]:
         no_votes.write_text(json.dumps([{**json.loads(task["train"].read_text())[0], "choice_dist": bad}]))
-        with pytest.raises(ValueError, match="choice_dist must be null or two numbers"):
+        with pytest.raises(ValueError, match=rf"no_votes.json record 0: {expected}"):
             read_file(no_votes, None, image_root=task["train"].parent)
 
 
@@ -258,7 +264,7 @@ def test_grad_accumulation_equals_one_batch_and_resumes_exactly(task: dict, tmp_
     train(config(task, resumed, grad_accum_steps=4, **ACCUM))
     a, b = final_state(tmp_path / "accum", 3), final_state(resumed, 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="divisible by processes x grad_accum_steps"):
+    with pytest.raises(ValueError, match="grad_accum_steps: got 3, expected a divisor of batch_size 8"):
         train(config(task, tmp_path / "bad", grad_accum_steps=3, **ACCUM))
 
 
@@ -267,7 +273,7 @@ def test_grad_accumulation_under_fsdp_two_processes(task: dict, tmp_path: Path) 
     common = {**ACCUM, "steps": 2, "checkpoint_every": 0}
     train(config(task, tmp_path / "one", **common))
     cfg_path = tmp_path / "fsdp.json"
-    cfg_path.write_text(json.dumps(config(task, tmp_path / "two", grad_accum_steps=2, **common).__dict__))
+    cfg_path.write_text(json.dumps(config(task, tmp_path / "two", grad_accum_steps=2, **common).to_dict()))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run(

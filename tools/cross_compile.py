@@ -18,7 +18,6 @@ only for the interpreter are compiled as the GPU sets them (`GPU_LAUNCH_VALUES`)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,10 +27,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
+from engine.io.files import read_json
+from engine.schema import Schema, parse_cli
 from kernels import adaln, adaln_backward, noise, pooling, qknorm, quant
 from kernels.backend import ENV_VAR, LazyKernel, interpreting, observe_launches
 
@@ -336,21 +338,30 @@ def _mufu(sfu: dict) -> str:
     return " ".join(f"{op}:{n}" for op, n in sorted(sfu["SASS"].items())) or "-"
 
 
-def main(argv: list[str] | None = None) -> list[Compiled]:
-    parser = argparse.ArgumentParser(prog="python -m tools.cross_compile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities (90: H100/H200)")
-    parser.add_argument("--json", type=Path, help="write every compiled specialisation here")
-    parser.add_argument("--record", type=Path, help="only record the launches to this file (needs TRITON_INTERPRET=1)")
-    parser.add_argument(
-        "--launches", type=Path, help="compile the launches recorded in this file (e.g. by another triton version)"
+class CrossCompileArgs(Schema):
+    """The command line of `python -m tools.cross_compile`."""
+
+    arch: list[Annotated[int, Field(ge=70, le=200)]] = Field(
+        [90], min_length=1, description="CUDA compute capabilities (90: H100/H200)"
     )
-    args = parser.parse_args(argv)
+    json_out: str | None = Field(None, min_length=1, description="write every compiled specialisation here",
+                                 json_schema_extra={"cli": {"flag": "--json"}})  # fmt: skip
+    record: str | None = Field(
+        None, min_length=1, description="only record the launches to this file (needs TRITON_INTERPRET=1)"
+    )
+    launches: str | None = Field(
+        None, min_length=1, description="compile the launches recorded in this file (e.g. by another triton version)"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[Compiled]:
+    args = parse_cli(CrossCompileArgs, argv, "python -m tools.cross_compile", __doc__.split("\n\n")[0])
     if args.record:
-        args.record.write_text(json.dumps([asdict(launch) for launch in record_launches()]))
+        Path(args.record).write_text(json.dumps([asdict(launch) for launch in record_launches()]))
         return []
     import triton
 
-    launches = [Launch(**d) for d in json.loads(args.launches.read_text())] if args.launches else None
+    launches = [Launch(**d) for d in read_json(args.launches, "launch record")] if args.launches else None
     results = cross_compile(tuple(args.arch), launches)
     print(f"triton {triton.__version__}: {len(results)} specialisations for sm_{'/sm_'.join(map(str, args.arch))}")
     head = (
@@ -366,8 +377,8 @@ def main(argv: list[str] | None = None) -> list[Compiled]:
             f"{res.get('LD_BITS', '-'):>5}/{res.get('ST_BITS', '-'):<4}  {_mufu(r.sfu):24} "
             f"{f'ERROR {r.error}' if r.error else consts}"
         )
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1, default=str))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([asdict(r) for r in results], indent=1, default=str))
     failed = [r for r in results if r.error]
     if failed:
         print(f"{len(failed)} of {len(results)} failed to compile", file=sys.stderr)

@@ -18,6 +18,9 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from engine.config import BackboneConfig
+
+VAE_DOWNSAMPLING = 8  # px per latent pixel: SD3's VAE
 BUCKET_MULTIPLE = 16  # px: the VAE's 8x downsampling times the MMDiT's 2x2 patches
 MAX_ASPECT = 4.0  # widest bucket, 4:1 (and 1:4); wider images go to the extreme bucket
 
@@ -42,6 +45,24 @@ def aspect_buckets(area: int, multiple: int = BUCKET_MULTIPLE, max_aspect: float
                     by_ratio[ratio] = bucket  # one bucket per ratio: the one nearest the area
         h += multiple
     return sorted(by_ratio.values(), key=lambda b: b[0] / b[1])
+
+
+def max_image_side(backbone: BackboneConfig) -> int:
+    """The longest image side in pixels `backbone` takes: its position embedding covers pos_embed_max_size patches."""
+    return backbone.pos_embed_max_size * backbone.patch_size * VAE_DOWNSAMPLING
+
+
+def largest_area(max_side: int) -> int:
+    """The largest `area` whose buckets all have sides of at most `max_side` px (the longest side grows with the area,
+    so a bisection finds it)."""
+    longest = lambda area: max(max(b) for b in aspect_buckets(area))
+    low, high = BUCKET_MULTIPLE * BUCKET_MULTIPLE, max_side * max_side
+    if longest(low) > max_side:
+        raise ValueError(f"no bucket area fits images of at most {max_side} px per side")
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if longest(middle) <= max_side else (low, middle - 1)
+    return low
 
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -98,4 +119,13 @@ class BucketSampler:
         return list(self.epoch(epoch)[k])
 
 
-__all__ = ["BUCKET_MULTIPLE", "MAX_ASPECT", "BucketSampler", "aspect_buckets", "nearest_bucket"]
+__all__ = [
+    "BUCKET_MULTIPLE",
+    "MAX_ASPECT",
+    "VAE_DOWNSAMPLING",
+    "BucketSampler",
+    "aspect_buckets",
+    "largest_area",
+    "max_image_side",
+    "nearest_bucket",
+]

@@ -10,22 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from engine.api import RewardEngine
+from engine.io.atomic import atomic_write, atomic_write_text, reporting_disk_full
+from engine.io.files import is_regular_file, read_bytes
 from training.cache import LatentCache
-from training.config import TrainConfig
+from training.config import TrainConfig, defaults
 from training.data import PreferencePair, file_digest, parse_sources
 from training.distributed import Dist
-from training.files import atomic_write, atomic_write_text
+from training.files import open_safetensors
 from training.lora import merge_lora, save_adapter
 from training.model import TrainableReward, build_engine
 
@@ -83,8 +83,9 @@ def write_checkpoint_file(path: Path, payload: dict[str, Any]) -> None:
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The payload of `write_checkpoint_file`. Only safetensors and JSON are parsed: nothing is unpickled."""
-    with safe_open(str(path), framework="pt") as f:
+    """The payload of `write_checkpoint_file`. Only safetensors and JSON are parsed: nothing is unpickled, and only a
+    regular file is opened (a FIFO at a checkpoint's name would block forever)."""
+    with open_safetensors(Path(path), "training checkpoint") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -114,7 +115,7 @@ def save_checkpoint(
         payload = {
             "step": step,
             "data_position": step * cfg.batch_size,
-            "config": asdict(cfg),
+            "config": cfg.to_dict(),
             "fingerprint": fingerprint,
             "model": {k: v for k, v in state.items() if k in trainable},
             "optimizer": optim_state,
@@ -166,10 +167,10 @@ def truncate_log(path: Path, step: int) -> None:
     """Cut log.jsonl back to what a run resumed at `step` does not write again: the lines up to `step`, none when the
     run starts over (step 0 is evaluated again). A line torn by a kill goes too. The first line after a resume still
     averages loss/accuracy over the steps since the resume only, not over the whole log window."""
-    if not path.is_file():
+    if not is_regular_file(path, "training log"):
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in read_bytes(path, "training log").decode("utf-8", errors="replace").splitlines():
         try:
             logged = json.loads(line).get("step")
         except (json.JSONDecodeError, AttributeError):
@@ -205,8 +206,8 @@ _DATA_FIELDS = {
 
 
 def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    current = asdict(cfg)
-    saved = asdict(TrainConfig()) | saved  # a field the checkpoint predates had its default then
+    current = cfg.to_dict()
+    saved = defaults() | saved  # a field the checkpoint predates had its default then
     free = _RESUME_FREE | (_DATA_FIELDS if cfg.resume_on_changed_data else set())
     if cfg.mode == "frozen":  # the training features are extracted in eval_batch_size batches too: another batching
         free = free - {"eval_batch_size"}  # changes them in the last bit, and the resumed head would differ
@@ -222,7 +223,8 @@ def data_fingerprint(
     cfg: TrainConfig, pairs: list[PreferencePair], val_sets: dict[str, list[PreferencePair]], cache: LatentCache
 ) -> dict[str, str]:
     """What the training inputs were: each data file's sha256, digests of the kept training and validation pairs (the
-    filters' and the image root's effect) and the cache's own fingerprint."""
+    filters' and the image root's effect), of the contents of their images (the sha256 of each file's bytes as the
+    cache read it) and the cache's own fingerprint."""
     digest = lambda value: hashlib.sha256(json.dumps(value).encode()).hexdigest()
     kept = lambda ps: digest(
         [[p.source, p.index, str(p.winner), str(p.loser), p.prompt, p.confidence, p.choice_dist] for p in ps]
@@ -231,6 +233,8 @@ def data_fingerprint(
     out |= {f"val_json {Path(path).resolve()}": file_digest(path) for path in cfg.val_json}
     out["training pairs"] = kept(pairs)
     out["validation pairs"] = kept([p for v in val_sets.values() for p in v])
+    used = sorted({str(image) for ps in [pairs, *val_sets.values()] for p in ps for image in (p.winner, p.loser)})
+    out["image contents"] = digest([[image, cache.digests[image]] for image in used])
     out["cache"] = cache.fingerprint
     return out
 
@@ -288,8 +292,10 @@ def export(
         if cfg.mode == "lora":
             if cfg.save_adapter:
                 adapter = Path(cfg.out_dir) / "adapter"
+                trained = [p for p in engine.backbone.parameters() if p.requires_grad]  # the adapters
                 lora = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-                save_adapter(engine.backbone, adapter, *lora, format=cfg.save_adapter_format)
+                with reporting_disk_full(adapter, sum(p.numel() * p.element_size() for p in trained)):
+                    save_adapter(engine.backbone, adapter, *lora, format=cfg.save_adapter_format)
             merge_lora(engine.backbone)
         engine.reward_config = engine.reward_config.replace(
             reward_mean=metrics["reward_mean"], reward_std=max(metrics["reward_std"], 1e-6)

@@ -1,218 +1,226 @@
-"""The trainer's configuration: a `TrainConfig` dataclass (defaults with a one-line reason each), read from JSON plus
-``key=value`` overrides whose types come from the dataclass's annotations, and validated before any work."""
+"""The trainer's configuration: one `TrainConfig` schema (`engine.schema`) whose every field states its type, its
+bounds and, as its description, the reason for its default. A run reads it from JSON plus ``key=value`` overrides
+(`load_config`); Python callers construct it directly. Either way it is validated as a whole before any work, and the
+rules that need the base's sizes (which blocks exist, how wide a linear is) run once the base is known
+(`check_against_base`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import json
-import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import re
+from typing import Annotated, Any, Literal
 
-from engine.config import RewardConfig
-from training.data import BAD_IMAGE_POLICIES, HPSV3_CONFIDENCE
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from engine.config import PRESETS, BackboneConfig
+from engine.schema import invalid, parse_assignments, validate
+from training.data import DataRules
 from training.lora import ADAPTER_FORMATS, DEFAULT_LORA_TARGETS
 from training.losses import LOSSES
 
 MODES = ("full", "frozen", "lora")
+# The widest and deepest backbone of the supported presets: the static bounds of `lora_rank` and `layers`; the run's
+# own base bounds them again, exactly, in `check_against_base`.
+WIDEST = max(cfg.hidden_size for cfg in PRESETS.values())
+DEEPEST = max(cfg.num_layers for cfg in PRESETS.values())
+# LoRA's scale alpha / rank multiplies the adapters' effective learning rate (Adam moves B by about lr per step whatever
+# the scale): common settings use 1 to 4 (alpha = rank .. 4 x rank); far beyond, the first steps overflow.
+MAX_LORA_SCALE = 64.0
+# A head hidden layer wider than this is a typo, not a head: 65,536 units on SD3.5-L's 4 x 2432 pooled features are
+# already 640 M parameters (the paper's head: 1024, 256).
+MAX_HEAD_WIDTH = 65536
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+Name = Annotated[str, Field(min_length=1)]  # a path, a module name: never empty
+Names = Annotated[list[Name], Field(min_length=1)]
 
 
-@dataclass
-class TrainConfig:
-    # data
-    cache: str = ""  # training.cache output: the trainer never runs the VAE or the text encoders
-    train_json: list[str] = field(default_factory=list)  # HPSv3-format files; "file.json:2" mixes with weight 2
-    val_json: list[str] = field(default_factory=list)  # held-out pairs: accuracy and the stored reward mean/std
-    confidence_threshold: float | None = HPSV3_CONFIDENCE  # HPSv3 trains on confidence >= 0.95; null passes
-    on_bad_image: str = "error"  # "skip" drops and counts records with missing/unreadable images
-    image_root: str | None = None  # relative image paths resolve here, images must lie in it; None: the JSON's folder
-    allow_outside_root: bool = False  # accept image paths that resolve outside image_root
+class TrainConfig(DataRules):
+    # data (and `DataRules`: confidence_threshold, on_bad_image, image_root, allow_outside_root)
+    cache: Name = Field(description="training.cache output: the trainer never runs the VAE or the text encoders")
+    train_json: Names = Field(description='HPSv3-format files; "file.json:2" mixes with weight 2')
+    val_json: Names = Field(description="held-out pairs: accuracy and the stored reward mean/std")
     # model
-    base: str = ""  # SD3/SD3.5 diffusers directory or single file; only the transformer weights are read
-    layers: list[int] | None = None  # pooled blocks; None = the engine's default for this depth (paper: 15,23,28,37)
-    t: float = 0.1  # Eq. 1 noise level (paper); stored with the head
-    head_hidden: list[int] = field(default_factory=lambda: [1024, 256])  # the paper's MLP head
-    mode: str = (
-        "full"  # "full": backbone + head; "frozen": head only, on features computed once; "lora": adapters + head
+    base: Name = Field(
+        description="SD3/SD3.5 diffusers directory or single file; only the transformer weights are read"
     )
-    lora_rank: int = 16  # adapter rank: small next to D (2432 in SD3.5-L), as HPSv3/Flow-GRPO use
-    lora_alpha: float = 16.0  # adapter scale alpha / rank = 1: the lr needs no retuning when the rank changes
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # attention qkv/out, FFN
-    save_adapter: bool = False  # lora: also write out_dir/adapter (peft's format) next to the merged reward/
-    save_adapter_format: str = "peft"  # "peft" loads onto the engine's backbone; "diffusers" onto SD3 (q/k/v split)
+    layers: Annotated[list[Annotated[int, Field(ge=0, lt=DEEPEST)]], Field(min_length=1)] | None = Field(
+        None, description="pooled blocks; None = the engine's default for this depth (paper: 15,23,28,37)"
+    )
+    t: float = Field(0.1, gt=0.0, lt=1.0, description="Eq. 1 noise level (paper); stored with the head")
+    head_hidden: Annotated[list[Annotated[int, Field(ge=1, le=MAX_HEAD_WIDTH)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [1024, 256], description="the paper's MLP head"
+    )
+    mode: Literal[MODES] = Field(  # type: ignore[valid-type]
+        "full",
+        description='"full": backbone + head; "frozen": head only, on features computed once; "lora": adapters + head',
+    )
+    lora_rank: int = Field(
+        16, ge=1, le=WIDEST, description="adapter rank: small next to D (2432 in SD3.5-L), as HPSv3/Flow-GRPO use"
+    )
+    lora_alpha: float = Field(
+        16.0, gt=0.0, description="adapter scale alpha / rank = 1: the lr needs no retuning when the rank changes"
+    )
+    lora_targets: Names = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), description="attention qkv/out, FFN"
+    )
+    save_adapter: bool = Field(
+        False, description="lora: also write out_dir/adapter (in save_adapter_format) next to the merged reward/"
+    )
+    save_adapter_format: Literal[ADAPTER_FORMATS] = Field(  # type: ignore[valid-type]
+        "peft", description='"peft" loads onto the engine\'s backbone; "diffusers" onto SD3 (q/k/v split)'
+    )
     # loss
-    loss: str = "bt"  # "bt" (Eq. 6), "uncertainty" (HPSv3: the head predicts mean and log-std), "btt" (BT with ties)
-    tied_threshold: float = 0.1  # btt: a pair is a tie when |c1 - c2| / (c1 + c2) <= this (a 55/45 vote or closer)
+    loss: Literal[LOSSES] = Field(  # type: ignore[valid-type]
+        "bt",
+        description='"bt" (Eq. 6), "uncertainty" (HPSv3: the head predicts mean and log-std), "btt" (BT with ties)',
+    )
+    tied_threshold: float = Field(
+        0.1, ge=0.0, lt=1.0, description="btt: a pair is a tie when |c1 - c2| / (c1 + c2) <= this (55/45 or closer)"
+    )
     # optimisation
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 32  # global pairs per optimizer step = processes x grad_accum_steps x micro-batch
-    grad_accum_steps: int = 1  # micro-steps per optimizer step: a large effective batch with one micro-batch's memory
-    lr_backbone: float = 1e-5  # small: the backbone is pretrained and its features are what we pay for
-    lr_head: float = 1e-4  # the head starts from random init and needs a larger step
-    weight_decay: float = 0.01  # AdamW default scale; regularises the freshly initialised head
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW defaults; BT gradients are not spiky
-    warmup_ratio: float = 0.05  # linear warmup over the first 5% of steps protects the pretrained backbone
-    schedule: str = "cosine"  # "cosine" (to min_lr_ratio) or "constant" after warmup
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak lr (nanoGPT: lr / 10)
-    grad_clip: float = 1.0  # clip the global grad norm; 0 disables
-    grad_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute for O(1)-block memory
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    batch_size: int = Field(
+        32, ge=1, description="global pairs per optimizer step = processes x grad_accum_steps x micro-batch"
+    )
+    grad_accum_steps: int = Field(
+        1, ge=1, description="micro-steps per optimizer step: a large effective batch with one micro-batch's memory"
+    )
+    lr_backbone: float = Field(
+        1e-5, ge=0.0, description="small: the backbone is pretrained and its features are what we pay for"
+    )
+    lr_head: float = Field(1e-4, ge=0.0, description="the head starts from random init and needs a larger step")
+    weight_decay: float = Field(
+        0.01, ge=0.0, description="AdamW default scale; regularises the freshly initialised head"
+    )
+    betas: Annotated[list[Annotated[float, Field(ge=0.0, lt=1.0)]], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.9, 0.999], description="AdamW defaults; BT gradients are not spiky"
+    )
+    warmup_ratio: float = Field(
+        0.05, ge=0.0, lt=1.0, description="linear warmup over the first 5% of steps protects the pretrained backbone"
+    )
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description='"cosine" (to min_lr_ratio) or "constant" after warmup'
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="cosine floor as a fraction of the peak lr (nanoGPT: lr / 10)"
+    )
+    grad_clip: float = Field(1.0, ge=0.0, description="clip the global grad norm; 0 disables")
+    grad_checkpointing: bool = Field(
+        False, description="recompute each block in backward: ~1/3 more compute for O(1)-block memory"
+    )
     # run
-    seed: int = 0  # head init, data order and training noise
-    eval_seed: int = 1234  # validation noise: image k of a file uses stream k (bench.accuracy uses the same)
-    out_dir: str = "runs/dit-reward"  # log.jsonl, checkpoints/, reward/ (the final reward checkpoint)
-    log_every: int = 10  # steps between log lines (each is a cross-rank sync)
-    eval_every: int = 0  # steps between validations; 0: only at the end
-    checkpoint_every: int = 200  # steps between resumable checkpoints; 0: only at the end
-    keep_checkpoints: int = 2  # older resumable checkpoints are deleted
-    eval_batch_size: int = 64  # pairs per validation forward
-    device: str = "auto"  # "auto": cuda (this rank's GPU) if available, else cpu
-    peak_flops: float = 0.0  # per-device peak for MFU; 0: detect on known GPUs, else MFU is not reported
-    resume_on_changed_data: bool = False  # resume even if the data files, their filtering or the cache changed
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="head init, data order and training noise (per-epoch and per-step seeds)"
+    )
+    eval_seed: int = Field(
+        1234, ge=0, lt=2**63, description="validation noise: image k of a file uses stream k (as bench.accuracy)"
+    )
+    out_dir: Name = Field(
+        "runs/dit-reward", description="log.jsonl, checkpoints/, reward/ (the final reward checkpoint)"
+    )
+    log_every: int = Field(10, ge=1, description="steps between log lines (each is a cross-rank sync)")
+    eval_every: int = Field(0, ge=0, description="steps between validations; 0: only at the end")
+    checkpoint_every: int = Field(200, ge=0, description="steps between resumable checkpoints; 0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1, description="older resumable checkpoints are deleted")
+    eval_batch_size: int = Field(64, ge=1, description="pairs per validation forward")
+    device: str = Field("auto", description='"auto": cuda (this rank\'s GPU) if available, else cpu')
+    peak_flops: float = Field(
+        0.0, ge=0.0, description="per-device peak for MFU; 0: detect on known GPUs, else MFU is not reported"
+    )
+    resume_on_changed_data: bool = Field(
+        False, description="resume even if the data files, their filtering or the cache changed"
+    )
 
-    def __post_init__(self) -> None:
-        # One path for a list of paths ("train_json=/data/train.json" on the command line, as for a single file);
-        # tuples and path objects from Python become what the JSON round trip of a checkpoint gives back.
-        for name in ("cache", "base", "out_dir", "image_root"):
-            if isinstance(getattr(self, name), os.PathLike):
-                setattr(self, name, os.fspath(getattr(self, name)))
-        for name in ("train_json", "val_json"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                value = [value]
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
-        for name in ("layers", "head_hidden", "betas", "lora_targets"):
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
+    @field_validator("train_json", "val_json", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, value: Any) -> Any:
+        """One path for a list of paths: ``train_json=/data/train.json`` on a command line, as for a single file."""
+        return [os.fspath(value)] if isinstance(value, (str, os.PathLike)) else value
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and layers != sorted(set(layers)):
+            raise ValueError("strictly increasing block indices (each block pooled once)")
+        return layers
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, device: str) -> str:
+        if not _DEVICE.fullmatch(device):
+            raise ValueError("'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return device
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> TrainConfig:
+        if self.batch_size % self.grad_accum_steps:
+            raise invalid(
+                "grad_accum_steps", self.grad_accum_steps, f"a divisor of batch_size {self.batch_size} (each "
+                "micro-batch holds batch_size / (processes x grad_accum_steps) pairs)"
+            )  # fmt: skip
+        if self.lora_alpha > MAX_LORA_SCALE * self.lora_rank:
+            raise invalid(
+                "lora_alpha", self.lora_alpha, f"at most {MAX_LORA_SCALE:g} x lora_rank = "
+                f"{MAX_LORA_SCALE * self.lora_rank:g} (the scale alpha / rank multiplies the adapters' learning rate)"
+            )  # fmt: skip
+        if self.mode == "lora" and importlib.util.find_spec("peft") is None:
+            raise invalid("mode", self.mode, "'full' or 'frozen': 'lora' needs peft (pip install dit-reward[train])")
+        if self.save_adapter and self.mode != "lora":
+            raise invalid("save_adapter", True, "false unless mode is 'lora' (it writes the LoRA adapters)")
+        for name in ("lr_backbone", "lr_head"):
+            if getattr(self, name) * self.weight_decay >= 1.0:
+                raise invalid(
+                    "weight_decay", self.weight_decay, f"a value with {name} x weight_decay < 1 (AdamW multiplies "
+                    "every weight by 1 - lr x weight_decay each step)"
+                )  # fmt: skip
+        backbone: BackboneConfig | None = (info.context or {}).get("backbone")
+        if backbone is not None:
+            self._fits(backbone)
+        return self
+
+    def _fits(self, backbone: BackboneConfig) -> None:
+        """The rules of the base: its blocks, and its width (a rank-r update of a D-wide linear has rank <= D)."""
+        if self.layers is not None and self.layers[-1] >= backbone.num_layers:
+            raise invalid(
+                "layers", self.layers, f"block indices below {backbone.num_layers} (the base has "
+                f"{backbone.num_layers} blocks)"
+            )  # fmt: skip
+        if self.mode == "lora" and self.lora_rank > backbone.hidden_size:
+            raise invalid(
+                "lora_rank", self.lora_rank, f"at most {backbone.hidden_size}, the base's width (every adapted linear "
+                f"is at least {backbone.hidden_size} wide each way: a larger rank adds parameters, not rank)"
+            )  # fmt: skip
+
+    def check_against_base(self, backbone: BackboneConfig) -> None:
+        """SchemaError naming the field when `self` does not fit `backbone` (the config of `self.base`)."""
+        validate(TrainConfig, self.to_dict(), f"config for the base {self.base}", context={"backbone": backbone})
 
 
-_FIELD_TYPES = typing.get_type_hints(TrainConfig)
-_PYTHON_LITERALS = {"True": True, "False": False, "None": None}  # what a Python user types on the command line
-
-
-def _is_instance(value: Any, hint: Any) -> bool:
-    """isinstance against a field annotation (bool, int, float, str, list[X], X | None). A bool is no number here and
-    an int is a float (JSON writes 1.0 as 1)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_is_instance(value, h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(_is_instance(v, typing.get_args(hint)[0]) for v in value)
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool):
-        return hint is bool
-    return isinstance(value, (int, float)) if hint is float else isinstance(value, hint)
-
-
-def _parse_override(key: str, raw: str) -> Any:
-    """A command-line value: JSON (``steps=100``, ``betas=[0.9,0.95]``, ``lr_head=NaN``), Python's True/False/None,
-    else the text. Text fields (paths, modes) keep the text unless it is a JSON string: ``out_dir=2024`` is a path."""
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = _PYTHON_LITERALS.get(raw, raw)
-    takes_text = _FIELD_TYPES.get(key) in (str, list[str])
-    return raw if takes_text and not isinstance(value, (str, list)) else value
+def defaults() -> dict[str, Any]:
+    """The default of every field that has one (what a checkpoint that predates a field ran with)."""
+    return {
+        name: field.get_default(call_default_factory=True)
+        for name, field in TrainConfig.model_fields.items()
+        if not field.is_required()
+    }
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then a JSON file, then ``key=value`` overrides (see `_parse_override`)."""
+    """Defaults, then a JSON file (read by `engine.io.files.read_json`), then ``key=value`` overrides
+    (`engine.schema.parse_assignments`), validated once."""
+    from engine.io.files import read_json
+
     values: dict[str, Any] = {}
+    source = "key=value arguments"
     if path is not None:
-        try:
-            values = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config {path} is not valid JSON: {e}") from e
+        values = read_json(path, "training config")
         if not isinstance(values, dict):
-            raise ValueError(f"config {path} must be a JSON object of TrainConfig fields")
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
-        values[key] = _parse_override(key, raw)
-    unknown = sorted(set(values) - set(_FIELD_TYPES))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(_FIELD_TYPES)}")
-    cfg = TrainConfig(**values)
-    validate(cfg)
-    return cfg
+            return validate(TrainConfig, values, os.fspath(path))  # (refused: not an object of fields)
+        source = os.fspath(path) + (" with key=value arguments" if overrides else "")
+    values = {**values, **parse_assignments(TrainConfig, overrides or [], source)}
+    return validate(TrainConfig, values, source)
 
 
-def validate(cfg: TrainConfig) -> None:
-    """ValueError, naming the field and the fix, for a config that cannot run: checked before any work."""
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if not _is_instance(value, _FIELD_TYPES[f.name]):
-            raise ValueError(f"config field {f.name!r} must be {f.type}, got {value!r} ({type(value).__name__})")
-        numbers = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            raise ValueError(f"config field {f.name!r} must be finite, got {value!r}")
-    for name in ("cache", "base", "out_dir"):
-        if not getattr(cfg, name):
-            raise ValueError(f"config field {name!r} is required")
-    for name in ("train_json", "val_json"):
-        if not getattr(cfg, name) or not all(getattr(cfg, name)):
-            raise ValueError(
-                f"config field {name!r} needs one or more HPSv3-format JSON files, got {getattr(cfg, name)}"
-            )
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
-    if not 0.0 <= cfg.tied_threshold < 1.0:
-        raise ValueError(f"tied_threshold must lie in [0, 1) (|c1 - c2| / (c1 + c2)), got {cfg.tied_threshold}")
-    if cfg.lora_rank < 1 or not cfg.lora_alpha > 0 or not cfg.lora_targets:
-        raise ValueError(
-            f"lora_rank must be >= 1, lora_alpha > 0 and lora_targets non-empty, got {cfg.lora_rank}, "
-            f"{cfg.lora_alpha}, {cfg.lora_targets}"
-        )
-    if cfg.mode == "lora" and importlib.util.find_spec("peft") is None:
-        raise ValueError("mode='lora' trains adapters with peft, which is not installed: pip install dit-reward[train]")
-    if cfg.save_adapter and cfg.mode != "lora":
-        raise ValueError("save_adapter writes LoRA adapters: it needs mode='lora'")
-    if cfg.save_adapter_format not in ADAPTER_FORMATS:
-        raise ValueError(f"save_adapter_format must be one of {ADAPTER_FORMATS}, got {cfg.save_adapter_format!r}")
-    if cfg.schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
-    if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {cfg.on_bad_image!r}")
-    if cfg.confidence_threshold is not None and not 0.0 <= cfg.confidence_threshold <= 1.0:
-        raise ValueError(
-            f"confidence_threshold must lie in [0, 1] (HPSv3: {HPSV3_CONFIDENCE}) or be null, "
-            f"got {cfg.confidence_threshold}"
-        )
-    try:  # the engine's own rules for the pooled blocks, t and the head (the blocks' range is checked against the base)
-        RewardConfig(
-            **({"layers": tuple(cfg.layers)} if cfg.layers is not None else {}),
-            t=cfg.t,
-            head_hidden=tuple(cfg.head_hidden),
-        )
-    except ValueError as e:
-        raise ValueError(f"config fields layers/t/head_hidden: {e}") from e
-    for name in ("steps", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
-    for name in ("eval_every", "checkpoint_every"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be an int >= 0 (0: only at the end), got {getattr(cfg, name)!r}")
-    for name in ("lr_backbone", "lr_head", "weight_decay", "grad_clip", "peak_flops"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {getattr(cfg, name)!r}")
-    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
-        raise ValueError(f"betas must be two AdamW coefficients in [0, 1) (default [0.9, 0.999]), got {cfg.betas}")
-    if not 0.0 <= cfg.warmup_ratio < 1.0 or not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ValueError(
-            f"warmup_ratio must lie in [0, 1) and min_lr_ratio in [0, 1], got {cfg.warmup_ratio} and {cfg.min_lr_ratio}"
-        )
-    if not 0 <= cfg.seed < 2**32:  # per-epoch and per-step seeds are derived from it (BucketSampler, step_noise_seed)
-        raise ValueError(f"seed must be an int in [0, 2**32), got {cfg.seed}")
-    if not 0 <= cfg.eval_seed < 2**63:  # the noise kernel's seed range (bench.accuracy reuses it)
-        raise ValueError(f"eval_seed must be an int in [0, 2**63), got {cfg.eval_seed}")
-
-
-__all__ = ["MODES", "TrainConfig", "load_config", "validate"]
+__all__ = ["MAX_HEAD_WIDTH", "MAX_LORA_SCALE", "MODES", "TrainConfig", "defaults", "load_config"]

@@ -19,10 +19,8 @@ image twice, text that is not valid Unicode, a NUL in a path) is a ValueError/Ty
 
 from __future__ import annotations
 
-import argparse
-import codecs
 import hashlib
-import json
+import io
 import math
 import os
 import random
@@ -30,12 +28,38 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from PIL import Image
+from pydantic import AfterValidator, ConfigDict, Field
+
+from engine.io.files import FileInputError, file_status, is_regular_file, open_regular, read_bytes, read_json
+from engine.schema import Schema, validate
 
 HPSV3_CONFIDENCE = 0.95
 BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+class PathRule(Schema):
+    """The image path rule's settings, as every tool that reads preference files takes them."""
+
+    image_root: Annotated[str, Field(min_length=1)] | None = Field(
+        None,
+        description="folder that relative image paths resolve against and that every image must lie in (default: "
+        "each JSON file's folder)",
+    )
+    allow_outside_root: bool = Field(False, description="accept image paths that resolve outside the image root")
+
+
+class DataRules(PathRule):
+    """What a tool keeps of a preference file: the path rule, the confidence filter and the bad-image policy."""
+
+    confidence_threshold: float | None = Field(
+        HPSV3_CONFIDENCE, ge=0.0, le=1.0, description="drop pairs below this confidence (HPSv3: 0.95); null keeps all"
+    )
+    on_bad_image: Literal[BAD_IMAGE_POLICIES] = Field(  # type: ignore[valid-type]
+        "error", description='"skip" drops and counts records with missing/unreadable images; "error" stops'
+    )
 
 
 @dataclass(frozen=True)
@@ -96,21 +120,21 @@ class FilterReport:
 def resolve_image_path(
     raw: str, image_root: Path, allow_outside_root: bool = False, where: str = "", field_name: str = "path"
 ) -> Path:
-    """The absolute, symlink-free path of a record's image path `raw`: relative paths resolve against `image_root`
-    (absolute already). ValueError naming `where` (file and record) for a NUL or an empty path, and for a path that
-    resolves outside `image_root` unless `allow_outside_root`."""
+    """The absolute, symlink-free path of a record's image path `raw` (non-empty, no NUL: `PreferenceRecord`'s rule):
+    relative paths resolve against `image_root` (absolute already). ValueError naming `where` (file and record) for
+    a path that cannot be resolved (a symlink loop) and for one that resolves outside `image_root` unless
+    `allow_outside_root`."""
     prefix = f"{where}: " if where else ""
-    if not raw:
-        raise ValueError(f"{prefix}{field_name} is empty; expected an image path")
-    if "\0" in raw:
-        raise ValueError(f"{prefix}{field_name} {raw!r} contains a NUL character; no file system path can hold one")
     root = image_root.resolve()
-    resolved = (root / raw).resolve()
+    try:
+        resolved = (root / raw).resolve()
+    except (OSError, RuntimeError) as e:  # Python < 3.13 reports a symlink loop as RuntimeError
+        raise ValueError(f"{prefix}{field_name}: got {raw!r:.100}, which cannot be resolved ({e})") from None
     if not allow_outside_root and not resolved.is_relative_to(root):
         raise ValueError(
-            f"{prefix}{field_name} {raw!r} resolves to {resolved}, outside the image root {root}: move the image under "
-            "the root, point image_root (--image-root) at a folder holding both, or pass allow_outside_root=True "
-            "(--allow-outside-root) to read paths anywhere"
+            f"{prefix}{field_name} {raw!r:.100} resolves to {str(resolved):.200}, outside the image root {root}: move "
+            "the image under the root, point image_root (--image-root) at a folder holding both, or pass "
+            "allow_outside_root=True (--allow-outside-root) to read paths anywhere"
         )
     return resolved
 
@@ -119,24 +143,53 @@ def resolve_image_path(
 ImageCheck = Callable[[Path], "tuple[str, str] | None"]
 
 
-def image_problem(path: Path) -> tuple[str, str] | None:
-    """None if `path` decodes as the pixel front end decodes it, else (reason, detail): ``missing_image`` or
-    ``unreadable_image`` (truncated or corrupt data, a decompression bomb, a float/16-bit image out of range)."""
+@dataclass(frozen=True)
+class ImageFile:
+    """What `inspect_image` found: the problem (reason, detail) or None, and for a file that could be read the sha256
+    of its bytes and, if it decodes, its (height, width) in pixels."""
+
+    problem: tuple[str, str] | None
+    digest: str | None = None
+    size: tuple[int, int] | None = None
+
+
+def read_image(path: Path) -> Image.Image:
+    """The PIL image (lazily decoded) of a regular image file, read whole first: a FIFO or device is refused without
+    blocking (`engine.io.files.open_regular`)."""
+    return Image.open(io.BytesIO(read_bytes(path, "image")))
+
+
+def inspect_image(path: Path) -> ImageFile:
+    """`path` read once: its digest, and whether it decodes as the pixel front end decodes it. Problems:
+    ``missing_image``, or ``unreadable_image`` (not a regular file, truncated or corrupt data, a decompression bomb,
+    a float/16-bit image out of range)."""
     from engine.pixel import load_images
 
-    if not path.is_file():
-        return "missing_image", "no such file"
     try:
-        with Image.open(path) as image:  # the header only; PIL raises DecompressionBombError beyond 2x its limit
+        if not is_regular_file(path, "image"):
+            return ImageFile(("missing_image", "no such file"))
+        data = read_bytes(path, "image")
+    except FileInputError as e:
+        return ImageFile(("unreadable_image", str(e)))
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        # the header first; PIL raises DecompressionBombError beyond 2x its limit
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
-            return "unreadable_image", (
-                f"{width}x{height} pixels exceeds PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}"
-            )
-        load_images([path], size_multiple=1)  # the full decode and range checks the cache and the benchmark run
+            if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+                return ImageFile(
+                    ("unreadable_image", f"{width}x{height} pixels exceeds PIL's decompression-bomb limit of "
+                     f"{Image.MAX_IMAGE_PIXELS}"), digest
+                )  # fmt: skip
+            load_images([image], size_multiple=1)  # the full decode and range checks the cache and the benchmark run
     except Exception as e:  # decoders raise OSError, SyntaxError, zlib.error, ValueError, DecompressionBombError, ...
-        return "unreadable_image", f"{type(e).__name__}: {e}"
-    return None
+        return ImageFile(("unreadable_image", f"{type(e).__name__}: {e}"), digest)
+    return ImageFile(None, digest, (height, width))
+
+
+def image_problem(path: Path) -> tuple[str, str] | None:
+    """`inspect_image`'s verdict alone: None for a good image, else (reason, detail)."""
+    return inspect_image(path).problem
 
 
 def _missing_image_hint(raw: str, image_root: Path) -> str:
@@ -150,78 +203,60 @@ def _missing_image_hint(raw: str, image_root: Path) -> str:
     )
 
 
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \udcff escapes decode to lone surrogates, which no encoder accepts
+        raise ValueError(f"valid Unicode text (an unpaired surrogate at character {e.start}: fix the record)") from None
+    return text
+
+
+def _a_path(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("an image path without NUL characters (no file system path can hold one)")
+    return text
+
+
+def _votes(votes: list[float]) -> list[float]:
+    if sum(votes) <= 0:
+        raise ValueError("votes for path1 and path2 with a positive sum")
+    return votes
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+ImagePath = Annotated[str, Field(min_length=1), AfterValidator(_a_path), AfterValidator(_unicode)]
+
+
+class PreferenceRecord(Schema):
+    """One record of an HPSv3-format file. Keys it does not name are ignored, as HPSv3's loader ignores them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Text = Field(description="the prompt both images were generated for")
+    path1: ImagePath = Field(description="the preferred image")
+    path2: ImagePath = Field(description="the other image")
+    confidence: float | None = Field(None, ge=0.0, le=1.0, description="the label's probability; null: human-labelled")
+    choice_dist: Annotated[
+        list[Annotated[float, Field(ge=0.0)]], Field(min_length=2, max_length=2), AfterValidator(_votes)
+    ] | None = Field(None, description="annotators' votes (or shares) for path1 and path2")  # fmt: skip
+    model1: Text | None = Field(None, description="the generator of path1")
+    model2: Text | None = Field(None, description="the generator of path2")
+
+
 def _records(path: Path) -> list[Any]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise ValueError(f"preference file {path} does not exist") from e
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        raise ValueError(f"preference file {path} is UTF-16/UTF-32 encoded (byte-order mark); re-save it as UTF-8")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(
-            f"preference file {path} is not UTF-8: byte {data[e.start]:#04x} at offset {e.start} (line {line}); "
-            "HPSv3 files are UTF-8 JSON (re-encode it, e.g. from Latin-1 with iconv -f latin1 -t utf-8)"
-        ) from e
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"preference file {path} is not valid JSON: {e}") from e
+    records = read_json(path, "preference file", finite=False)  # a NaN confidence is refused by record and field
     if not isinstance(records, list):
-        raise ValueError(f"preference file {path} must hold a JSON list of records, got {type(records).__name__}")
+        raise ValueError(f"{path}: got a JSON {type(records).__name__}, expected a JSON list of records")
     return records
 
 
-def _check_text(value: str, where: str, key: str) -> None:
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (hard links); False when either cannot be examined (the image check says why)."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's \udcff escapes decode to lone surrogates, which no encoder accepts
-        raise ValueError(
-            f"{where}: {key} holds an unpaired surrogate {value[e.start]!r} at character {e.start}; it is not valid "
-            "Unicode text: fix the record"
-        ) from e
-
-
-def _check_record(record: Any, where: str) -> float | None:
-    """Types and ranges of one record's fields; returns its confidence."""
-    if not isinstance(record, dict):
-        raise TypeError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    missing = [k for k in ("prompt", "path1", "path2") if k not in record]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; HPSv3 records need prompt, path1, path2")
-    for key in ("prompt", "path1", "path2", "model1", "model2"):
-        value = record.get(key)
-        if key in ("model1", "model2") and value is None:
-            continue
-        if not isinstance(value, str):
-            raise TypeError(f"{where}: {key} must be a string, got {value!r}")
-        _check_text(value, where, key)
-    confidence = record.get("confidence")
-    if confidence is None:
-        return None
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
-        raise TypeError(f"{where}: confidence must be a number or null, got {confidence!r}")
-    if not math.isfinite(confidence):  # Python's json reads NaN, which passes any filter
-        raise ValueError(f"{where}: confidence must be finite or null, got {confidence!r}")
-    if not 0.0 <= confidence <= 1.0:
-        raise ValueError(f"{where}: confidence must lie in [0, 1] (a probability) or be null, got {confidence!r}")
-    return float(confidence)
-
-
-def _choice_dist(record: dict, where: str) -> tuple[float, float] | None:
-    """A record's ``choice_dist``: null, or two finite numbers >= 0 with a positive sum (votes for path1, path2)."""
-    value = record.get("choice_dist")
-    if value is None:
-        return None
-    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if not numbers or len(value) != 2 or not all(math.isfinite(v) and v >= 0 for v in value) or sum(value) <= 0:
-        raise ValueError(
-            f"{where}: choice_dist must be null or two numbers >= 0 with a positive sum (votes for path1, path2), "
-            f"got {value!r}"
-        )
-    return float(value[0]), float(value[1])
+        sa, sb = file_status(a), file_status(b)
+    except FileInputError:
+        return False
+    return sa is not None and sb is not None and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def read_file(
@@ -237,13 +272,8 @@ def read_file(
     defaults to the file's folder. `image_check(path)` says whether an image is bad, as `image_problem` (the default,
     a full decode) does; the trainer and the probe pass `LatentCache.image_problem`, which reads what the cache found
     instead of decoding again."""
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-    if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
-        raise ValueError(
-            f"confidence_threshold must lie in [0, 1] (HPSv3: {HPSV3_CONFIDENCE}) or be None, "
-            f"got {confidence_threshold}"
-        )
+    rules = {"confidence_threshold": confidence_threshold, "on_bad_image": on_bad_image, "image_root": image_root}
+    validate(DataRules, {**rules, "allow_outside_root": allow_outside_root}, "read_file")
     path = Path(path).resolve()
     root = path.parent if image_root is None else Path(image_root)
     if not root.is_dir():
@@ -251,13 +281,18 @@ def read_file(
     report = report if report is not None else FilterReport()
     image_check = image_problem if image_check is None else image_check
     source, pairs = str(path), []
-    for i, record in enumerate(_records(path)):
+    for i, raw in enumerate(_records(path)):
         where = f"{path} record {i}"
-        confidence = _check_record(record, where)
-        choice_dist = _choice_dist(record, where)
-        images = [resolve_image_path(record[k], root, allow_outside_root, where, k) for k in ("path1", "path2")]
-        if images[0] == images[1]:
-            raise ValueError(f"{where}: path1 and path2 are the same image {images[0]}; a pair compares two images")
+        record = validate(PreferenceRecord, raw, where)
+        confidence = record.confidence
+        images = [
+            resolve_image_path(getattr(record, k), root, allow_outside_root, where, k) for k in ("path1", "path2")
+        ]
+        if images[0] == images[1] or _same_file(*images):
+            raise ValueError(
+                f"{where}: path1 and path2 are the same image {images[0]} (the same file, or hard links to one); a "
+                "pair compares two images"
+            )
         if confidence_threshold is not None and confidence is not None and confidence < confidence_threshold:
             report.drop(source, "low_confidence", f"{where}: confidence {confidence} < {confidence_threshold}")
             continue
@@ -266,7 +301,7 @@ def read_file(
         if bad:
             key, image, (reason, detail) = bad[0]
             if reason == "missing_image":
-                detail += _missing_image_hint(record[key], root)
+                detail += _missing_image_hint(getattr(record, key), root)
             if on_bad_image == "error":
                 raise ValueError(
                     f"{where}: {reason.replace('_', ' ')} {key} {image} ({detail}) "
@@ -276,15 +311,15 @@ def read_file(
             continue
         pairs.append(
             PreferencePair(
-                prompt=record["prompt"],
+                prompt=record.prompt,
                 winner=images[0],
                 loser=images[1],
                 source=source,
                 index=i,
                 confidence=confidence,
-                model1=record.get("model1"),
-                model2=record.get("model2"),
-                choice_dist=choice_dist,
+                model1=record.model1,
+                model2=record.model2,
+                choice_dist=None if record.choice_dist is None else tuple(record.choice_dist),
             )
         )
     report.kept[source] += len(pairs)
@@ -341,23 +376,10 @@ def load_pairs(
     return mixed, report
 
 
-def add_path_rule_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--image-root`` and ``--allow-outside-root``: the path rule's flags, as every command line offers them."""
-    parser.add_argument(
-        "--image-root",
-        default=None,
-        help="folder that relative image paths resolve against and that every image must lie in "
-        "(default: each JSON file's folder)",
-    )
-    parser.add_argument(
-        "--allow-outside-root", action="store_true", help="accept image paths that resolve outside the image root"
-    )
-
-
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (what a training checkpoint records of each data file)."""
+    """sha256 of a regular file's bytes (what a training checkpoint records of each data file)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path, "data file") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -365,15 +387,20 @@ def file_digest(path: str | os.PathLike) -> str:
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
-    "add_path_rule_arguments",
     "HPSV3_CONFIDENCE",
+    "DataRules",
     "FilterReport",
     "ImageCheck",
+    "ImageFile",
+    "PathRule",
     "PreferencePair",
-    "load_pairs",
-    "parse_sources",
+    "PreferenceRecord",
     "file_digest",
     "image_problem",
+    "inspect_image",
+    "load_pairs",
+    "parse_sources",
     "read_file",
+    "read_image",
     "resolve_image_path",
 ]

@@ -1,52 +1,17 @@
-"""File-system helpers of the training tools: atomic writes that report a full disk as such, and the run lock."""
+"""File-system helpers of the training tools: the run lock, and safetensors files opened only when they are regular
+files inside their folder (a FIFO named like a shard or a checkpoint would block `safe_open` forever)."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-
-class DiskFullError(OSError):
-    """A write failed for lack of space; the message gives the bytes the file needed and the bytes free."""
-
-
-def _is_disk_full(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # safetensors' Rust writer raises SafetensorError, which carries the OS error only in its text.
-    return type(error).__name__ == "SafetensorError" and ("os error 28" in str(error) or "os error 122" in str(error))
-
-
-def atomic_write(path: Path, write: Callable[[Path], None], nbytes: int) -> None:
-    """`write(tmp)` to a sibling temp file, fsync, then ``os.replace`` onto `path`: readers see the old file or the
-    whole new one. `nbytes` is about what the file takes; a full disk raises `DiskFullError` naming it and the free
-    space (the temp file is removed), instead of the writer's own message."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(e):
-            free = shutil.disk_usage(path.parent).free
-            raise DiskFullError(
-                errno.ENOSPC,
-                f"disk full writing {path}: it needs about {nbytes} bytes and {free} bytes are free on the file system "
-                f"of {path.parent}; free space there or write to another disk",
-            ) from e
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    data = text.encode("utf-8")
-    atomic_write(path, lambda tmp: tmp.write_bytes(data), len(data))
+from engine.io.atomic import reporting_disk_full
+from engine.io.files import FileInputError, is_regular_file
 
 
 @contextlib.contextmanager
@@ -56,6 +21,7 @@ def exclusive_lock(directory: Path, what: str = "a training run") -> Iterator[No
     blocks."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ".lock"
+    is_regular_file(path, "the run lock")  # a FIFO there is refused by name instead of opened
     fh = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
     try:
         try:
@@ -67,13 +33,27 @@ def exclusive_lock(directory: Path, what: str = "a training run") -> Iterator[No
                 f"{directory} is in use by {what} (process {holder} holds {path}): wait for it to finish or use "
                 "another directory"
             ) from e
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+        with reporting_disk_full(path, 32):
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
         yield
     finally:
         fh.close()  # closing the descriptor releases the flock
 
 
-__all__ = ["DiskFullError", "atomic_write", "atomic_write_text", "exclusive_lock"]
+def open_safetensors(path: Path, what: str) -> Any:
+    """`safetensors.safe_open` of a regular file; anything else at `path` (missing, a FIFO, a directory, a truncated or
+    foreign file) is a `FileInputError` naming `what` and the path."""
+    from safetensors import safe_open
+
+    if not is_regular_file(path, what):
+        raise FileInputError(f"{path}: {what} does not exist")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError (truncated, foreign header), OSError
+        raise FileInputError(f"{path}: {what} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+
+
+__all__ = ["exclusive_lock", "open_safetensors"]

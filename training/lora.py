@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.io.atomic import atomic_write, atomic_write_text
 from engine.io.lora import (
     ADAPTER_CONFIG,
     DIFFUSERS_METADATA,
@@ -23,7 +24,6 @@ from engine.io.lora import (
     PEFT_WEIGHTS,
     diffusers_parts,
 )
-from training.files import atomic_write, atomic_write_text
 
 # The attention projections (fused qkv of both streams, the outputs) and both FFN linears of every block. The adaLN
 # modulation linears (`norm1.linear`) are left out: they see the prompt only.

@@ -12,14 +12,16 @@ no signal. Learnable, but a random backbone does not solve it (~50%).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
+
+from engine.schema import Schema, parse_cli
 
 # (height, width) of the native images: square, 3:2, 16:9, 2:1, 3:1, 4:1 and their transposes, at two scales
 SHAPES = [(64, 64), (80, 120), (72, 128), (48, 96), (40, 120), (32, 128)]
@@ -91,13 +93,22 @@ def make_demo_set(out: str | Path, n_train: int = 512, n_val: tuple[int, ...] = 
     }
 
 
+MAX_PAIRS = 1_000_000  # a demo set of more pairs is a typo (each pair writes two PNG files)
+
+
+class DemoSetFlags(Schema):
+    out: Annotated[str, Field(min_length=1)] = Field(
+        description="folder to create (images/ and json/ go under it)", json_schema_extra={"cli": {"positional": True}}
+    )
+    train: int = Field(512, ge=1, le=MAX_PAIRS, description="training pairs")
+    val: Annotated[list[Annotated[int, Field(ge=1, le=MAX_PAIRS)]], Field(min_length=1, max_length=16)] = Field(
+        default_factory=lambda: [96, 96], description="pairs per validation file"
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="images, shapes and noise")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.make_demo_set", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="folder to create (images/ and json/ go under it)")
-    parser.add_argument("--train", type=int, default=512, help="training pairs")
-    parser.add_argument("--val", type=int, nargs="+", default=[96, 96], help="pairs per validation file")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_cli(DemoSetFlags, argv, "python -m training.make_demo_set", __doc__.split("\n\n")[0])
     print(json.dumps(make_demo_set(args.out, args.train, tuple(args.val), args.seed), indent=2))
 
 
@@ -105,4 +116,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["make_demo_set", "make_split"]
+__all__ = ["DemoSetFlags", "make_demo_set", "make_split"]

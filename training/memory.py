@@ -11,14 +11,16 @@ autocast weight casts (one block at a time) and the allocator's slack."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from engine.config import BackboneConfig, RewardConfig
+from engine.config import PRESETS, BackboneConfig, RewardConfig
 from engine.heads import build_head
 from engine.model.mmdit import MMDiTReward
+from engine.schema import Schema, parse_cli
 from training.lora import DEFAULT_LORA_TARGETS, add_lora
 
 GIB = 2**30
@@ -74,12 +76,16 @@ def training_memory(
     )
 
 
+class MemoryFlags(Schema):
+    preset: Literal[tuple(PRESETS)] = Field("sd35-large", description="backbone preset")  # type: ignore[valid-type]
+    lora_rank: int = Field(
+        16, ge=1, le=max(c.hidden_size for c in PRESETS.values()), description="adapter rank (at most the width)"
+    )
+    frozen_dtype: Literal["fp32", "bf16"] = Field("fp32", description="LoRA's frozen base weights")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="sd35-large")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--frozen-dtype", choices=("fp32", "bf16"), default="fp32", help="LoRA's frozen base weights")
-    args = parser.parse_args(argv)
+    args = parse_cli(MemoryFlags, argv, "python -m training.memory", __doc__.split("\n\n")[0])
     frozen = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.frozen_dtype]
     print(f"{args.preset}: trainable parameters and training state (weights + fp32 grads + AdamW), no activations")
     for mode in ("full", "lora"):
@@ -97,4 +103,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["TrainingMemory", "main", "training_memory"]
+__all__ = ["MemoryFlags", "TrainingMemory", "main", "training_memory"]

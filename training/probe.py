@@ -14,19 +14,20 @@ similarity.png and the most redundant block pairs, printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from engine.api import RewardEngine
 from engine.io.backbone import base_source
+from engine.schema import parse_cli, validate
 from training.cache import LatentCache
-from training.data import HPSV3_CONFIDENCE, add_path_rule_arguments, load_pairs
+from training.data import HPSV3_CONFIDENCE, PathRule, load_pairs
 from training.evaluation import accuracy, pair_rewards
 from training.model import TrainableReward
 from training.similarity import cka_matrix, most_redundant, write_similarity
@@ -68,9 +69,40 @@ def fit_probe(train: torch.Tensor, val: torch.Tensor, l2: float = 1e-3, iteratio
 
 
 def contiguous_groups(n_layers: int, group_size: int) -> list[tuple[int, ...]]:
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    """Blocks 0..n_layers-1 in runs of `group_size` (>= 1, `ProbeInputs`' rule; the last run may be shorter)."""
     return [tuple(range(i, min(i + group_size, n_layers))) for i in range(0, n_layers, group_size)]
+
+
+Name = Annotated[str, Field(min_length=1)]
+PROG = "python -m training.probe"
+
+
+class ProbeInputs(PathRule):
+    """`run_probe`'s arguments (and `PathRule`'s: the image path rule), checked before the feature pass."""
+
+    cache: Name = Field(description="training.cache directory holding both splits")
+    train_json: Annotated[list[Name], Field(min_length=1)] = Field(description="HPSv3-format training files")
+    val_json: Annotated[list[Name], Field(min_length=1)] = Field(description="HPSv3-format held-out files")
+    base: Name = Field(description="SD3/SD3.5 diffusers directory or single file")
+    t: Annotated[list[Annotated[float, Field(gt=0.0, lt=1.0)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [0.1], description="noise level(s) of Eq. 1"
+    )
+    group_size: int = Field(4, ge=1, le=1024, description="blocks per contiguous group")
+    seed: int = Field(0, ge=0, lt=2**63, description="training features' noise")
+    eval_seed: int = Field(1234, ge=0, lt=2**63, description="held-out features' noise")
+    device: Name | None = Field(None, description="default: cuda if available, else cpu")
+    confidence_threshold: float | None = Field(
+        HPSV3_CONFIDENCE, ge=0.0, le=1.0, description="drop training pairs below this confidence; null keeps all"
+    )
+
+
+class ProbeFlags(ProbeInputs):
+    """The command line: `ProbeInputs` plus where the results go and what is printed."""
+
+    out: Name = Field("probe", description="folder for probe.json and probe.png")
+    similarity: bool = Field(False, description="also the linear CKA between every pair of blocks at each t")
+    top: int = Field(5, ge=1, le=10_000, description="most redundant block pairs to print per t")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="backbone dtype")
 
 
 def run_probe(
@@ -82,7 +114,7 @@ def run_probe(
     group_size: int = 4,
     seed: int = 0,
     eval_seed: int = 1234,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: torch.dtype = torch.float32,
     confidence_threshold: float | None = HPSV3_CONFIDENCE,
     image_root: str | Path | None = None,
@@ -91,12 +123,15 @@ def run_probe(
 ) -> dict[str, Any]:
     """Per-block probe accuracies on the validation pairs at each t in `t`, group-pair accuracies at the first, and with
     `similarity` the [L, L] linear CKA matrix of every t (over all training and validation images). `image_root` /
-    `allow_outside_root`: the path rule of `training.data`."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:  # before the feature pass
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    ts = [float(t)] if isinstance(t, (int, float)) else [float(v) for v in t]
-    if not ts:
-        raise ValueError("t needs at least one noise level")
+    `allow_outside_root`: the path rule of `training.data`. Arguments as `ProbeInputs`, refused before any work."""
+    args = {
+        "cache": cache_dir, "train_json": list(train_json), "val_json": list(val_json), "base": base,
+        "t": [t] if isinstance(t, (int, float)) else list(t), "group_size": group_size, "seed": seed,
+        "eval_seed": eval_seed, "device": device, "confidence_threshold": confidence_threshold,
+        "image_root": image_root, "allow_outside_root": allow_outside_root,
+    }  # fmt: skip
+    inputs = validate(ProbeInputs, args, "run_probe")
+    cache_dir, ts, device = inputs.cache, inputs.t, inputs.device or ("cuda" if torch.cuda.is_available() else "cpu")
     caches: list[LatentCache] = []
 
     def image_check(path: Path) -> tuple[str, str] | None:  # bad images as the cache recorded them: no decoding
@@ -104,19 +139,25 @@ def run_probe(
             caches.append(LatentCache(cache_dir))
         return caches[0].image_problem(path)
 
-    roots = {"image_root": image_root, "allow_outside_root": allow_outside_root, "image_check": image_check}
-    train_pairs, _ = load_pairs(train_json, confidence_threshold, **roots)  # data errors before the model loads
-    val_pairs, _ = load_pairs(val_json, None, **roots)
-    cfg, _ = base_source(base)
-    engine = RewardEngine.from_base(base, layers=tuple(range(cfg.num_layers)), t=ts[0], dtype=dtype, device=device)
+    roots = {
+        "image_root": inputs.image_root,
+        "allow_outside_root": inputs.allow_outside_root,
+        "image_check": image_check,
+    }
+    train_pairs, _ = load_pairs(inputs.train_json, inputs.confidence_threshold, **roots)  # before the model loads
+    val_pairs, _ = load_pairs(inputs.val_json, None, **roots)
+    cfg, _ = base_source(inputs.base)
+    engine = RewardEngine.from_base(
+        inputs.base, layers=tuple(range(cfg.num_layers)), t=ts[0], dtype=dtype, device=device
+    )
     cache = caches[0] if caches else LatentCache(cache_dir)  # opened by image_check unless no image was checked
     cache.check(train_pairs + val_pairs)
-    groups = contiguous_groups(cfg.num_layers, group_size)
+    groups = contiguous_groups(cfg.num_layers, inputs.group_size)
     result: dict[str, Any] = {"t": ts[0], "per_layer_by_t": {}, "groups": [list(g) for g in groups]}
     cka: dict[float, torch.Tensor] = {}
     for k, t_value in enumerate(ts):
-        train_f = all_block_features(engine, cache, train_pairs, seed, t=t_value)
-        val_f = all_block_features(engine, cache, val_pairs, eval_seed, t=t_value)
+        train_f = all_block_features(engine, cache, train_pairs, inputs.seed, t=t_value)
+        val_f = all_block_features(engine, cache, val_pairs, inputs.eval_seed, t=t_value)
         per_layer = [fit_probe(train_f[:, :, i], val_f[:, :, i]) for i in range(cfg.num_layers)]
         result["per_layer_by_t"][f"{t_value:g}"] = per_layer
         if k == 0:
@@ -175,38 +216,11 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.probe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", required=True, help="training.cache directory holding both splits")
-    parser.add_argument("--train-json", nargs="+", required=True)
-    parser.add_argument("--val-json", nargs="+", required=True)
-    parser.add_argument("--base", required=True, help="SD3/SD3.5 diffusers directory or single file")
-    parser.add_argument("--out", default="probe", help="folder for probe.json and probe.png")
-    parser.add_argument("--t", type=float, nargs="+", default=[0.1], help="noise level(s) of Eq. 1")
-    parser.add_argument(
-        "--similarity", action="store_true", help="also the linear CKA between every pair of blocks at each t"
-    )
-    parser.add_argument("--top", type=int, default=5, help="most redundant block pairs to print per t")
-    parser.add_argument("--group-size", type=int, default=4, help="blocks per contiguous group")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    add_path_rule_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.group_size < 1:  # refused before the (expensive) feature extraction
-        parser.error(f"--group-size must be >= 1, got {args.group_size}")
+    args = parse_cli(ProbeFlags, argv, PROG, __doc__.split("\n\n")[0])
+    inputs = {name: getattr(args, name) for name in ProbeInputs.model_fields}
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    result = run_probe(
-        args.cache,
-        args.train_json,
-        args.val_json,
-        args.base,
-        args.t,
-        args.group_size,
-        device=args.device,
-        dtype=dtype,
-        image_root=args.image_root,
-        allow_outside_root=args.allow_outside_root,
-        similarity=args.similarity,
-    )
+    inputs["cache_dir"] = inputs.pop("cache")
+    result = run_probe(**inputs, dtype=dtype, similarity=args.similarity)
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,4 +240,13 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["all_block_features", "contiguous_groups", "fit_probe", "format_table", "plot", "run_probe"]
+__all__ = [
+    "ProbeFlags",
+    "ProbeInputs",
+    "all_block_features",
+    "contiguous_groups",
+    "fit_probe",
+    "format_table",
+    "plot",
+    "run_probe",
+]

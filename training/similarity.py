@@ -54,7 +54,9 @@ def cka_matrix(features: torch.Tensor) -> torch.Tensor:
 
 
 def most_redundant(matrix: torch.Tensor, layers: Sequence[int], top: int = 5) -> list[tuple[int, int, float]]:
-    """The `top` off-diagonal block pairs with the highest CKA, as (layer_a, layer_b, cka), highest first."""
+    """The `top` (>= 1) off-diagonal block pairs with the highest CKA, as (layer_a, layer_b, cka), highest first."""
+    if top < 1:  # a negative count would slice from the end: "all but the last 3"
+        raise ValueError(f"top: got {top}, expected a count >= 1")
     n = matrix.shape[0]
     pairs = [(layers[i], layers[j], float(matrix[i, j])) for i in range(n) for j in range(i + 1, n)]
     return sorted(pairs, key=lambda p: -p[2])[:top]

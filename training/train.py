@@ -21,7 +21,6 @@ weights, the optimizer state and the step, and a resumed run equals an uninterru
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -32,10 +31,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 
-from engine.config import RewardConfig
+from engine.io.atomic import reporting_disk_full
 from engine.io.backbone import base_source
 from engine.io.checkpoint import check_replaceable
+from engine.io.files import is_regular_file
+from engine.schema import Schema, parse_cli
 from training.batching import pair_forward, rank_positions
 from training.buckets import BucketSampler
 from training.cache import LatentCache
@@ -49,7 +51,7 @@ from training.checkpoint import (
     save_checkpoint,
     truncate_log,
 )
-from training.config import TrainConfig, load_config, validate
+from training.config import TrainConfig, load_config
 from training.data import PreferencePair, load_pairs, read_file
 from training.distributed import Dist, all_mean, setup_distributed, shard
 from training.evaluation import accuracy, pair_rewards
@@ -91,6 +93,13 @@ def detect_peak_flops(device: torch.device) -> float | None:
 # -------------------------------------------------------------------------------------------------------- train
 
 
+def non_finite_pairs(micro_batches: list[tuple[list[int], torch.Tensor]], step_pairs: list[int]) -> list[int]:
+    """The pairs (training indices) of a step's micro-batches whose predictions are not all finite (read only when the
+    step failed: a device sync), else all the step's pairs."""
+    found = [i for indices, finite in micro_batches for i, ok in zip(indices, finite.tolist(), strict=True) if not ok]
+    return found or list(step_pairs)
+
+
 def preference_loss(loss: str, winners: torch.Tensor, losers: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
     """The mean `loss` over pairs: winners, losers [b, head_outputs] head predictions (reward, or mean and log-std);
     ties [b] bool (read by ``btt`` only)."""
@@ -108,14 +117,49 @@ def pair_ties(pairs: list[PreferencePair], tied_threshold: float) -> torch.Tenso
     return tied_mask(votes, tied_threshold) & torch.tensor([p.choice_dist is not None for p in pairs], dtype=torch.bool)
 
 
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient is not finite; the run stops before that step updates anything."""
+
+
+def check_finite(
+    step: int,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    suspects: Callable[[], list[int]],
+    pairs: list[PreferencePair],
+    d: Dist,
+) -> None:
+    """Stop the run at optimizer step `step` (0-based) unless its loss (summed over micro-batches) and global gradient
+    norm are finite; one device sync per step. The error names the step, the pairs (index into the training pairs,
+    file and record) and says that the last checkpoint is untouched. `suspects`: this rank's pairs of the step whose
+    predictions are not finite, else all of the step's pairs (called only when the step failed)."""
+    health = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
+    health = all_mean(health, d)  # a non-finite value on any rank makes the mean non-finite on every rank
+    if bool(torch.isfinite(health).all()):
+        return
+    value, norm = health.tolist()
+    suspects = suspects()
+    shown = ", ".join(f"{i} ({pairs[i].source} record {pairs[i].index})" for i in suspects[:8])
+    raise NonFiniteError(
+        f"step {step + 1}: the loss is {value} and the gradient norm {norm}: training stopped before this step "
+        f"updated the weights; the checkpoints already written are intact. Training pairs of this step"
+        f"{' with non-finite predictions' if d.world == 1 else ''}: {shown}{' ...' if len(suspects) > 8 else ''}. "
+        "Check those pairs' cached latents, lower the learning rates, or resume from the last checkpoint with other "
+        "settings"
+    )
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the final metrics. `on_step(step, metrics)` runs after every step (and its
-    checkpoint), e.g. to stop a run early in tests."""
-    validate(cfg)
+    checkpoint), e.g. to stop a run early in tests. `cfg` is validated as it is built; the rules that depend on the
+    base run here, before any work."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig (training.config), got {type(cfg).__name__}")
+    cfg.check_against_base(base_source(cfg.base)[0])
     d = setup_distributed(cfg.device)
     if cfg.mode == "frozen" and d.world > 1:
         raise ValueError("mode='frozen' trains only the head (seconds on one device); run it without torchrun")
-    if cfg.batch_size % (d.world * cfg.grad_accum_steps):
+    if cfg.batch_size % (d.world * cfg.grad_accum_steps):  # (the schema checks grad_accum_steps; this the processes)
         raise ValueError(
             f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum_steps = {d.world} x "
             f"{cfg.grad_accum_steps}: each micro-batch holds batch_size / (processes x grad_accum_steps) pairs"
@@ -137,10 +181,8 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         "the export at the end of training would have to replace them: move them away or use another out_dir",
     )
 
-    # Cheap checks of the base and the cache first: reading the data files (a symlink-resolving path per image) is
-    # the slow part.
-    if cfg.layers is not None:
-        RewardConfig(layers=tuple(cfg.layers)).check_against(base_source(cfg.base)[0])
+    # Cheap checks of the base (in train()) and the cache first: reading the data files (a symlink-resolving path per
+    # image) is the slow part.
     cache = LatentCache(cfg.cache)
 
     # Data: pairs from the JSON files, tensors from the cache.
@@ -166,6 +208,13 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         check_resumable(found[1]["config"], cfg, found[0])
         check_same_data(found[1]["fingerprint"], fingerprint, cfg, found[0])
 
+    # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
+    # rank and a pure function of the step (exact on resume). Built before the model: too few
+    # pairs for one batch is refused without loading it.
+    pair_keys = [cache.pair_key(p) for p in pairs]
+    sampler = BucketSampler(pair_keys, cfg.batch_size, cfg.seed)
+    slots = d.world * cfg.grad_accum_steps  # forwards per step over all ranks
+
     # Model: same seed on every rank, so the freshly initialised head (and LoRA's A) is identical before sharding.
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg, d.device)
@@ -174,11 +223,6 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     model.train()
     backbone_trains = cfg.mode != "frozen"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
-    # Batches of one (winner bucket, loser bucket) combination where possible, from the shared seed: the same on every
-    # rank and a pure function of the step (exact on resume).
-    pair_keys = [cache.pair_key(p) for p in pairs]
-    sampler = BucketSampler(pair_keys, cfg.batch_size, cfg.seed)
-    slots = d.world * cfg.grad_accum_steps  # forwards per step over all ranks
 
     def load_batch(step: int, micro_step: int) -> dict[str, Any]:
         chosen = sampler.batch(step)  # the global batch
@@ -297,12 +341,16 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         for name, value in metrics.get("val_accuracy_per_file", {}).items():
             log(f"  val_accuracy {value:.4f}  {name}")
         if log_file is not None:
-            log_file.write(json.dumps(metrics) + "\n")
-            log_file.flush()
+            line = json.dumps(metrics) + "\n"
+            with reporting_disk_full(log_path, len(line)):
+                log_file.write(line)
+                log_file.flush()
 
+    log_path = out_dir / "log.jsonl"
     if d.main:
-        truncate_log(out_dir / "log.jsonl", step)
-    log_file = open(out_dir / "log.jsonl", "a") if d.main else None  # noqa: SIM115 (open for the whole run)
+        truncate_log(log_path, step)
+        is_regular_file(log_path, "training log")  # a FIFO there is refused by name instead of opened for writing
+    log_file = open(log_path, "a") if d.main else None  # noqa: SIM115 (open for the whole run)
     metrics: dict[str, Any] = {}
     if step == 0:  # the untrained baseline (~50%), logged as step 0
         metrics = {"step": 0, **evaluate()}
@@ -313,6 +361,7 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
         optimizer.zero_grad(set_to_none=True)
+        step_loss, predicted = torch.zeros((), device=d.device), []
         for micro_step in range(cfg.grad_accum_steps):
             last = micro_step == cfg.grad_accum_steps - 1
             if d.world > 1:  # FSDP2 reduce-scatters gradients on the last micro-step only
@@ -322,10 +371,18 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
             # each micro-batch's mean loss / k: the k micro-steps sum to the mean over the whole batch
             loss = preference_loss(cfg.loss, p[0], p[1], batch["ties"]) / cfg.grad_accum_steps
             loss.backward()
+            step_loss += loss.detach()
             window["loss"] += loss.detach()
             window["correct"] += (p[0, :, 0] > p[1, :, 0]).float().mean().detach() / cfg.grad_accum_steps
+            predicted.append((batch["indices"], torch.isfinite(p).all(-1).all(0)))  # [b] per pair (no sync)
+        params = [p for g in groups for p in g["params"] if p.grad is not None]
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
+        check_finite(step, step_loss, grad_norm, lambda: non_finite_pairs(predicted, sampler.batch(step)), pairs, d)
         optimizer.step()
         step += 1
         window["steps"] += 1
@@ -358,12 +415,20 @@ def _train(cfg: TrainConfig, d: Dist, out_dir: Path, on_step: Callable[[int, dic
     return metrics
 
 
+class TrainFlags(Schema):
+    config: str | None = Field(
+        None, min_length=1, description="JSON file of TrainConfig fields (defaults and reasons in training/config.py)"
+    )
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="key=value overrides, e.g. steps=100 mode=frozen",
+        json_schema_extra={"cli": {"positional": True}},
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="JSON file of TrainConfig fields (defaults and reasons in training/config.py)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 mode=frozen")
-    args = parser.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    flags = parse_cli(TrainFlags, argv, "python -m training.train", __doc__.split("\n\n")[0])
+    train(load_config(flags.config, flags.overrides))
     if dist.is_initialized():
         dist.destroy_process_group()
 

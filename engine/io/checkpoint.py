@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from engine.config import BackboneConfig, RewardConfig
 from engine.heads import RewardHead, build_head
+from engine.io.atomic import reporting_disk_full
 from engine.io.backbone import check_floating, checked_weights
 from engine.io.files import inside, is_regular_file, read_json
 from engine.io.sources import TensorSource
@@ -144,15 +145,18 @@ def save_reward_checkpoint(
     tmp = _new_sibling(directory, "tmp")
     tmp.mkdir()  # mode 0o777 & ~umask, like any new directory
     old = None
+    tensors = [*head.state_dict().values(), *(backbone_state or {}).values()]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors) + len(text)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
-        if backbone_state is not None:
-            save_file({k: v.detach().cpu().clone() for k, v in backbone_state.items()}, str(tmp / BACKBONE_FILE))
-        (tmp / REWARD_CONFIG).write_text(text)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        with reporting_disk_full(directory, nbytes):  # a full disk is a DiskFullError, whichever writer hits it
+            save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE))
+            if backbone_state is not None:
+                save_file({k: v.detach().cpu().clone() for k, v in backbone_state.items()}, str(tmp / BACKBONE_FILE))
+            (tmp / REWARD_CONFIG).write_text(text)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
         if directory.exists():
             old = _new_sibling(directory, "old")
             os.replace(directory, old)

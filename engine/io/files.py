@@ -150,9 +150,11 @@ def _depth(value: Any, limit: int) -> int | None:
     return None
 
 
-def parse_json(text: str | bytes, source: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(text: str | bytes, source: str, max_depth: int = MAX_JSON_DEPTH, finite: bool = True) -> Any:
     """Strict JSON from text or UTF-8 bytes (`source` names it in errors): no NaN/Infinity, integers of at most
-    `MAX_INT_DIGITS` digits, floats that stay finite, nesting at most `max_depth` deep."""
+    `MAX_INT_DIGITS` digits, floats that stay finite, nesting at most `max_depth` deep. With `finite=False`, NaN,
+    Infinity and overflowing numbers parse as float values, for a schema to refuse by record and field (a file of many
+    records, whose parse error could not say which one)."""
     if isinstance(text, bytes):
         if text.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
             raise FileInputError(f"{source}: UTF-16/UTF-32 text (byte-order mark), expected UTF-8 JSON")
@@ -165,7 +167,12 @@ def parse_json(text: str | bytes, source: str, max_depth: int = MAX_JSON_DEPTH) 
                 "JSON (re-encode it, e.g. from Latin-1 with iconv -f latin1 -t utf-8)"
             ) from None
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
+        value = json.loads(
+            text,
+            parse_constant=_refuse_constant if finite else float,
+            parse_int=_bounded_int,
+            parse_float=_finite_float if finite else float,
+        )
     except json.JSONDecodeError as e:
         raise FileInputError(f"{source}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
@@ -179,10 +186,14 @@ def parse_json(text: str | bytes, source: str, max_depth: int = MAX_JSON_DEPTH) 
 
 
 def read_json(
-    path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+    path: str | os.PathLike,
+    what: str = "JSON file",
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    finite: bool = True,
 ) -> Any:
     """A JSON document from a regular file, within the size and depth limits (see `parse_json`)."""
-    return parse_json(read_bytes(path, what, max_bytes), os.fspath(path), max_depth)
+    return parse_json(read_bytes(path, what, max_bytes), os.fspath(path), max_depth, finite)
 
 
 # ------------------------------------------------------------------------------------------------ containment
