@@ -28,7 +28,7 @@ BASE_FILES = (
 )
 # What a reward checkpoint consists of, in either format `engine.io.formats` reads: ours (reward_config.json,
 # head/backbone safetensors) and DiNa-LRM's (config.json, checkpoint/backbone_lora/ as safetensors, and
-# checkpoint/rm_head.pt, the one pickle fetched: `engine.io.dina` reads it with torch.load(weights_only=True)).
+# checkpoint/rm_head.pt, the one pickle fetched: `engine.io.dina` reads it with the weights-only unpickler).
 REWARD_FILES = ("*.json", "*.safetensors", "checkpoint/rm_head.pt")
 PICKLES = ("*.bin", "*.ckpt", "*.pth", "*.pkl", "*.msgpack", "*.h5")
 
