@@ -3,6 +3,10 @@
     Scorer.score(request) -- envelope + engine checks (a refusal never joins a batch)
         --> @serve.batch --> BatchScorer.run(items): group by what can share one forward, one engine.score per group
 
+Requests at different noise levels share a forward: each keeps its own t through a per-latent t [B] of the group
+(the checkpoint's t for a request without one); requests that add noise and requests whose latents already are x_t
+(``add_noise`` false) are scored in separate forwards.
+
 A group whose forward raises anything is scored again request by request, so each request gets its own answer:
 its rewards, 400 with the engine's message for an input error, 500 for anything else.
 """
@@ -92,6 +96,7 @@ class Item:
     cond: Conditioning | None = None
     noise: torch.Tensor | None = None
     prompt_index: torch.Tensor | None = None  # local, into cond's rows
+    levels: torch.Tensor | None = None  # [B] float64: the t of each latent, exactly the float the request gave
     result: dict[str, Any] | None = None
 
 
@@ -141,16 +146,21 @@ class BatchScorer:
     def _prepare(self, item: Item) -> tuple:
         """Condition the prompts (cached), move to the device, fix the noise; returns the group key."""
         r, device = item.request, self.engine.device
+        batch = r.latents.shape[0]
+        t = r.noise_level()
+        t = self.engine.reward_config.t if t is None else t
+        item.levels = torch.as_tensor(t, dtype=torch.float64).expand(batch).contiguous()
         cond, fresh = self.cache(r.prompt_embeds, r.pooled)
         self.observe("cache_miss", fresh)
         self.observe("cache_hit", cond.num_prompts - fresh)
         item.cond, item.latents = cond, r.latents.to(device)
-        batch = r.latents.shape[0]
         if r.prompt_index is not None:
             item.prompt_index = r.prompt_index.to(device)
         else:  # (checked: one prompt for all, or one per latent)
             item.prompt_index = torch.arange(batch, device=device) % cond.num_prompts
-        if r.noise is not None:
+        if not r.adds_noise:  # the latents already are x_t
+            item.noise = None
+        elif r.noise is not None:
             item.noise = r.noise.to(device)
         elif r.seed is not None:  # latent b gets the engine's Philox stream b, as engine.score(seed=)
             item.noise = noise_ref(r.latents.shape, int(r.seed), device=device)
@@ -158,7 +168,8 @@ class BatchScorer:
             item.noise = torch.randn(r.latents.shape, device=device)
         else:  # one fixed draw per latent shape: the reward depends on the image and its prompt only
             item.noise = self.engine.common_noise(item.latents)
-        return (tuple(r.latents.shape[1:]), r.latents.dtype, item.noise.dtype, tuple(cond.context.shape[1:]))
+        noise_dtype = None if item.noise is None else item.noise.dtype
+        return (tuple(r.latents.shape[1:]), r.latents.dtype, noise_dtype, tuple(cond.context.shape[1:]))
 
     def _score(self, group: list[Item]) -> None:
         offsets, total = [], 0
@@ -166,10 +177,13 @@ class BatchScorer:
             offsets.append(total)
             total += item.cond.num_prompts  # type: ignore[union-attr]
         latents = torch.cat([item.latents for item in group])  # type: ignore[misc]
+        noised = group[0].noise is not None  # (the group key: all or none)
         scores = self.engine.score(
             latents,
             Conditioning.concat([item.cond for item in group]),  # type: ignore[misc]
-            noise=torch.cat([item.noise for item in group]),  # type: ignore[misc]
+            noise=torch.cat([item.noise for item in group]) if noised else None,  # type: ignore[misc]
+            t=torch.cat([item.levels for item in group]),  # type: ignore[misc]
+            add_noise=noised,
             prompt_index=torch.cat([item.prompt_index + off for item, off in zip(group, offsets, strict=True)]),  # type: ignore[operator]
             return_std=self.engine.head.outputs == 2,
         )
