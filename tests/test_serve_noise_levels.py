@@ -168,3 +168,30 @@ def test_clients_send_t_and_add_noise(server):  # noqa: F811 (the fixture)
     with pytest.raises(ValueError, match="request: t\\[0\\]: got nan"):
         RemoteLatentReward(url)(LATENTS, *PROMPT, t=torch.tensor([float("nan"), 0.1]))
     assert len(script.bodies) == 4, "a bad t is refused before anything is sent"
+
+
+def test_levels_are_kept_per_prompt_row_and_t_across_batches(engine):
+    """A sampler's client sends the same prompts at the same timesteps batch after batch: each (prompt row, t) is
+    made once, later batches find it, and the rewards do not depend on where the level came from."""
+    seen: dict[str, int] = {}
+    scorer = BatchScorer(
+        engine, ConditioningCache(engine, 16), lambda what, n: seen.update({what: seen.get(what, 0) + n})
+    )
+
+    def run(*requests):
+        items = [Item(check_request(x), 0.0) for x in requests]
+        scorer.run(items)
+        return [item.result["rewards"] for item in items]
+
+    two = request(engine, 30, batch=2)
+    two["prompt_embeds"], two["pooled"] = two["prompt_embeds"].repeat(2, 1, 1), torch.randn(2, two["pooled"].shape[1])
+    at_x_t = {**two, "t": torch.tensor([0.3, 0.6]), "add_noise": torch.tensor(False)}
+    first = run(at_x_t)[0]
+    assert (seen["cache_level_miss"], seen.get("cache_level_hit", 0)) == (2, 0)  # row 0 at 0.3, row 1 at 0.6
+    other = request(engine, 31, batch=1, t=torch.tensor([0.6]), add_noise=torch.tensor(False))
+    again, _ = run(at_x_t, other)
+    assert (seen["cache_level_miss"], seen["cache_level_hit"]) == (2 + 1, 2)  # only the new prompt's row is made
+    assert torch.equal(again, first)
+    torch.testing.assert_close(first, in_process(engine, at_x_t), rtol=0, atol=1e-5)
+    run(request(engine, 32, batch=2, seed=torch.tensor(1)))  # the checkpoint's t: the rows' own level
+    assert seen["cache_level_miss"] + seen["cache_level_hit"] == 5
