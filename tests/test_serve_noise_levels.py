@@ -1,7 +1,7 @@
 """The noise level `t` and `add_noise` on the reward server's surface: the request schema, the batching scorer
-(per-request t inside one forward) and the clients. Every reward is checked against in-process `engine.score` with
-the same t; no Ray cluster is started (the batch scorer runs as the replica runs it, the clients against a scripted
-HTTP server)."""
+(per-request t inside one forward, levels kept per (prompt row, t)) and the clients. Every reward is checked against
+in-process `engine.score` with the same t. The batch scorer runs as a replica runs it and the clients talk to a
+scripted HTTP server; one test (the last) starts a live tiny server on Ray."""
 
 from __future__ import annotations
 
@@ -195,3 +195,34 @@ def test_levels_are_kept_per_prompt_row_and_t_across_batches(engine):
     torch.testing.assert_close(first, in_process(engine, at_x_t), rtol=0, atol=1e-5)
     run(request(engine, 32, batch=2, seed=torch.tensor(1)))  # the checkpoint's t: the rows' own level
     assert seen["cache_level_miss"] + seen["cache_level_hit"] == 5
+
+
+@pytest.fixture(scope="module")
+def url():
+    from serve_helpers import start_server, stop_server
+
+    from engine.serve.config import ServeConfig
+
+    config = ServeConfig(preset="tiny", dtype="fp32", device="cpu", max_batch=8, batch_wait_ms=50, replicas=1)
+    yield start_server(config, name="serve-noise-levels")
+    stop_server()
+
+
+def test_a_live_server_scores_at_t_like_engine_score(url, engine):
+    """Through HTTP, Ray Serve's batching and the clients: a sampler's x_t at per-latent levels, a float t with a
+    seed, and a t the checkpoint refuses (400 with the engine's message)."""
+    from engine.rl import dit_latent_reward_fn
+
+    x = request(engine, 40, batch=4)
+    rows = x["prompt_embeds"].expand(4, -1, -1), x["pooled"].expand(4, -1)
+    levels = torch.tensor([0.9, 0.5, 0.5, 0.1])
+    remote = RemoteLatentReward(url)(x["latents"], *rows, group_index=[0] * 4, t=levels, add_noise=False)
+    local = dit_latent_reward_fn(engine)(x["latents"], *rows, group_index=[0] * 4, t=levels, add_noise=False)
+    torch.testing.assert_close(remote, local, rtol=0, atol=1e-5)
+    seeded = ScoreClient(url).score(x["latents"], x["prompt_embeds"], x["pooled"], seed=3, t=0.4)["rewards"]
+    torch.testing.assert_close(seeded, in_process(engine, {**x, "seed": torch.tensor(3), "t": 0.4}), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="reward server answered 400: t must lie in \\(0, 1\\)") as refused:
+        ScoreClient(url).score(x["latents"], x["prompt_embeds"], x["pooled"], t=0.0)
+    with pytest.raises(ValueError) as local_error:
+        engine.score(x["latents"], (x["prompt_embeds"], x["pooled"]), t=0.0)
+    assert refused.value.message == str(local_error.value)
