@@ -19,8 +19,9 @@ each step's noise level is made once per prompt (`Conditioning.hits`/`misses` co
 Reward guidance (``guidance=lam``): on each scored step x <- x + lam * grad_x r(x, sigma), the gradient through the
 engine's differentiable path (``grad=True``). What is guided is the state the callback receives: x_{i+1}, after the
 CFG-combined velocity's Euler step, so the guidance term adds to the classifier-free-guided update and the next step
-starts from the guided state. The trace holds the reward of x before its guidance step. A reward used this way must
-be noise-aware (trained or valid at the sigmas it is applied at); ``guidance=0.0`` runs the same path and adds zero.
+starts from the guided state; on the last step (sigma 0) it is the clean reward's gradient on the output latent.
+The trace holds the reward of x before its guidance step. A reward used this way must be noise-aware (trained or
+valid at the sigmas it is applied at); ``guidance=0.0`` runs the same path and adds zero.
 """
 
 from __future__ import annotations
