@@ -16,9 +16,7 @@ from torch import nn
 
 from engine.checks import (
     as_prompt_pair,
-    check_conditioning_fits,
     check_latents,
-    check_outputs_finite,
     check_prompts,
     noise_levels,
     prompt_rows,
@@ -31,8 +29,8 @@ from engine.io import hub
 from engine.io.backbone import base_source, load_backbone, random_backbone
 from engine.io.checkpoint import save_reward_checkpoint
 from engine.io.formats import open_reward_checkpoint
-from engine.model.conditioning import Conditioning
-from engine.model.mmdit import BackboneOutputs, MMDiTReward, diffusers_state_dict
+from engine.model.conditioning import Conditioning, check_conditioning_fits
+from engine.model.mmdit import BackboneOutputs, MMDiTReward, check_outputs_finite, diffusers_state_dict
 from engine.prompt_length import SD3_T5_TOKENS, PromptLength
 from engine.reward_noise import CommonNoise, NoiseOption, check_noise_option
 from engine.runtime.backends import Backends, in_engine_dtype

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.checks import check_finite
+from engine.checks import check_finite, first_nonfinite
 from engine.config import BackboneConfig
 from engine.model.block import JointBlock
 from engine.model.conditioning import Conditioning, MakeLevel
@@ -68,6 +68,17 @@ class BackboneOutputs:
     image: list[torch.Tensor]  # each [B, N_img, D], engine dtype
     text: list[torch.Tensor]  # each [B, N_txt, D]
     temb: torch.Tensor | None  # [B, D]
+
+
+def check_outputs_finite(outputs: BackboneOutputs, latents: torch.Tensor, modulation: torch.Tensor) -> None:
+    """ValueError when a forward of finite inputs overflowed (its pooled features, or the deepest image tokens read)."""
+    checked = {"features": outputs.pooled} if outputs.pooled is not None else {"tokens": outputs.image[-1]}
+    if first_nonfinite(checked) is not None:
+        raise ValueError(
+            f"the {next(iter(checked))} overflowed to NaN/Inf although latents and prompt embeddings are finite: an "
+            f"input is too large for {modulation.dtype} (largest |latent| {float(latents.abs().max()):.3g}, largest "
+            f"adaLN |modulation| {float(modulation.abs().max()):.3g}); check the latents' and prompts' scale"
+        )
 
 
 class MMDiTReward(nn.Module):
