@@ -233,8 +233,11 @@ def bench_dina(b: Bench, preset: str, resolutions: list[int], dtypes: list[str])
     model_dtype = torch.bfloat16 if on_gpu else torch.float32
     fields = dict(interface="latent", head="query_attention")
     b.progress(f"building the DiNa-shaped {preset} model (diffusers + peft LoRA + head, random weights)")
-    source = DinaSource(preset, model_dtype, device)
-    source.to("cpu")
+    source = None
+    with b.guarded("DiNa-shaped model", preset=preset, **fields):  # (e.g. peft missing: one error row says so)
+        source = DinaSource(preset, model_dtype, device).to("cpu")
+    if source is None:
+        return
     for dtype in [] if b.args.no_engine else dtypes:
         engine = None
         with b.guarded("engine", dtype=dtype, **fields):  # a build that fails costs only its dtype
@@ -245,8 +248,10 @@ def bench_dina(b: Bench, preset: str, resolutions: list[int], dtypes: list[str])
         free_device_memory(device)
     if "peft" not in (b.args.baselines or []):
         return
+    import peft
+
     label, dtype_name = DINA_PEFT, "bf16" if on_gpu else "fp32"
-    common = dict(preset=preset, dtype=dtype_name, random_weights=True, **fields)
+    common = dict(preset=preset, dtype=dtype_name, random_weights=True, peft=peft.__version__, **fields)
     with b.guarded(label, **common):
         b.check_injected(label)
         baseline = PeftBaseline(source.to(device), model_dtype)

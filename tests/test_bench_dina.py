@@ -129,3 +129,14 @@ def test_dina_defaults():
     args = latency.parse_args(["--reward", "dina", "--baselines"])
     assert args.baselines == ["peft"] and args.text_len == 77 + 128  # their training length
     assert latency.parse_args(["--baselines"]).baselines == list(latency.BASELINES)
+
+
+@pytest.mark.parametrize("failing", ["engine", targets.DINA_PEFT])
+def test_a_failing_side_costs_only_its_own_rows(failing):
+    argv = ["--reward", "dina", "--baselines", "--batch", "2", "--iters", "1", "--resolution", "64"]
+    rows = latency.main([*argv, "--fail-path", failing])
+    (failed,) = [r for r in rows if r["path"] == failing]
+    assert failed["error"] == f"error: RuntimeError: injected failure of '{failing}' (--fail-path)"
+    timed = {r["path"] for r in rows if r.get("per_image_ms", 0) > 0}
+    other = {targets.DINA_PEFT} if failing == "engine" else {"engine eager", "engine eager, cond cached"}
+    assert timed >= other and failing not in timed
