@@ -127,9 +127,9 @@ class DinaSource:
 
         kept = KeptBlocks(transformer, self.reward.layers, self.reward.text_layers).eval().requires_grad_(False)
         del transformer  # (the blocks past the deepest read one go with it)
-        with torch.no_grad():  # diffusers leaves some weights exactly zero or one: perturbed, nothing trivial
-            for name, p in kept.named_parameters():
-                if name.endswith("bias") or "norm" in name or "linear" in name:
+        with torch.no_grad():  # diffusers initialises biases to zero and norm weights to one: perturbed
+            for p in kept.parameters():
+                if p.ndim == 1:
                     p.add_(0.1 * randn(p))
         lora = LoraConfig(
             r=shape.lora_rank,
