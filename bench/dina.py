@@ -236,15 +236,15 @@ def bench_dina(b: Bench, preset: str, resolutions: list[int], dtypes: list[str])
     source = None
     with b.guarded("DiNa-shaped model", preset=preset, **fields):  # (e.g. peft missing: one error row says so)
         source = DinaSource(preset, model_dtype, device).to("cpu")
+    free_device_memory(device)  # the diffusers model's unused blocks, should a reference cycle hold them
     if source is None:
         return
     for dtype in [] if b.args.no_engine else dtypes:
-        engine = None
         with b.guarded("engine", dtype=dtype, **fields):  # a build that fails costs only its dtype
             b.check_injected("engine")
             engine = dina_engine(source, device, **dtype_kwargs(dtype))
             engine_rows(b, engine, resolutions, dtype, head="query_attention")
-        engine = None
+        engine = None  # (also when its rows failed) freed before the next dtype's engine or the baseline
         free_device_memory(device)
     if "peft" not in (b.args.baselines or []):
         return
