@@ -140,3 +140,19 @@ def test_a_failing_side_costs_only_its_own_rows(failing):
     timed = {r["path"] for r in rows if r.get("per_image_ms", 0) > 0}
     other = {targets.DINA_PEFT} if failing == "engine" else {"engine eager", "engine eager, cond cached"}
     assert timed >= other and failing not in timed
+
+
+def test_costs_count_the_text_stream_a_query_attention_head_reads():
+    """The DiNa rows' FLOPs: the deepest block also runs its text stream (text queries' q projection and attention
+    rows, output projection, FFN), counted here by hand; a mean-pool readout counts as before."""
+    from bench.costs import engine_costs
+    from engine.model.mmdit import Readout
+
+    def flops(**kw) -> float:
+        return engine_costs("tiny", 128, 9, **kw)["flops_per_image"]
+
+    assert flops(readout=Readout(pooled=(1, 3))) == flops(layers=(1, 3))
+    text, width, tokens = 9, 32, 9 + (128 // 16) ** 2  # L, D, N = L + N_img
+    by_hand = 2 * text * width**2 * 2 + 2 * 2 * text * tokens * width + 2 * text * width * 4 * width * 2
+    dina = Readout(image=(0, 1, 2), text=(0, 1, 2), temb=True)
+    assert flops(readout=dina) - flops(layers=(0, 1, 2)) == by_hand
