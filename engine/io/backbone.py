@@ -101,6 +101,7 @@ def load_backbone(
         where[key] = description
     checked_weights(state, where, dtype)
     model.load_state_dict(state, assign=True, strict=True)
+    model.merged_adapter = None if adapter is None else adapter.describe()
     return model.eval().requires_grad_(False)
 
 

@@ -79,6 +79,7 @@ class MMDiTReward(nn.Module):
         readout = readout if isinstance(readout, Readout) else Readout(pooled=tuple(readout))
         self.cfg, self.readout = cfg, readout
         self.schedule = TimeSchedule()  # the time convention of the reward it serves (set by the engine)
+        self.merged_adapter: str | None = None  # a LoRA merged into the weights at load (what it was)
         depth = readout.depth
         self.pos_embed = PatchEmbed(cfg)
         self.time_text_embed = TimeTextEmbed(cfg.hidden_size, cfg.pooled_projection_dim)
