@@ -156,3 +156,24 @@ def test_costs_count_the_text_stream_a_query_attention_head_reads():
     by_hand = 2 * text * width**2 * 2 + 2 * 2 * text * tokens * width + 2 * text * width * 4 * width * 2
     dina = Readout(image=(0, 1, 2), text=(0, 1, 2), temb=True)
     assert flops(readout=dina) - flops(layers=(0, 1, 2)) == by_hand
+
+
+def test_in_bf16_the_engine_is_as_close_to_fp32_as_the_baseline():
+    """STYLE.md's rule on the timed dtype: err(engine bf16 vs fp32) <= 2 err(diffusers + peft bf16 vs fp32) + eps."""
+    from bench.dina import DinaSource, PeftBaseline, dina_engine
+
+    source = DinaSource("tiny", torch.float32, "cpu", seed=0)
+    g = torch.Generator().manual_seed(3)
+    z0, emb, pooled, eps = (
+        torch.randn(shape, generator=g) for shape in ((8, 16, 12, 8), (8, 9, 96), (8, 80), (8, 16, 12, 8))
+    )
+    truth = PeftBaseline(source, torch.float32).score(z0, emb, pooled, noise=eps)
+    low = [t.bfloat16() for t in (z0, emb, pooled, eps)]
+    ours = dina_engine(source, "cpu", "bf16").score(low[0], (low[1], low[2]), noise=low[3])
+    source.peft.to(torch.bfloat16)  # their model dtype (the head is cast by the baseline)
+    theirs = PeftBaseline(source, torch.bfloat16).score(*low[:3], noise=low[3])
+
+    def err(x: torch.Tensor) -> float:
+        return float((x - truth).norm() / truth.norm())
+
+    assert err(theirs) > 0 and err(ours) <= 2 * err(theirs) + 1e-3, (err(ours), err(theirs))
