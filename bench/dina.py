@@ -57,6 +57,7 @@ SCHEDULE = TimeSchedule(kind="flow_match_table", num_train_timesteps=1000, shift
 
 
 def dina_shape(cfg: BackboneConfig) -> DinaShape:
+    """The DiNa shape of a backbone of this depth (`DINA_SHAPES`), or a ValueError naming the depths there are."""
     if cfg.num_layers not in DINA_SHAPES:
         raise ValueError(
             f"a DiNa-shaped reward needs a backbone of {' or '.join(map(str, DINA_SHAPES))} blocks (sd35-medium, "
@@ -82,7 +83,7 @@ class KeptBlocks(nn.Module):
 
     def __init__(self, transformer: nn.Module, image: tuple[int, ...], text: tuple[int, ...]):
         super().__init__()
-        depth = max(*image, *text) + 1
+        depth = max((*image, *text)) + 1
         self.image, self.text = image, text
         self.pos_embed = transformer.pos_embed
         self.time_text_embed = transformer.time_text_embed
