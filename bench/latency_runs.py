@@ -6,13 +6,12 @@ the same process as the engine.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +22,9 @@ from bench.tiny_base import default_tiny_base
 from bench.workload import dtype_kwargs, latent_inputs
 from engine import RewardEngine
 from engine.config import BackboneConfig
+
+if TYPE_CHECKING:  # (bench.latency imports this module)
+    from bench.latency import LatencyArgs
 
 FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hpsv3 interfaces on GPU)
     "vae": dict(
@@ -62,7 +64,7 @@ class Bench:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        args: LatencyArgs,
         device: torch.device,
         sink: Callable[[dict], None] | None = None,
         deadline: float | None = None,
