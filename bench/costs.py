@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import BackboneConfig, RewardConfig
-from engine.model.mmdit import MMDiTReward
+from engine.model.mmdit import MMDiTReward, Readout
 from engine.runtime.backends import Backends
 
 
@@ -38,19 +38,22 @@ def engine_costs(
     text_len: int = 333,
     batch: int = 1,
     layers: tuple[int, ...] | None = None,
+    readout: Readout | None = None,
 ) -> dict[str, float]:
-    """FLOPs per image of the engine's reward forward (conditioning included), parameter bytes (bf16) and the
-    number of dispatched aten ops, counted on fake tensors. `preset`: a preset name or a config (a checkpoint's);
-    `layers`: the pooled layers (default: the backbone's default)."""
+    """FLOPs per image of the engine's reward forward (conditioning included; the head's are not counted),
+    parameter bytes (bf16) and the number of dispatched aten ops, counted on fake tensors. `preset`: a preset name
+    or a config (a checkpoint's); `layers`: the pooled layers (default: the backbone's default), or `readout`: what
+    the head reads (an engine's `backbone.readout`, e.g. a query-attention head's image and text tokens)."""
     cfg = preset if isinstance(preset, BackboneConfig) else BackboneConfig.from_name(preset)
-    reward = RewardConfig.for_backbone(cfg, **({"layers": layers} if layers else {}))
+    if readout is None:
+        readout = Readout(pooled=RewardConfig.for_backbone(cfg, **({"layers": layers} if layers else {})).layers)
     ops_seen: Counter[str] = Counter()
     with torch.device("meta"):
-        model = MMDiTReward(cfg, reward.layers).to(torch.bfloat16)
+        model = MMDiTReward(cfg, readout).to(torch.bfloat16)
     z0, prompt_embeds, pooled, noise = _inputs(cfg, resolution, text_len, batch, torch.bfloat16)
     with FlopCounterMode(display=False) as counter, _OpCounter(ops_seen), torch.no_grad():
-        cond = model.condition(prompt_embeds, pooled, reward.t)
-        model(z0, cond.context, cond.modulation, cond.t, Backends(kernels="torch"), noise=noise)
+        cond = model.condition(prompt_embeds, pooled, 0.1)  # (the noise level changes no shape)
+        model(z0, cond.context, cond.modulation, cond.t, Backends(kernels="torch"), noise=noise, temb=cond.temb)
     params = sum(p.numel() for p in model.parameters())
     return {
         "flops_per_image": counter.get_total_flops() / batch,

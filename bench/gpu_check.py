@@ -73,6 +73,8 @@ PLAN = (
     Planned("attention", 3, 15, 2),
     # compile+cudagraphs b8 first (one compile, 60-150 s), then torchao fp8 b8 only while 120 s of the run remain
     Planned("peers_512_b8", 120, 330, 120),
+    # DiNa-LRM-shaped engine (SD3.5-M, 12 blocks, query-attention head) vs diffusers + peft: call 2's first section
+    Planned("dina_512", 30, 90, 35),
     Planned("peers_512_b1", 120, 330, 150),
     Planned("hpsv3", 20, 40, 15),  # measured already (run 3): last
     Planned("max_autotune_512", 400, 900, 600),  # only with --max-autotune: it tunes every GEMM shape
@@ -158,6 +160,7 @@ def section_functions(fail_path: str | None) -> dict:
     hps = ["--interface", "hpsv3", "--resolution", "512", "--batch", "1", "8"]
     lat1024 = ["--resolution", "1024", "--batch", "1", "--dtype", "bf16", "fp8"]
     grpo = ["--resolution", "512", "--batch", "24", "--iters", "5", "--dtype", "fp8"]  # one GRPO group per call
+    dina = ["--reward", "dina", "--resolution", "512", "--batch", "1", "8", "--baselines", "peft", *fail]
     fns = {
         "ceilings": lambda sec: ceilings(Setup.device),
         "kernel_tests": kernel_tests,
@@ -177,6 +180,7 @@ def section_functions(fail_path: str | None) -> dict:
             name: lambda sec, batch=batch: latency(sec, [*peers, "--batch", batch])
             for name, batch in Setup.peer_batches.items()
         },
+        "dina_512": lambda sec: latency(sec, dina),
         "hpsv3": lambda sec: latency(sec, hps),
         "max_autotune_512": lambda sec: latency(sec, [*autotune, "--compile-modes", "max-autotune"]),
     }

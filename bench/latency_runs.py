@@ -6,13 +6,12 @@ the same process as the engine.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +22,9 @@ from bench.tiny_base import default_tiny_base
 from bench.workload import dtype_kwargs, latent_inputs
 from engine import RewardEngine
 from engine.config import BackboneConfig
+
+if TYPE_CHECKING:  # (bench.latency imports this module)
+    from bench.latency import LatencyArgs
 
 FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hpsv3 interfaces on GPU)
     "vae": dict(
@@ -62,7 +64,7 @@ class Bench:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        args: LatencyArgs,
         device: torch.device,
         sink: Callable[[dict], None] | None = None,
         deadline: float | None = None,
@@ -166,13 +168,18 @@ def device_weight_bytes(engine: RewardEngine) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t.device == engine.device)
 
 
+def free_device_memory(device: torch.device) -> None:
+    """Collect what the last model left (hooks and peft hold reference cycles) and return the cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_latent(b: Bench, preset: str, resolutions: list[int], dtypes: list[str]) -> None:
     for dtype in [] if b.args.no_engine else dtypes:
         with b.guarded("engine", interface="latent", dtype=dtype):  # a build that fails costs only its dtype
             _bench_engine(b, preset, resolutions, dtype)
-        gc.collect()  # the engine is freed before the next dtype's model is built
-        if b.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(b.device)  # the engine is freed before the next dtype's model is built
     if b.args.baselines:
         bench_diffusers(b, preset, resolutions)
 
@@ -189,6 +196,13 @@ def _bench_engine(b: Bench, preset: str, resolutions: list[int], dtype: str) -> 
         engine = RewardEngine.from_base(args.base or default_tiny_base(), device=device, **extra)
     else:
         engine = RewardEngine.from_preset(preset, device=device, **extra)
+    engine_rows(b, engine, resolutions, dtype)
+
+
+def engine_rows(b: Bench, engine: RewardEngine, resolutions: list[int], dtype: str, **fields: Any) -> None:
+    """The rows of one built engine at every --resolution and --batch: the eager forward, condition() on its own,
+    scoring against conditioning made beforehand, and the CUDA-graph paths on a GPU; `fields` go into every row."""
+    args, device = b.args, b.device
     engine.check_finite = False  # the RL-loop setting: no host syncs
     # what was built (a checkpoint brings its own config and layers): shapes, FLOPs and labels follow it
     cfg, layers = engine.config, engine.reward_config.layers
@@ -199,7 +213,7 @@ def _bench_engine(b: Bench, preset: str, resolutions: list[int], dtype: str) -> 
 
         graphed = GraphedScorer(engine)
     for side in resolutions:
-        flops = engine_costs(cfg, side, args.text_len, layers=layers)["flops_per_image"]
+        flops = engine_costs(cfg, side, args.text_len, readout=engine.backbone.readout)["flops_per_image"]
         for batch in args.batch:
             inputs = latent_inputs(cfg, batch, side, args.text_len, device, engine.dtype)
             common = dict(
@@ -211,6 +225,7 @@ def _bench_engine(b: Bench, preset: str, resolutions: list[int], dtype: str) -> 
                 flops_per_image=flops,
                 weights_gib=round(device_weight_bytes(engine) / 2**30, 3),
                 random_weights=not args.checkpoint,
+                **fields,
             )
             b.run("engine eager", lambda x: engine.score(x[0], (x[1], x[2])), inputs, batch, **common)
             # prompt-only work on its own (per prompt), and scoring against conditioning made beforehand: the
@@ -292,9 +307,7 @@ def bench_diffusers(b: Bench, preset: str, resolutions: list[int]) -> None:
                 reward.remove()
             reward = transformer = None
             torch._dynamo.reset()  # drops compiled graphs and their CUDA-graph pools before the next model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_device_memory(device)
 
 
 def _time_baseline(b: Bench, label: str, reward, cfg, resolutions: list[int], need_s: float, fields: dict) -> None:

@@ -44,8 +44,10 @@ def row_role(row: dict[str, Any]) -> str:
 
 
 def row_label(row: dict[str, Any]) -> str:
-    """The path, with the `torch.compile` mode where a baseline was timed in several."""
-    return row["path"] + (f" ({row['compile_mode']})" if row.get("compile_mode") else "")
+    """The path, with the `torch.compile` mode where a baseline was timed in several, and the head where it is not
+    DiT-Reward's mean-pool head (a DiNa-shaped row: `[query_attention]`)."""
+    label = row["path"] + (f" ({row['compile_mode']})" if row.get("compile_mode") else "")
+    return label + (f" [{row['head']}]" if row.get("head", "mean_pool") != "mean_pool" else "")
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@
     python -m bench.targets bench/results/2026-11-26-h200-run3.json
 
 Each latency target takes the best engine row that qualifies (any serving variant of the named dtype), per image,
-SD3.5-L shape. Two columns: prompts conditioned inside the timed call (as the baselines do), and conditioning made
-beforehand (`condition()` once per prompt batch, the GRPO pattern; rows "..., cond cached"). Speedups are against
-baselines timed in the same run at the same shape; "the strongest compiled diffusers baseline" is the fastest of
-regional compile, whole-model compile with CUDA graphs (any mode) and torchao FP8 + compile. Lines without a bound
-(kind "info") report a comparison with no verdict.
+SD3.5-L shape with the mean-pool head (the DiNa lines: SD3.5-M with the query-attention head). Two columns: prompts
+conditioned inside the timed call (as the baselines do), and conditioning made beforehand (`condition()` once per
+prompt batch, the GRPO pattern; rows "..., cond cached"). Speedups are against baselines timed in the same run at the
+same shape; "the strongest compiled diffusers baseline" is the fastest of regional compile, whole-model compile with
+CUDA graphs (any mode) and torchao FP8 + compile. Lines without a bound (kind "info") report a comparison with no
+verdict.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ REGIONAL_COMPILE = "diffusers regional-compile"
 COMPILE_CUDAGRAPHS = "compile+cudagraphs"
 TORCHAO_FP8 = "torchao fp8"
 HPSV3 = "vae decode + hpsv3"
+DINA_PEFT = "diffusers+peft eager"  # a DiNa-LRM-shaped reward run as their inferencer runs it (bench.dina)
+DINA_MODEL = ("sd35-medium", "query_attention")  # the DiNa-shaped engine rows' (preset, head)
 COMPILED_BASELINES = (REGIONAL_COMPILE, COMPILE_CUDAGRAPHS, TORCHAO_FP8)
-BASELINE_PATHS = (EAGER, *COMPILED_BASELINES, HPSV3)
+BASELINE_PATHS = (EAGER, *COMPILED_BASELINES, HPSV3, DINA_PEFT)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class Target:
     # from an engine row and the baselines' fastest per-image ms by (path, resolution, batch): (value, what it is
     # relative to, or None), or None when the row has nothing to compare with
     value: Callable[[Row, dict[tuple, float]], tuple[float, str | None] | None]
+    model: tuple[str, str] = ("sd35-large", "mean_pool")  # the engine rows' (preset, head) it reads
+
+
+def _model(row: Row) -> tuple[str, str]:
+    """An engine row's (preset, head); rows written before either field existed: SD3.5-L, mean-pool."""
+    return row.get("preset", "sd35-large"), row.get("head", "mean_pool")
 
 
 def _ms(row: Row, _: dict) -> tuple[float, None]:
@@ -102,6 +111,18 @@ TARGETS = (
     Target("512² b8 bf16 speedup vs compile+cudagraphs", None, "info", _where("bf16"), _speedup(COMPILE_CUDAGRAPHS)),
     Target("512² b8 fp8 speedup vs torchao fp8", None, "info", _where("fp8"), _speedup(TORCHAO_FP8)),
     Target("512² b1 fp8 speedup vs torchao fp8", None, "info", _where("fp8", batch=1), _speedup(TORCHAO_FP8)),
+    # a DiNa-LRM-shaped reward (SD3.5-M, 12 blocks, query-attention head) against the way their inferencer runs it
+    *(
+        Target(
+            f"DiNa-shaped 512² b{b} speedup vs diffusers+peft",
+            None,
+            "info",
+            _where(batch=b),
+            _speedup(DINA_PEFT),
+            DINA_MODEL,
+        )  # fmt: skip
+        for b in (8, 1)
+    ),
 )
 
 # FP8 fidelity (bench.gpu_check's fp8_fidelity section, variant "fp8" vs bf16): key, bound
@@ -150,14 +171,14 @@ def evaluate(data: dict) -> list[dict[str, Any]]:
         )
     rows = _rows(data)
     baselines = fastest_baselines(rows)
-    engine = [r for r in rows if r["path"].startswith("engine") and r.get("preset", "sd35-large") == "sd35-large"]
+    engine = [r for r in rows if r["path"].startswith("engine")]
     out = []
     for t in TARGETS:
         line: dict[str, Any] = {"target": t.name, "bound": t.bound, "kind": t.kind}
         for column, cached in (("uncached", False), ("cached", True)):
             candidates = []
             for r in engine:
-                if t.rows(r) and r["path"].endswith("cond cached") == cached:
+                if _model(r) == t.model and t.rows(r) and r["path"].endswith("cond cached") == cached:
                     got = t.value(r, baselines)
                     if got is not None:
                         what = f"{r['path']} {r['dtype']}" + (f" vs {got[1]}" if got[1] else "")

@@ -16,9 +16,7 @@ from torch import nn
 
 from engine.checks import (
     as_prompt_pair,
-    check_conditioning_fits,
     check_latents,
-    check_outputs_finite,
     check_prompts,
     noise_levels,
     prompt_rows,
@@ -31,8 +29,8 @@ from engine.io import hub
 from engine.io.backbone import base_source, load_backbone, random_backbone
 from engine.io.checkpoint import save_reward_checkpoint
 from engine.io.formats import open_reward_checkpoint
-from engine.model.conditioning import Conditioning
-from engine.model.mmdit import BackboneOutputs, MMDiTReward, diffusers_state_dict
+from engine.model.conditioning import Conditioning, check_conditioning_fits
+from engine.model.mmdit import BackboneOutputs, MMDiTReward, check_outputs_finite, diffusers_state_dict
 from engine.prompt_length import SD3_T5_TOKENS, PromptLength
 from engine.reward_noise import CommonNoise, NoiseOption, check_noise_option
 from engine.runtime.backends import Backends, in_engine_dtype
@@ -206,7 +204,7 @@ class RewardEngine(nn.Module):
         """A reward checkpoint directory (any format of `engine.io.formats`: this engine's, or DiNa-LRM's, whose t is
         its `u`) on top of a local base model (diffusers directory or original single file; optional when the
         checkpoint holds every backbone weight). Either may be a hub id (`org/name`, `engine.io.hub`)."""
-        checkpoint = hub.resolve(checkpoint, "reward checkpoint")
+        checkpoint = hub.resolve(checkpoint, "reward checkpoint", hub.REWARD_FILES)
         if base is not None:
             base = hub.resolve(base, "base model", hub.BASE_FILES)
         found = open_reward_checkpoint(checkpoint, base)
@@ -301,6 +299,11 @@ class RewardEngine(nn.Module):
         """Write a reward checkpoint atomically (head always; the used backbone blocks if `include_backbone`).
         Keyword arguments are JSON metadata (e.g. the trainer's `training={...}`), stored under the checkpoint's
         "metadata" key, where they cannot shadow the core fields; `read_reward_config` returns them there."""
+        if not include_backbone and self.backbone.merged_adapter:
+            raise ValueError(
+                f"{self.backbone.merged_adapter} is merged into this engine's blocks: save with include_backbone=True "
+                "(the base alone would load without it)"
+            )
         if include_backbone and self.fp8:
             raise ValueError(
                 "include_backbone=True needs the bf16 weights, but this fp8 engine holds block linears quantised to "
@@ -323,10 +326,9 @@ class RewardEngine(nn.Module):
     def condition(
         self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, *, t: NoiseArg = None, grad: bool = False
     ) -> Conditioning:
-        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]; the (prompt, t)
-        part of each t scored is made once and kept (`cond.hits`/`misses`; `t`: a float or list made ahead, e.g. a
-        sampler's timesteps). `grad=True` keeps the graph (training the embedders and adaLN linears); otherwise
-        no_grad, whose outputs, unlike inference-mode tensors, may still feed a differentiable `score(grad=True)`."""
+        """Prompt-only work, once per prompt: prompt_embeds [P, L, joint_dim], pooled [P, pooled_dim]; each t's part is
+        made once and kept (`cond.hits`/`misses`; `t=[...]` makes a sampler's ahead). `grad=True` keeps the graph
+        (training the embedders, adaLN linears); otherwise no_grad, which may still feed `score(..., grad=True)`."""
         check_prompts(prompt_embeds, pooled, self.config, self.device, finite=self.check_finite)
         self.prompt_length.check(prompt_embeds.shape[1])
         schedule, default = self.reward_config.schedule, self.reward_config.t
@@ -369,20 +371,17 @@ class RewardEngine(nn.Module):
         noise: explicit eps [B, C, H, W]; seed: reproducible eps (image b uses stream b + image_offset); neither:
         fresh noise. grad=True keeps the graph so rewards backpropagate to the latents.
         t: None (the checkpoint's), a float, a float tensor [B] (per latent), or a list of K floats (the ensemble:
-        each latent at K levels, one eps); a DiNa-LRM checkpoint's t is its `u` (`engine.schedule`).
-        `add_noise=False`: the latents already are x_t at t (a sampler's state): no noise, seed or noise."""
+        each latent at K levels, one eps); a DiNa-LRM checkpoint's t is its `u` (`engine.schedule`). `add_noise=False`:
+        the latents already are x_t at t (a sampler's state), scored as they are (no noise or seed)."""
         if not self.backbone.readout.pooled:
             raise ValueError(f"features() gives mean-pooled features: a {self.reward_config.head} head reads none")
-        pooled = self._forward(latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset)[
-            0
-        ].pooled
-        return pooled if grad else pooled.clone()  # a normal tensor: callers may edit it in place or train a head on it
+        outputs, _ = self._forward(latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset)
+        return outputs.pooled if grad else outputs.pooled.clone()  # a normal tensor: callers may edit it, train on it
 
     def _forward(
         self, latents, prompt_emb, noise, seed, t, add_noise, grad, prompt_index, image_offset
     ) -> tuple[BackboneOutputs, int]:
-        """The backbone's outputs for every forward row and the views K (1 unless an ensemble); inference-mode tensors
-        when grad=False (`score` reads them under no_grad, which hands back an ordinary tensor)."""
+        """The backbone's outputs of each forward row and the views K (inference-mode tensors unless `grad`)."""
         if not add_noise and (noise is not None or seed is not None):
             raise ValueError("add_noise=False scores the latents as the x_t they are: pass neither noise nor seed")
         cond = self.conditioning_for(latents, prompt_emb, noise, prompt_index, t=t, add_noise=add_noise, grad=grad)
@@ -462,10 +461,9 @@ class RewardEngine(nn.Module):
         add_noise: bool = True,
         grad: bool = False,
     ) -> Conditioning:
-        """Check latents [B, C, H, W] (and noise, t) and return the Conditioning row of each forward row (B, or K B
-        for an ensemble t): what every forward of this engine reads (`features`, `score`,
-        `engine.runtime.graphs.GraphedScorer`). Its `t` is the sigma of all rows, or of each row ([R] float32).
-        Arguments as `features`."""
+        """Check latents [B, C, H, W] (and noise, t); the Conditioning row of each forward row (B, or K B for an
+        ensemble) that every forward reads (`features`, `score`, `GraphedScorer`), its `t` the rows' sigma (a float, or
+        [R] float32). Arguments as `features`."""
         check_latents(latents, noise, self.config, self.device, finite=self.check_finite)
         if grad and self.fp8:
             raise ValueError(

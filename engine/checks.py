@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from engine.config import BackboneConfig
 from engine.schedule import TimeSchedule
-
-if TYPE_CHECKING:  # (engine.model.conditioning imports this module)
-    from engine.model.conditioning import Conditioning
-    from engine.model.mmdit import BackboneOutputs
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -114,17 +110,6 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def check_outputs_finite(outputs: BackboneOutputs, latents: torch.Tensor, modulation: torch.Tensor) -> None:
-    """ValueError when a forward of finite inputs overflowed (its pooled features, or the deepest image tokens read)."""
-    checked = {"features": outputs.pooled} if outputs.pooled is not None else {"tokens": outputs.image[-1]}
-    if first_nonfinite(checked) is not None:
-        raise ValueError(
-            f"the {next(iter(checked))} overflowed to NaN/Inf although latents and prompt embeddings are finite: an "
-            f"input is too large for {modulation.dtype} (largest |latent| {float(latents.abs().max()):.3g}, largest "
-            f"adaLN |modulation| {float(modulation.abs().max()):.3g}); check the latents' and prompts' scale"
-        )
-
-
 # What `engine.score(seed=...)` draws from: a Philox key in [0, 2**63) (kernels.noise.near_clean).
 SEED_RANGE = (0, 2**63)
 
@@ -211,30 +196,6 @@ def check_latents(
         check_device("noise", noise, device)
     if finite:
         check_finite({"latents": latents} if noise is None else {"latents": latents, "noise": noise})
-
-
-def check_conditioning_fits(
-    cond: Conditioning, cfg: BackboneConfig, n_vectors: int, dtype: torch.dtype, device: torch.device
-) -> None:
-    """A Conditioning whose shapes, dtype and device fit the engine (`n_vectors` adaLN vectors per prompt); where
-    it came from is the engine's own check."""
-    dim = cfg.hidden_size
-    context, modulation = cond.context, cond.modulation
-    if (
-        modulation.ndim != 3
-        or modulation.shape[1:] != (n_vectors, dim)
-        or context.ndim != 3
-        or context.shape[0] != modulation.shape[0]
-        or context.shape[-1] != dim
-    ):
-        raise ValueError(
-            f"this Conditioning does not fit the engine (context {list(context.shape)}, modulation "
-            f"{list(modulation.shape)}; expected [P, L, {dim}] and [P, {n_vectors}, {dim}]): make it with this "
-            f"engine's condition()"
-        )
-    if context.dtype != dtype or modulation.dtype != dtype:
-        raise ValueError(f"Conditioning is {modulation.dtype}, the engine computes in {dtype}: re-condition")
-    check_device("Conditioning", context, device)
 
 
 def check_prompt_index(

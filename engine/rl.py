@@ -35,6 +35,7 @@ from engine.checks import resolve_device, resolve_dtype, same_device
 from engine.pixel import ImageBatch
 from engine.reward_noise import NoiseOption, check_noise_option
 from engine.shared import ENGINE_OPTIONS, shared_engine
+from engine.steps import StepRewards  # rewards while sampling: a diffusers callback_on_step_end
 
 # Flow-GRPO's form: fn(images, prompts, metadata) -> (scores [B], details dict).
 ImageRewardFn = Callable[[ImageBatch, Sequence[str], Any], tuple[np.ndarray, dict[str, Any]]]
@@ -403,6 +404,7 @@ __all__ = [
     "distinct_prompts",
     "ImageRewardFn",
     "LatentRewardFn",
+    "StepRewards",
     "dit_latent_reward_fn",
     "dit_reward_factory",
     "dit_reward_fn",

@@ -48,15 +48,20 @@ class TimeSchedule(Schema):
         """The sigma of z_t for the caller's t (a Python float; an fp32 value for the table)."""
         if self.kind == "direct":
             return float(t)
-        sigmas, _ = _table(self.num_train_timesteps, self.shift)
-        index = int(torch.argmin((sigmas - torch.tensor(t, dtype=torch.float32)).abs()))
-        return float(sigmas[index])
+        return _nearest_sigma(self.num_train_timesteps, self.shift, float(t))
 
     def timestep(self, sigma: float) -> float:
         """The timestep the time embedding reads at `sigma` (a value `sigma` returned)."""
         if self.kind == "direct":
             return 1000.0 * sigma
         return float(torch.tensor(sigma, dtype=torch.float32) * self.num_train_timesteps)
+
+
+@functools.lru_cache(maxsize=4096)  # a sampler asks for the same few levels at every step
+def _nearest_sigma(n: int, shift: float, t: float) -> float:
+    """The table sigma nearest t, compared in fp32 (the first on a tie), as DiNa-LRM's inferencer picks it."""
+    sigmas, _ = _table(n, shift)
+    return float(sigmas[int(torch.argmin((sigmas - torch.tensor(t, dtype=torch.float32)).abs()))])
 
 
 @functools.cache

@@ -191,3 +191,17 @@ def test_bad_dina_layouts_name_the_file(tmp_path, base):
     refused("rm_head.pt: not a PyTorch state dict readable with weights_only=True")
     head_file.unlink()
     refused("rm_head.pt: missing", FileNotFoundError)
+
+
+def test_an_engine_with_a_merged_lora_saves_its_blocks(tmp_path, base):
+    """A DiNa-LRM engine saved without its blocks would reload on the bare base: refused; with them it round-trips."""
+    engine = RewardEngine.from_pretrained(
+        write_dina(tmp_path, base, [1, 2], [2]), base=base, dtype=torch.float32, kernels_backend="torch"
+    )
+    with pytest.raises(ValueError, match="backbone_lora.* merged into this engine.s blocks"):
+        engine.save_pretrained(tmp_path / "saved")
+    engine.save_pretrained(tmp_path / "saved", include_backbone=True)
+    again = RewardEngine.from_pretrained(tmp_path / "saved", base=base, dtype=torch.float32, kernels_backend="torch")
+    z0, pe, po, noise = random_inputs(batch=2, h=8, w=8, text_len=5, seed=12)
+    for t in (0.2, [0.3, 0.6]):
+        assert torch.equal(again.score(z0, (pe, po), noise=noise, t=t), engine.score(z0, (pe, po), noise=noise, t=t))

@@ -47,7 +47,7 @@ def test_gpu_check_runs_every_section_on_the_cpu_and_a_failing_baseline_costs_on
         "profile_fp8",
         "profile_fp8_b1",
         "profile_bf16",
-    } | {"kernel_bench", "attention", "peers_512_b8", "hpsv3"}
+    } | {"kernel_bench", "attention", "peers_512_b8", "dina_512", "hpsv3"}
     assert set(data["section_seconds"]) == set(sections) and all(s["complete"] for s in sections.values())
     # every row is in rows.jsonl too, in the order it was made, section by section
     streamed = [(r["section"], r["row"]) for r in _records(tmp_path) if "row" in r]
@@ -77,6 +77,11 @@ def test_gpu_check_runs_every_section_on_the_cpu_and_a_failing_baseline_costs_on
     torchao = [r for r in peers if r["path"] == "torchao fp8"]
     assert torchao and all(r["skipped"].startswith("skipped: needs CUDA sm≥8.9") for r in torchao)
     assert {r["path"] for r in sections["hpsv3"]["rows"]} >= {"vae decode + hpsv3"}
+    # the DiNa-shaped engine and its diffusers + peft baseline, both batches, every row timed
+    dina = sections["dina_512"]["rows"]
+    assert all(r.get("per_image_ms", 0) > 0 and r["head"] == "query_attention" for r in dina)
+    paths = ("engine eager", "engine eager, cond cached", "diffusers+peft eager")
+    assert {(r["path"], r["batch"]) for r in dina} >= {(path, batch) for path in paths for batch in (1, 8)}
     assert 0.5 <= sections["fp8_fidelity"]["fp8"]["group_order_agreement"] <= 1
     # FP8's rounding emulated in bf16 GEMMs reproduces the FP8 engine (what makes its two halves a valid diagnosis)
     fidelity = sections["fp8_fidelity"]
@@ -157,13 +162,15 @@ def test_the_plan_fits_one_call():
     # by value: engine correctness and latency first; kernel rows before the peers; the peers' b8 before b1; HPSv3
     # (measured already) last but max-autotune, which runs only when asked for
     order = ["engine_parity", "latency_512", "fp8_fidelity", "adaln_on_host", "latency_1024", "profile_fp8"]
-    order += ["kernel_bench", "peers_512_b8", "peers_512_b1", "hpsv3", "max_autotune_512"]
+    order += ["kernel_bench", "peers_512_b8", "dina_512", "peers_512_b1", "hpsv3", "max_autotune_512"]
     assert [n for n in names if n in order] == order
     assert all(p.need_s <= p.budget_s for p in PLAN)
     text = plan_text()
     assert "--deadline-s 490" in text and "timeout_s=570" in text and "max_autotune" not in text
     assert "importlib_metadata" not in text.split("pip download")[1].split("\n")[0]
-    assert "--only peers_512_b1 hpsv3" in text
+    # the DiNa-shaped section does not fit call 1: it opens call 2
+    assert STARTUP_S + sum(p.predicted_s for p in PLAN if p.name in [*first, "dina_512"]) > PLANNED_S
+    assert "--only dina_512 peers_512_b1 hpsv3" in text
 
 
 def test_agreement_metrics_by_hand():

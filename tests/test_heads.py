@@ -100,8 +100,8 @@ def reference_head(p, image, text, temb, heads, views=1):
 )
 def test_query_attention_head_matches_its_equations(image_layers, text_layers, width, proj_in):
     dim, heads = 32, 4
-    head = QueryAttentionHead(image_layers, text_layers, dim, width=width, num_queries=3, num_heads=heads, outputs=2,
-                              proj_in=proj_in).double()  # fmt: skip
+    sizes = {"width": width, "num_queries": 3, "num_heads": heads, "outputs": 2, "proj_in": proj_in}
+    head = QueryAttentionHead(image_layers, text_layers, dim, **sizes).double()
     randomise(head, seed=len(image_layers) + 7 * len(text_layers))
     g = torch.Generator().manual_seed(3)
     for batch, n_img, n_txt, views in ((3, 15, 7, 1), (2, 1, 5, 1), (2, 9, 13, 3)):
@@ -125,23 +125,16 @@ def test_fresh_query_attention_head_starts_as_dina_does():
     adapter = head.layer_adapters_visual[0]
     assert not adapter.cond_mlp[2].weight.any() and not adapter.cond_mlp[2].bias.any()  # gamma = beta = 0
     assert not head.attn1.gate_vis[2].weight.any()  # every gate 0.5
-    assert adapter.proj_in is None and QueryAttentionHead((1,), (1,), 32, width=16, num_heads=4).layer_adapters_visual[
-        0
-    ].proj_in is not None  # fmt: skip
+    narrow = QueryAttentionHead((1,), (1,), 32, width=16, num_heads=4)
+    assert adapter.proj_in is None and narrow.layer_adapters_visual[0].proj_in is not None  # W != D: a projection
 
 
 def test_build_head_knows_the_types():
     cfg = PRESETS["tiny"]
     mean_pool = build_head(RewardConfig.for_backbone(cfg), cfg)
     assert isinstance(mean_pool, MeanPoolHead)
-    assert sorted(mean_pool.state_dict()) == [
-        "mlp.0.bias",
-        "mlp.0.weight",
-        "mlp.2.bias",
-        "mlp.2.weight",
-        "mlp.4.bias",
-        "mlp.4.weight",
-    ]  # fmt: skip  (every checkpoint's keys)
+    keys = [f"mlp.{i}.{leaf}" for i in (0, 2, 4) for leaf in ("bias", "weight")]
+    assert sorted(mean_pool.state_dict()) == keys  # every existing checkpoint's keys
     qa = RewardConfig.for_backbone(
         cfg, layers=(1, 2), text_layers=(2,), head="query_attention", query_attention=QueryAttentionConfig(num_heads=4)
     )

@@ -97,3 +97,39 @@ def test_pickles_and_the_single_file_copy_are_not_fetched(offline_cache, monkeyp
         hub.resolve("stabilityai/stable-diffusion-3.5-large", "base model", hub.BASE_FILES)
     assert "*.bin" in seen["ignore_patterns"] and "*.safetensors" not in seen["allow_patterns"]
     assert "transformer/*" in seen["allow_patterns"]
+
+
+def test_a_dina_checkpoint_resolves_from_the_cache(offline_cache, tmp_path):
+    """`from_pretrained("liuhuohuo/DiNa-LRM-SD35M-12layers", base="stabilityai/stable-diffusion-3.5-medium")` is the
+    whole set-up: their layout (rm_head.pt included) and the base both come from the hub cache."""
+    pytest.importorskip("peft")
+    from test_dina import write_base, write_dina
+
+    base = write_base(tmp_path)
+    ckpt = write_dina(tmp_path, base, [1, 3], [3])
+    _cache_repo(offline_cache, "liuhuohuo/DiNa-LRM-SD35M-12layers", ckpt)
+    _cache_repo(offline_cache, "stabilityai/stable-diffusion-3.5-medium", base)
+    kw = dict(dtype=torch.float32, kernels_backend="torch")
+    local = RewardEngine.from_pretrained(ckpt, base=base, **kw)
+    hubbed = RewardEngine.from_pretrained(
+        "liuhuohuo/DiNa-LRM-SD35M-12layers", base="stabilityai/stable-diffusion-3.5-medium", **kw
+    )
+    z, prompt = torch.randn(2, 16, 8, 10), (torch.randn(2, 5, 96), torch.randn(2, 80))
+    for t in (0.1, 0.7):
+        torch.testing.assert_close(hubbed.score(z, prompt, seed=1, t=t), local.score(z, prompt, seed=1, t=t))
+
+
+def test_a_reward_checkpoint_fetches_its_files_and_no_other_pickle():
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo = [
+        "reward_config.json", "head.safetensors", "backbone.safetensors", "config.json", "README.md",
+        "checkpoint/backbone_lora/adapter_config.json", "checkpoint/backbone_lora/adapter_model.safetensors",
+        "checkpoint/rm_head.pt", "checkpoint/optimizer.pt", "rm_head.pt", "pytorch_model.bin", "ema.pkl",
+    ]  # fmt: skip
+    fetched = set(filter_repo_objects(repo, allow_patterns=hub.REWARD_FILES, ignore_patterns=hub.PICKLES))
+    assert fetched == {
+        "reward_config.json", "head.safetensors", "backbone.safetensors", "config.json",
+        "checkpoint/backbone_lora/adapter_config.json", "checkpoint/backbone_lora/adapter_model.safetensors",
+        "checkpoint/rm_head.pt",
+    }  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 
 from engine.config import BackboneConfig
 from engine.io.single_file import single_file_source
-from engine.io.sources import TensorSource, diffusers_dir_source
+from engine.io.sources import TensorSource, describe_source, diffusers_dir_source
 from engine.model.mmdit import MMDiTReward, Readout, diffusers_state_dict
 
 if TYPE_CHECKING:
@@ -101,11 +101,8 @@ def load_backbone(
         where[key] = description
     checked_weights(state, where, dtype)
     model.load_state_dict(state, assign=True, strict=True)
+    model.merged_adapter = None if adapter is None else adapter.describe()
     return model.eval().requires_grad_(False)
-
-
-def describe_source(source: Mapping) -> str:
-    return source.describe() if hasattr(source, "describe") else "the in-memory state dict"
 
 
 def _block_indices(sources: list[Mapping[str, torch.Tensor]]) -> set[int]:

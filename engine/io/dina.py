@@ -87,8 +87,8 @@ class DinaModelSection(Schema):
                     "outputs, is not supported)",
                 )
         if self.use_lora == self.freeze_backbone:
-            raise invalid("model.use_lora", self.use_lora, f"{not self.freeze_backbone} when freeze_backbone is "
-                          f"{self.freeze_backbone} (a LoRA-tuned backbone, or the frozen base)")  # fmt: skip
+            expected = f"{not self.freeze_backbone} when freeze_backbone is {self.freeze_backbone}"
+            raise invalid("model.use_lora", self.use_lora, f"{expected} (a LoRA-tuned backbone, or the frozen base)")
         return self
 
 

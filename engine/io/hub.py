@@ -26,6 +26,10 @@ BASE_FILES = (
     "text_encoder*/*",
     "tokenizer*/*",
 )
+# What a reward checkpoint consists of, in either format `engine.io.formats` reads: ours (reward_config.json,
+# head/backbone safetensors) and DiNa-LRM's (config.json, checkpoint/backbone_lora/ as safetensors, and
+# checkpoint/rm_head.pt, the one pickle fetched: `engine.io.dina` reads it with the weights-only unpickler).
+REWARD_FILES = ("*.json", "*.safetensors", "checkpoint/rm_head.pt")
 PICKLES = ("*.bin", "*.ckpt", "*.pth", "*.pkl", "*.msgpack", "*.h5")
 
 
@@ -63,4 +67,4 @@ def resolve(
         ) from None
 
 
-__all__ = ["BASE_FILES", "HUB_ID", "resolve"]
+__all__ = ["BASE_FILES", "HUB_ID", "REWARD_FILES", "resolve"]

@@ -30,9 +30,8 @@ import torch
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 
-from engine.io.backbone import describe_source
 from engine.io.files import FileInputError, is_regular_file, parse_json, read_json
-from engine.io.sources import TensorSource
+from engine.io.sources import TensorSource, describe_source
 from engine.model.layers import FUSED_PROJECTIONS
 from engine.schema import Schema, invalid, validate
 

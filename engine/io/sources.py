@@ -119,3 +119,7 @@ def diffusers_dir_source(base: str | os.PathLike) -> tuple[BackboneConfig, Tenso
     return BackboneConfig.from_diffusers(raw, str(path)), TensorSource(
         _safetensors_in(directory, "diffusion_pytorch_model")
     )
+
+
+def describe_source(source: Mapping) -> str:
+    return source.describe() if hasattr(source, "describe") else "the in-memory state dict"

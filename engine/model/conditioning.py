@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine.checks import first_nonfinite
+from engine.checks import check_device, first_nonfinite
+from engine.config import BackboneConfig
 from engine.lru import LRUCache
 
 # (modulation [P, M, D], temb [P, D]) of the prompts at one noise level, and what makes them from pooled
@@ -137,3 +138,27 @@ class Conditioning:
             raise ValueError("Conditioning.concat needs parts made at one t by one engine (same origin)")
         tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in first._tensors()}
         return replace(first, **tensors)
+
+
+def check_conditioning_fits(
+    cond: Conditioning, cfg: BackboneConfig, n_vectors: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """A Conditioning whose shapes, dtype and device fit the engine (`n_vectors` adaLN vectors per prompt); where
+    it came from is the engine's own check."""
+    dim = cfg.hidden_size
+    context, modulation = cond.context, cond.modulation
+    if (
+        modulation.ndim != 3
+        or modulation.shape[1:] != (n_vectors, dim)
+        or context.ndim != 3
+        or context.shape[0] != modulation.shape[0]
+        or context.shape[-1] != dim
+    ):
+        raise ValueError(
+            f"this Conditioning does not fit the engine (context {list(context.shape)}, modulation "
+            f"{list(modulation.shape)}; expected [P, L, {dim}] and [P, {n_vectors}, {dim}]): make it with this "
+            f"engine's condition()"
+        )
+    if context.dtype != dtype or modulation.dtype != dtype:
+        raise ValueError(f"Conditioning is {modulation.dtype}, the engine computes in {dtype}: re-condition")
+    check_device("Conditioning", context, device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.checks import check_finite
+from engine.checks import check_finite, first_nonfinite
 from engine.config import BackboneConfig
 from engine.model.block import JointBlock
 from engine.model.conditioning import Conditioning, MakeLevel
@@ -70,6 +70,17 @@ class BackboneOutputs:
     temb: torch.Tensor | None  # [B, D]
 
 
+def check_outputs_finite(outputs: BackboneOutputs, latents: torch.Tensor, modulation: torch.Tensor) -> None:
+    """ValueError when a forward of finite inputs overflowed (its pooled features, or the deepest image tokens read)."""
+    checked = {"features": outputs.pooled} if outputs.pooled is not None else {"tokens": outputs.image[-1]}
+    if first_nonfinite(checked) is not None:
+        raise ValueError(
+            f"the {next(iter(checked))} overflowed to NaN/Inf although latents and prompt embeddings are finite: an "
+            f"input is too large for {modulation.dtype} (largest |latent| {float(latents.abs().max()):.3g}, largest "
+            f"adaLN |modulation| {float(modulation.abs().max()):.3g}); check the latents' and prompts' scale"
+        )
+
+
 class MMDiTReward(nn.Module):
     """Blocks 0..depth-1 of an SD3/SD3.5 MMDiT, returning what `readout` asks for (a tuple of block indices: their
     mean-pooled image features)."""
@@ -79,6 +90,7 @@ class MMDiTReward(nn.Module):
         readout = readout if isinstance(readout, Readout) else Readout(pooled=tuple(readout))
         self.cfg, self.readout = cfg, readout
         self.schedule = TimeSchedule()  # the time convention of the reward it serves (set by the engine)
+        self.merged_adapter: str | None = None  # a LoRA merged into the weights at load (what it was)
         depth = readout.depth
         self.pos_embed = PatchEmbed(cfg)
         self.time_text_embed = TimeTextEmbed(cfg.hidden_size, cfg.pooled_projection_dim)

@@ -95,9 +95,15 @@ class ScoreClient:
         noise: torch.Tensor | None = None,
         seed: int | None = None,
         fresh_noise: bool = False,
+        *,
+        t: float | torch.Tensor | None = None,
+        add_noise: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """The server's outputs (``rewards`` [B] float32 and, for an uncertainty head, ``std`` [B], on the CPU)."""
-        body = encode_request(latents, prompt_embeds, pooled, prompt_index, noise, seed, fresh_noise)
+        """The server's outputs (``rewards`` [B] float32 and, for an uncertainty head, ``std`` [B], on the CPU).
+        ``t``/``add_noise`` as `RewardEngine.score` (a float or a float tensor [B]; see `encode_request`)."""
+        body = encode_request(
+            latents, prompt_embeds, pooled, prompt_index, noise, seed, fresh_noise, t=t, add_noise=add_noise
+        )
         return decode_response(self.post("/score", body), batch=latents.shape[0])
 
     def post(self, path: str, body: bytes) -> bytes:
@@ -148,8 +154,9 @@ def _error_message(e: urllib.error.HTTPError) -> str:
 
 
 class RemoteLatentReward:
-    """``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None) -> rewards [B]``,
-    the call of `engine.rl.dit_latent_reward_fn`, scored by a reward server.
+    """``fn(latents, prompt_embeds, pooled, prompt_index=None, *, group_index=None, prompts=None, t=None,
+    add_noise=True) -> rewards [B]``, the call of `engine.rl.dit_latent_reward_fn`, scored by a reward server
+    (``t``: a float or a float tensor [B]; a sampler's intermediate x_t: ``t=sigma, add_noise=False``).
 
     Rows and latents pair up as there: ``prompt_index`` into distinct rows; ``group_index``/``prompts`` label
     per-latent rows (only the first row of each group is sent); or R == B / R == 1. Near-clean noise, as
@@ -176,6 +183,8 @@ class RemoteLatentReward:
         *,
         group_index: torch.Tensor | Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
+        t: float | torch.Tensor | None = None,
+        add_noise: bool = True,
     ) -> torch.Tensor:
         from engine.rl import distinct_prompts
 
@@ -183,8 +192,9 @@ class RemoteLatentReward:
             latents, prompt_embeds, pooled, prompt_index, group_index, prompts
         )
         out = self.client.score(
-            latents, prompt_embeds, pooled, prompt_index, seed=self.seed, fresh_noise=self.noise == "fresh"
-        )
+            latents, prompt_embeds, pooled, prompt_index, seed=self.seed if add_noise else None,
+            fresh_noise=add_noise and self.noise == "fresh", t=t, add_noise=add_noise,
+        )  # fmt: skip
         return out["rewards"].to(latents.device)
 
 

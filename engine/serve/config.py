@@ -50,7 +50,12 @@ class ServeConfig(Schema):
                                     "--max-batch (default 2 x --max-batch)")  # fmt: skip
     max_queued: int = Field(256, ge=1, le=65_536, description="requests waiting for a replica before 503")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503 (seconds)")
-    cache_size: int = Field(256, ge=0, le=1_000_000, description="conditioned prompt rows kept per replica (LRU)")
+    cache_size: int = Field(
+        256,
+        ge=0,
+        le=1_000_000,
+        description="conditioned prompt rows kept per replica, and as many (prompt row, t) levels (an LRU each)",
+    )
     # what one request may be
     max_request_mb: float = Field(256.0, gt=0, le=4096, description="larger bodies are answered 413 (MiB)")
     max_prompt_tokens: int = Field(MAX_PROMPT_TOKENS, ge=1, le=4096, description="longest prompt_embeds accepted "

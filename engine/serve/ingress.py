@@ -104,8 +104,9 @@ SCORE_OPENAPI: dict[str, Any] = {
     "summary": "Score latents against prompt embeddings",
     "description": "A safetensors body with latents [B, C, H, W], prompt_embeds [P, L, D], pooled [P, Dp], "
     "optional prompt_index [B] int64 and at most one of noise [B, C, H, W], seed (int64 scalar in [0, 2**63)), "
-    "fresh_noise (bool scalar); none of them: the engine's common noise. Build it with "
-    "engine.serve.encode_request.",
+    "fresh_noise (bool scalar); none of them: the engine's common noise. Optional t (float32/float64 scalar, or "
+    "[B] one noise level per latent, in [0, 1]; absent: the checkpoint's) and add_noise (bool scalar; false: the "
+    "latents already are x_t at t, no noise source). Build it with engine.serve.encode_request.",
     "response_class": Response,
     "openapi_extra": {
         "requestBody": {"required": True, "content": {"application/octet-stream": _SAFETENSORS}},

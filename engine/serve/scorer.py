@@ -3,6 +3,11 @@
     Scorer.score(request) -- envelope + engine checks (a refusal never joins a batch)
         --> @serve.batch --> BatchScorer.run(items): group by what can share one forward, one engine.score per group
 
+Requests at different noise levels share a forward: each keeps its own t through a per-latent t [B] of the group
+(the checkpoint's t for a request without one); requests that add noise and requests whose latents already are x_t
+(``add_noise`` false) are scored in separate forwards. A prompt row's adaLN vectors at a noise level other than the
+checkpoint's are kept per (prompt row, t), so a sampler sending the same timesteps again reuses them.
+
 A group whose forward raises anything is scored again request by request, so each request gets its own answer:
 its rewards, 400 with the engine's message for an input error, 500 for anything else.
 """
@@ -13,7 +18,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,7 +27,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from engine.api import RewardEngine
 from engine.lru import LRUCache
-from engine.model.conditioning import Conditioning
+from engine.model.conditioning import Conditioning, Level
 from engine.serve.config import ServeConfig
 from engine.serve.request import ScoreRequest, check_request, check_scorable
 from kernels.noise import noise_ref
@@ -53,17 +58,25 @@ def prompt_row_key(prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> bytes:
 
 
 class ConditioningCache:
-    """Bounded LRU of one-row Conditionings keyed by `prompt_row_key`; conditions only the rows it has not seen.
-    Prompt rows are hashed where they arrive (the CPU, from the wire); only the rows that miss go to the device.
-    The prompts are already checked (`check_scorable`). Thread-safe: the batch loop and request threads may both
-    use it."""
+    """Bounded LRUs of one-row Conditionings keyed by `prompt_row_key`, and of their (modulation, temb) at other
+    noise levels keyed by (row key, sigma): a sampler scoring its intermediate steps sends a fixed set of levels.
+    Conditions only the rows (and makes only the levels) it has not seen, each in one batched call. Prompt rows are
+    hashed where they arrive (the CPU, from the wire); only the rows that miss go to the device. The prompts are
+    already checked (`check_scorable`). Thread-safe: the batch loop and request threads may both use it."""
 
     def __init__(self, engine: RewardEngine, capacity: int):
         self.engine = engine
         self._rows: LRUCache[bytes, Conditioning] = LRUCache(capacity)
+        self._levels: LRUCache[tuple[bytes, float], Level] = LRUCache(capacity)
+        self._make = engine.backbone.level_maker(False, engine.check_finite)
 
     def __call__(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> tuple[Conditioning, int]:
         """(Conditioning [P], number of rows conditioned now)."""
+        cond, _, fresh = self.condition(prompt_embeds, pooled)
+        return cond, fresh
+
+    def condition(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> tuple[Conditioning, list[bytes], int]:
+        """(Conditioning [P], the rows' keys, number of rows conditioned now)."""
         keys = [prompt_row_key(e, p) for e, p in zip(prompt_embeds, pooled, strict=True)]
         rows: list[Conditioning | None] = [self._rows.get(k) for k in keys]
         todo = [i for i, row in enumerate(rows) if row is None]
@@ -73,7 +86,26 @@ class ConditioningCache:
             for j, i in enumerate(todo):
                 rows[i] = fresh.select(torch.tensor([j], device=fresh.context.device))
                 self._rows.put(keys[i], rows[i])
-        return Conditioning.concat(rows), len(todo)  # type: ignore[arg-type]
+        return Conditioning.concat(rows), keys, len(todo)  # type: ignore[arg-type]
+
+    def level(self, cond: Conditioning, keys: list[bytes], sigma: float, used: list[int]) -> tuple[Level, int]:
+        """((modulation [P, M, D], temb [P, D]) of `cond`'s rows (keyed `keys`) at noise level `sigma`, number of
+        rows made now): rows `used` from the cache, those it lacks made together from `cond.pooled` and kept; the
+        other rows are zeros, which a forward scoring no latent of theirs at `sigma` never reads."""
+        found = {i: self._levels.get((keys[i], sigma)) for i in used}
+        todo = [i for i, level in found.items() if level is None]
+        if todo:
+            index = torch.tensor(todo, device=cond.pooled.device)  # type: ignore[union-attr]
+            modulation, temb = self._make(cond.pooled.index_select(0, index), sigma)  # type: ignore[union-attr]
+            for j, i in enumerate(todo):
+                found[i] = (modulation[j : j + 1], temb[j : j + 1])  # type: ignore[index]
+                self._levels.put((keys[i], sigma), found[i])  # type: ignore[arg-type]
+        some = next(iter(found.values()))
+        modulation = some[0].new_zeros(cond.num_prompts, *some[0].shape[1:])  # type: ignore[index]
+        temb = some[1].new_zeros(cond.num_prompts, *some[1].shape[1:])  # type: ignore[index, union-attr]
+        for i, (m, e) in found.items():  # type: ignore[misc]
+            modulation[i : i + 1], temb[i : i + 1] = m, e
+        return (modulation, temb), len(todo)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -90,8 +122,10 @@ class Item:
     arrived: float
     latents: torch.Tensor | None = None  # on the engine's device
     cond: Conditioning | None = None
+    keys: list[bytes] | None = None  # cond's rows' cache keys
     noise: torch.Tensor | None = None
     prompt_index: torch.Tensor | None = None  # local, into cond's rows
+    levels: torch.Tensor | None = None  # [B] float64: the t of each latent, exactly the float the request gave
     result: dict[str, Any] | None = None
 
 
@@ -141,16 +175,21 @@ class BatchScorer:
     def _prepare(self, item: Item) -> tuple:
         """Condition the prompts (cached), move to the device, fix the noise; returns the group key."""
         r, device = item.request, self.engine.device
-        cond, fresh = self.cache(r.prompt_embeds, r.pooled)
+        batch = r.latents.shape[0]
+        t = r.noise_level()
+        t = self.engine.reward_config.t if t is None else t
+        item.levels = torch.as_tensor(t, dtype=torch.float64).expand(batch).contiguous()
+        cond, item.keys, fresh = self.cache.condition(r.prompt_embeds, r.pooled)
         self.observe("cache_miss", fresh)
         self.observe("cache_hit", cond.num_prompts - fresh)
         item.cond, item.latents = cond, r.latents.to(device)
-        batch = r.latents.shape[0]
         if r.prompt_index is not None:
             item.prompt_index = r.prompt_index.to(device)
         else:  # (checked: one prompt for all, or one per latent)
             item.prompt_index = torch.arange(batch, device=device) % cond.num_prompts
-        if r.noise is not None:
+        if not r.adds_noise:  # the latents already are x_t
+            item.noise = None
+        elif r.noise is not None:
             item.noise = r.noise.to(device)
         elif r.seed is not None:  # latent b gets the engine's Philox stream b, as engine.score(seed=)
             item.noise = noise_ref(r.latents.shape, int(r.seed), device=device)
@@ -158,7 +197,23 @@ class BatchScorer:
             item.noise = torch.randn(r.latents.shape, device=device)
         else:  # one fixed draw per latent shape: the reward depends on the image and its prompt only
             item.noise = self.engine.common_noise(item.latents)
-        return (tuple(r.latents.shape[1:]), r.latents.dtype, item.noise.dtype, tuple(cond.context.shape[1:]))
+        noise_dtype = None if item.noise is None else item.noise.dtype
+        return (tuple(r.latents.shape[1:]), r.latents.dtype, noise_dtype, tuple(cond.context.shape[1:]))
+
+    def _conditioning(self, group: list[Item], levels: torch.Tensor, prompt_index: torch.Tensor) -> Conditioning:
+        """The group's prompts as one Conditioning (a copy: its level cache is this forward's) holding, for each
+        noise level of `levels` [B], the rows `prompt_index` [B] scores at it, from the per-(prompt row, t) cache."""
+        cond = replace(Conditioning.concat([item.cond for item in group]))  # type: ignore[misc]
+        keys = [key for item in group for key in item.keys]  # type: ignore[union-attr]
+        schedule = self.engine.reward_config.schedule
+        sigmas, rows = [schedule.sigma(t) for t in levels.tolist()], prompt_index.tolist()
+        for sigma in sorted(set(sigmas) - {cond.t}):
+            used = sorted({row for row, s in zip(rows, sigmas, strict=True) if s == sigma})
+            level, made = self.cache.level(cond, keys, sigma, used)
+            cond.levels.put(sigma, level)
+            self.observe("cache_level_miss", made)
+            self.observe("cache_level_hit", len(used) - made)
+        return cond
 
     def _score(self, group: list[Item]) -> None:
         offsets, total = [], 0
@@ -166,11 +221,16 @@ class BatchScorer:
             offsets.append(total)
             total += item.cond.num_prompts  # type: ignore[union-attr]
         latents = torch.cat([item.latents for item in group])  # type: ignore[misc]
+        levels = torch.cat([item.levels for item in group])  # type: ignore[misc]
+        prompt_index = torch.cat([item.prompt_index + off for item, off in zip(group, offsets, strict=True)])  # type: ignore[operator]
+        noised = group[0].noise is not None  # (the group key: all or none)
         scores = self.engine.score(
             latents,
-            Conditioning.concat([item.cond for item in group]),  # type: ignore[misc]
-            noise=torch.cat([item.noise for item in group]),  # type: ignore[misc]
-            prompt_index=torch.cat([item.prompt_index + off for item, off in zip(group, offsets, strict=True)]),  # type: ignore[operator]
+            self._conditioning(group, levels, prompt_index),
+            noise=torch.cat([item.noise for item in group]) if noised else None,  # type: ignore[misc]
+            t=levels,
+            add_noise=noised,
+            prompt_index=prompt_index,
             return_std=self.engine.head.outputs == 2,
         )
         outputs = {k: v.cpu() for k, v in reward_outputs(scores).items()}
@@ -208,10 +268,16 @@ class Scorer:
         self.cache_rows = Counter(
             METRIC_PREFIX + "conditioning_rows", description="prompt rows seen, by cache outcome", tag_keys=("cache",)
         )
+        self.cache_levels = Counter(
+            METRIC_PREFIX + "conditioning_levels", description="(prompt row, t) levels used besides a row's own, "
+            "by cache outcome", tag_keys=("cache",)
+        )  # fmt: skip
 
     def _observe(self, what: str, value: float) -> None:
         if what == "batch_images":
             self.batch_images.observe(value)
+        elif value and what.startswith("cache_level_"):
+            self.cache_levels.inc(value, tags={"cache": what.removeprefix("cache_level_")})
         elif value:  # Ray's Counter.inc takes positive values only
             self.cache_rows.inc(value, tags={"cache": what.removeprefix("cache_")})
 

@@ -2,7 +2,9 @@
 
 Request (``POST /score``): ``latents [B, C, H, W]``, ``prompt_embeds [P, L, D]``, ``pooled [P, Dp]`` (float32,
 bfloat16, float16 or float64), optionally ``prompt_index [B]`` (int64) and at most one of ``noise [B, C, H, W]``,
-``seed`` (int64 scalar in [0, 2**63)) or ``fresh_noise`` (bool scalar, true). The schema is
+``seed`` (int64 scalar in [0, 2**63)) or ``fresh_noise`` (bool scalar, true); the noise level ``t`` (a float32 or
+float64 scalar, or [B] one per latent; absent: the checkpoint's) and ``add_noise`` (bool scalar; false: the latents
+already are x_t at t, a sampler's state, and no noise source is sent). The schema is
 `engine.serve.request.ScoreRequest`. Response: ``rewards [B]`` float32, and ``std [B]`` float32 for an uncertainty
 head; `decode_response` checks it against the request before anything reads it.
 """
@@ -33,10 +35,15 @@ def encode_request(
     noise: torch.Tensor | None = None,
     seed: int | None = None,
     fresh_noise: bool = False,
+    *,
+    t: float | torch.Tensor | None = None,
+    add_noise: bool = True,
 ) -> bytes:
     """A ``POST /score`` body (tensors are copied to the CPU; dtypes are kept, bf16 included), checked against the
     request schema the server applies (`ScoreRequest`; a `RequestError` names what is wrong). Without noise, seed or
-    fresh_noise the server scores with its engine's common noise."""
+    fresh_noise the server scores with its engine's common noise. ``t`` as `RewardEngine.score` takes it but the
+    ensemble: None, a Python float (sent as float64, exactly) or a float tensor [B] (float32/float64, kept);
+    ``add_noise=False`` scores the latents as the x_t they are."""
     check_seed(seed)  # a Python int outside int64 cannot become the wire's tensor
     tensors = {
         "latents": latents,
@@ -46,9 +53,24 @@ def encode_request(
         "noise": noise,
         "seed": None if seed is None else torch.tensor(seed, dtype=torch.int64),
         "fresh_noise": torch.tensor(True) if fresh_noise else None,
+        "t": _noise_level_tensor(t),
+        "add_noise": None if add_noise is True else _flag(add_noise),
     }
     request = check_request({k: v for k, v in tensors.items() if v is not None})
     return _save({k: v.detach().contiguous().cpu() for k, v in request.tensors().items()})
+
+
+def _noise_level_tensor(t: float | torch.Tensor | None) -> torch.Tensor | None:
+    """A Python number as a float64 scalar (what the server reads back is the same float); tensors as they are, and
+    anything else as itself, for the schema to name."""
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return torch.tensor(float(t), dtype=torch.float64)
+    return t
+
+
+def _flag(value: bool) -> torch.Tensor:
+    """A Python bool as a bool scalar; anything else as itself, for the schema to name."""
+    return torch.tensor(value) if isinstance(value, bool) else value
 
 
 def decode_request(body: bytes) -> ScoreRequest:
