@@ -11,7 +11,7 @@ import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,9 +22,6 @@ from bench.tiny_base import default_tiny_base
 from bench.workload import dtype_kwargs, latent_inputs
 from engine import RewardEngine
 from engine.config import BackboneConfig
-
-if TYPE_CHECKING:  # (bench.latency imports this module)
-    from bench.latency import LatencyArgs
 
 FULL_SIZE = {  # SD3 VAE and text encoders at their real sizes (for the pixel/hpsv3 interfaces on GPU)
     "vae": dict(
@@ -64,7 +61,7 @@ class Bench:
 
     def __init__(
         self,
-        args: LatencyArgs,
+        args: Any,  # bench.latency.LatencyArgs (that module imports this one)
         device: torch.device,
         sink: Callable[[dict], None] | None = None,
         deadline: float | None = None,
