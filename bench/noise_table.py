@@ -1,6 +1,6 @@
 """Accuracy per noise level of fixed-t and noise-aware heads (issue 22's "must show" table), on the CPU.
 
-    python -m bench.noise_table [--json bench/results/noise_table_cpu.json] [--n-train 512] [--steps 300]
+    python -m bench.noise_table [--json bench/results/accuracy/noise_table_cpu.json] [--n-train 512] [--steps 300]
 
 Builds the mixed-size demo set (`training.make_demo_set`) and its cache on the tiny base (`bench.tiny_base`, random
 weights), then trains four heads, {fixed t = 0.1, uniform t} x {mean_pool, query_attention}, on the frozen backbone
@@ -37,7 +37,7 @@ HEADS: dict[str, dict[str, Any]] = {
 
 class NoiseTableArgs(Schema):
     json_out: str = Field(
-        "bench/results/noise_table_cpu.json",
+        "bench/results/accuracy/noise_table_cpu.json",
         min_length=1,
         description="where the results go",
         json_schema_extra={"cli": {"flag": "--json"}},
