@@ -470,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     flags = parse_cli(TrainFlags, argv, "python -m training.train", __doc__.split("\n\n")[0])
     train(load_config(flags.config, flags.overrides))
     if dist.is_initialized():
+        dist.barrier()  # every rank done with every collective before any rank tears its process group down
         dist.destroy_process_group()
 
 
