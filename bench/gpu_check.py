@@ -53,9 +53,9 @@ class Planned:
     predicted_s: float
 
 
-# In order of value. Predictions (bench/PERF_NOTES.md, "Plan of the next device session"): run 3's seconds per row
-# (2026-11-26, H200) times the rows each section now makes (counted in the CPU smoke's rows.jsonl); the compiled peers
-# from an estimate of 60-150 s per whole-model compile of SD3.5-L (never measured).
+# In order of value. Predicted seconds (bench/PERF_NOTES.md, "Plan of the next device session"): the seconds per row
+# of bench/results/2026-11-26-h200-run3.json times the rows each section makes (counted in the CPU smoke's
+# rows.jsonl); the compiled peers from an estimate of 60-150 s per whole-model compile of SD3.5-L (not measured).
 PLAN = (
     Planned("ceilings", 0, 10, 1),
     Planned("kernel_tests", 20, 60, 15),
@@ -76,10 +76,10 @@ PLAN = (
     # DiNa-LRM-shaped engine (SD3.5-M, 12 blocks, query-attention head) vs diffusers + peft: call 2's first section
     Planned("dina_512", 30, 90, 35),
     Planned("peers_512_b1", 120, 330, 150),
-    Planned("hpsv3", 20, 40, 15),  # measured already (run 3): last
+    Planned("hpsv3", 20, 40, 15),  # in bench/results/2026-11-26-h200-run3.json: last
     Planned("max_autotune_512", 400, 900, 600),  # only with --max-autotune: it tunes every GEMM shape
 )
-STARTUP_S = 15  # wheel install and imports, before the first section (run 3's log: first section at 0.6 s of its T0)
+STARTUP_S = 15  # wheel install and imports, before the first section starts (its T0)
 PLANNED_S = 480  # what call 1's predicted sections may add up to (startup included), 10 s under its deadline
 
 

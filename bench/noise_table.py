@@ -1,4 +1,4 @@
-"""Accuracy per noise level of fixed-t and noise-aware heads (issue 22's "must show" table), on the CPU.
+"""Accuracy per noise level of fixed-t and noise-aware heads on the CPU.
 
     python -m bench.noise_table [--json bench/results/accuracy/noise_table_cpu.json] [--n-train 512] [--steps 300]
 

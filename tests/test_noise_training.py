@@ -1,4 +1,4 @@
-"""Noise-aware training (issue 22, item 5) on the tiny base: per-pair noise levels (one t and one eps per pair,
+"""Noise-aware training on the tiny base: per-pair noise levels (one t and one eps per pair,
 a pure function of (seed, step, pair)), the query-attention head exported and scored by the engine as the trainer
 scores it, the EMA of the weights (validation, export, exact resume), validation and bench.accuracy per t."""
 

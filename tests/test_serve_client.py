@@ -188,7 +188,7 @@ def test_remote_latent_reward_sends_the_noise_option(server):
 
 
 def test_remote_image_reward_encodes_prompts_at_the_servers_trained_length(server):
-    """Issue 23.3: the server's reward was trained at some T5 length (its /healthz says which); remote_reward_fn
+    """The server's reward was trained at some T5 length (its /healthz says which); remote_reward_fn
     encodes prompts at it unless told otherwise, so the server scores the embeddings its head was trained on."""
     from bench.tiny_base import default_tiny_base
 

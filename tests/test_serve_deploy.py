@@ -1,4 +1,4 @@
-"""Deploying the reward server with Ray Serve's own CLI, as a Ray user would (issue 23.6): ``serve build`` writes a
+"""Deploying the reward server with Ray Serve's own CLI, as a Ray user would: ``serve build`` writes a
 config file, whose ``import_path`` goes to the app builder with ``args:`` (autoscaling included), ``serve run``
 deploys it and ``serve run engine.serve.app:app_builder key=value`` deploys from the command line; both score like
 the in-process engine and `scorer_handle(name=...)` finds each by its application name."""

@@ -1,4 +1,4 @@
-"""The reward server against careless and hostile callers (issue 20), on a live tiny-preset server for the module:
+"""The reward server against careless and hostile callers, on a live tiny-preset server for the module:
 an empty bearer, requests the engine refuses mixed into batches of good ones, a fault inside a batch's forward, an
 over-long prompt, and slow senders holding connections open. Every good request must get exactly its in-process
 reward; every bad one its own 4xx (or 500 for a fault), counted in /metrics.
@@ -149,7 +149,7 @@ def check_answers(engine: RewardEngine, goods: list[dict], bads: list[tuple[byte
 
 
 def test_bad_requests_alone_and_in_batches_get_their_own_answer(url, engine):
-    """Issue 20's case (batch wait 200 ms, 4 good bodies with 2 whose prompts have 0 rows: all 6 got 500), then
+    """Batch wait 200 ms, 4 good bodies with 2 whose prompts have 0 rows: each gets its own answer; then
     every kind of bad request alone (400, or 500 for a fault inside the forward) and all of them together with good
     ones; the 500s are counted in /metrics."""
     gen = torch.Generator().manual_seed(1)
@@ -230,10 +230,9 @@ def answers(sockets: list[socket.socket], timeout_s: float, count: int) -> dict[
 
 @pytest.mark.slow
 def test_stalled_senders_cannot_delay_good_requests(url, engine):
-    """Issue 20: 1,100 authenticated connections announcing 1 MiB and sending 10 bytes stalled every request. Now
-    one client address gets --max-uploads-per-client uploads at once (the rest are answered 503 at once); while
-    those are held, good requests from another address are answered within 2 s each; the held ones are answered
-    408 after --upload-timeout-s."""
+    """1,100 authenticated connections announcing 1 MiB and sending 10 bytes: one client address gets
+    --max-uploads-per-client uploads at once (the rest are answered 503 at once); while those are held, good requests
+    from another address are answered within 2 s each; the held ones are answered 408 after --upload-timeout-s."""
     try:  # Linux routes all of 127/8 to the loopback; macOS only 127.0.0.1 unless aliased
         socket.create_server(("127.0.0.2", 0)).close()
     except OSError:

@@ -31,7 +31,7 @@ def test_targets_of_run3(run3):
     compile_b8 = _row(run3, "latency_512", "diffusers regional-compile", "bf16", 8)["per_image_ms"]
     hps_b8 = _row(run3, "hpsv3", "vae decode + hpsv3", "bf16", 8)["per_image_ms"]
     assert lines["512² b8 fp8 ms/img"]["uncached"] == {"value": fp8_b8, "row": "engine cuda-graph fp8", "met": False}
-    # run 3 timed one compiled baseline, regional compile: it is the strongest
+    # the file times one compiled baseline, regional compile: it is the strongest
     speedup = lines["512² b8 speedup vs strongest compiled diffusers"]["uncached"]
     assert speedup["value"] == pytest.approx(compile_b8 / fp8_b8, abs=1e-3) and not speedup["met"]
     assert speedup["row"] == "engine cuda-graph fp8 vs diffusers regional-compile"
@@ -44,9 +44,9 @@ def test_targets_of_run3(run3):
     )
     assert lines["fp8 vs bf16 rewards spearman"]["uncached"]["met"]
     assert not lines["fp8 vs bf16 rewards pair_order_agreement"]["uncached"]["met"]
-    assert "fp8 vs bf16 rewards group_order_agreement" not in lines  # not measured by run 3
-    assert all("cached" not in line for line in lines.values())  # run 3 had no cached-conditioning rows
-    # run 3 had no host-adaLN rows and neither new peer
+    assert "fp8 vs bf16 rewards group_order_agreement" not in lines  # not in the file
+    assert all("cached" not in line for line in lines.values())  # the file has no cached-conditioning rows
+    # the file has no host-adaLN rows and neither whole-model compiled peer
     for name in (
         "512² b8 fp8 peak GiB, adaln_on_host",
         "512² b8 bf16 speedup vs compile+cudagraphs",

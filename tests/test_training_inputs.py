@@ -1,4 +1,4 @@
-"""The training tools against inputs a careless user or an attacker gives them (issue 20, issue 23.8): values out of
+"""The training tools against inputs a careless user or an attacker gives them: values out of
 the model's range refused by the schemas with the field named, image contents and hard links, non-finite losses,
 FIFOs, a full disk at the final export, damaged or escaping cache files."""
 
