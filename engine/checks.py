@@ -13,6 +13,7 @@ import torch
 
 from engine.config import BackboneConfig
 from engine.schedule import TimeSchedule
+from engine.schema import SEED_RANGE
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -108,10 +109,6 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     name = first_nonfinite(tensors)
     if name is not None:
         raise ValueError(f"{name} contains NaN or Inf values")
-
-
-# What `engine.score(seed=...)` draws from: a Philox key in [0, 2**63) (kernels.noise.near_clean).
-SEED_RANGE = (0, 2**63)
 
 
 def check_seed(seed: int | None) -> None:

@@ -32,7 +32,9 @@ from engine.io.files import read_json
 
 S = TypeVar("S", bound="Schema")
 
-Seed = typing.Annotated[int, Field(ge=0, lt=2**63, description="noise seed")]  # the range Philox streams take
+# What `engine.score(seed=...)` draws from: a Philox key in [0, 2**63) (kernels.noise.near_clean).
+SEED_RANGE = (0, 2**63)
+Seed = typing.Annotated[int, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1], description="noise seed")]
 
 
 class SchemaError(ValueError):
@@ -322,6 +324,7 @@ def parse_cli(model: type[S], argv: Sequence[str] | None, prog: str, description
 
 __all__ = [
     "Schema",
+    "SEED_RANGE",
     "Seed",
     "SchemaError",
     "build_parser",

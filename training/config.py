@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from engine.config import PRESETS, BackboneConfig, QueryAttentionConfig
-from engine.schema import invalid, parse_assignments, validate
+from engine.schema import Seed, invalid, parse_assignments, validate
 from training.data import DataRules
 from training.lora import ADAPTER_FORMATS, DEFAULT_LORA_TARGETS
 from training.losses import LOSSES
@@ -144,9 +144,7 @@ class TrainConfig(DataRules):
     ema_decay: float | None = Field(
         None, gt=0.0, lt=1.0, description="EMA of the trainable weights (validation and export read it); None: off"
     )
-    eval_seed: int = Field(
-        1234, ge=0, lt=2**63, description="validation noise: image k of a file uses stream k (as bench.accuracy)"
-    )
+    eval_seed: Seed = Field(1234, description="validation noise: image k of a file uses stream k (as bench.accuracy)")
     out_dir: Name = Field(
         "runs/dit-reward", description="log.jsonl, checkpoints/, reward/ (the final reward checkpoint)"
     )

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from engine.schema import Schema, parse_cli
+from engine.schema import Schema, Seed, parse_cli
 
 # (height, width) of the native images: square, 3:2, 16:9, 2:1, 3:1, 4:1 and their transposes, at two scales
 SHAPES = [(64, 64), (80, 120), (72, 128), (48, 96), (40, 120), (32, 128)]
@@ -104,7 +104,7 @@ class DemoSetFlags(Schema):
     val: Annotated[list[Annotated[int, Field(ge=1, le=MAX_PAIRS)]], Field(min_length=1, max_length=16)] = Field(
         default_factory=lambda: [96, 96], description="pairs per validation file"
     )
-    seed: int = Field(0, ge=0, lt=2**63, description="images, shapes and noise")
+    seed: Seed = Field(0, description="images, shapes and noise")
 
 
 def main(argv: list[str] | None = None) -> None:

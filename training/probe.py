@@ -25,7 +25,7 @@ from pydantic import Field
 
 from engine.api import RewardEngine
 from engine.io.backbone import base_source
-from engine.schema import parse_cli, validate
+from engine.schema import Seed, parse_cli, validate
 from training.cache import LatentCache
 from training.data import HPSV3_CONFIDENCE, PathRule, load_pairs
 from training.evaluation import accuracy, pair_rewards
@@ -88,8 +88,8 @@ class ProbeInputs(PathRule):
         default_factory=lambda: [0.1], description="noise level(s) of Eq. 1"
     )
     group_size: int = Field(4, ge=1, le=1024, description="blocks per contiguous group")
-    seed: int = Field(0, ge=0, lt=2**63, description="training features' noise")
-    eval_seed: int = Field(1234, ge=0, lt=2**63, description="held-out features' noise")
+    seed: Seed = Field(0, description="training features' noise")
+    eval_seed: Seed = Field(1234, description="held-out features' noise")
     device: Name | None = Field(None, description="default: cuda if available, else cpu")
     confidence_threshold: float | None = Field(
         HPSV3_CONFIDENCE, ge=0.0, le=1.0, description="drop training pairs below this confidence; null keeps all"

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import torch
 from pydantic import ConfigDict, PlainValidator, ValidationInfo, model_validator
 
-from engine.checks import INPUT_DTYPES, SEED_RANGE, check_latents, check_prompts, noise_levels, prompt_rows
-from engine.schema import Schema, SchemaError, invalid, validate
+from engine.checks import INPUT_DTYPES, check_latents, check_prompts, noise_levels, prompt_rows
+from engine.schema import SEED_RANGE, Schema, SchemaError, invalid, validate
 
 
 class RequestError(ValueError):
